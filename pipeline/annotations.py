@@ -1,0 +1,227 @@
+"""The annotation contract: the input of stage 1.
+
+A JSON list (or JSONL, one object a line) of records with the 11 published fields. Media
+paths are relative to a media root unless absolute; an empty ``audio_path`` means "use the
+video's own audio track". Labels are normalized against the configured label sets.
+
+:func:`check_annotations` never stops at the first problem: it returns the good records and
+every problem, each naming record index, video_id and field. :func:`read_annotations` raises
+one :class:`AnnotationError` listing them all.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from xmei.labels import LabelSet
+
+__all__ = ["FIELDS", "AnnotationError", "Problem", "Record", "Summary", "check_annotations",
+           "default_media_root", "read_annotations", "write_annotations"]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One clip. ``emotion``/``intent`` are canonical labels ("" in an unlabeled split)."""
+
+    video_id: str
+    video_path: str
+    audio_path: str
+    subtitle: str
+    emotion: str
+    intent: str
+    video_description: str
+    audio_description: str
+    emotion_reason: str
+    intent_reason: str
+    explanation: str
+
+    def video_file(self, media_root: Path) -> Path:
+        return media_root / self.video_path  # an absolute video_path wins over media_root
+
+    def audio_file(self, media_root: Path) -> Path | None:
+        """The audio file, or None when the audio comes from the video's own track."""
+        return media_root / self.audio_path if self.audio_path else None
+
+
+FIELDS = tuple(f.name for f in fields(Record))
+_MAY_BE_EMPTY = {"audio_path", "subtitle", "video_description", "audio_description",
+                 "emotion_reason", "intent_reason", "explanation"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    index: int | None  # record index in the file (0-based); None for file-level problems
+    video_id: str | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = [] if self.index is None else [f"record {self.index}"]
+        if self.video_id is not None:
+            where.append(f"video_id {self.video_id!r}")
+        if self.field is not None:
+            where.append(f"field {self.field!r}")
+        return f"{', '.join(where) or 'file'}: {self.message}"
+
+
+class AnnotationError(ValueError):
+    def __init__(self, path: Path, problems: list[Problem]):
+        self.path, self.problems = path, problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{path}: {len(problems)} problem(s):\n{lines}")
+
+
+@dataclass
+class Summary:
+    count: int
+    emotions: dict[str, int]  # in label-set order
+    intents: dict[str, int]
+    audio_from_file: int
+    audio_from_video_track: int
+    missing_media: list[str]  # video_ids with a missing video or audio file
+    extra_fields: list[str]  # fields beyond the 11, ignored
+
+
+def default_media_root(annotations: Path) -> Path | None:
+    """The dataset folder of the published layout ``DATASET/annotations/SPLIT.json``."""
+    parent = Path(annotations).resolve().parent
+    return parent.parent if parent.name == "annotations" else None
+
+
+def check_annotations(path: str | Path, emotions: LabelSet, intents: LabelSet,
+                      media_root: str | Path | None = None,
+                      labeled: bool = True) -> tuple[list[Record], list[Problem], Summary]:
+    """Read and check every record. Media files are checked when ``media_root`` is given."""
+    path = Path(path)
+    raw, problems = _read_raw(path)
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    missing: list[str] = []
+    extra: set[str] = set()
+    root = Path(media_root) if media_root is not None else None
+    for index, item in raw:
+        if not isinstance(item, dict):
+            problems.append(Problem(index, None, None, f"expected an object, got {type(item).__name__}"))
+            continue
+        video_id = item.get("video_id") if isinstance(item.get("video_id"), str) else None
+        extra.update(k for k in item if k not in FIELDS)
+        values, bad = _check_fields(index, video_id, item, labeled, emotions, intents)
+        problems += bad
+        if video_id is not None:
+            if video_id in seen:
+                problems.append(Problem(index, video_id, "video_id",
+                                        f"duplicate: record {seen[video_id]} has the same video_id"))
+                continue
+            seen[video_id] = index
+        if bad:
+            continue
+        record = Record(**values)
+        if root is not None:
+            gone = _missing_media(index, record, root)
+            problems += gone
+            if gone:
+                missing.append(record.video_id)
+        records.append(record)
+    summary = Summary(
+        count=len(raw),
+        emotions=_distribution(emotions, records, "emotion"),
+        intents=_distribution(intents, records, "intent"),
+        audio_from_file=sum(1 for r in records if r.audio_path),
+        audio_from_video_track=sum(1 for r in records if not r.audio_path),
+        missing_media=missing,
+        extra_fields=sorted(extra),
+    )
+    return records, problems, summary
+
+
+def read_annotations(path: str | Path, emotions: LabelSet, intents: LabelSet,
+                     media_root: str | Path | None = None, labeled: bool = True) -> list[Record]:
+    """All records, or an AnnotationError listing every problem."""
+    records, problems, _ = check_annotations(path, emotions, intents, media_root, labeled)
+    if problems:
+        raise AnnotationError(Path(path), problems)
+    return records
+
+
+def write_annotations(path: str | Path, records: list[Record]) -> None:
+    """Write records as a JSON list (the published format), fields in published order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{f: getattr(r, f) for f in FIELDS} for r in records]
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+
+
+def _read_raw(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """(index, object) pairs from a JSON list or JSONL file, and the file-level problems."""
+    if not path.is_file():
+        return [], [Problem(None, None, None, f"annotation file {path} does not exist")]
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            return [], [Problem(None, None, None, f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}")]
+        return list(enumerate(items)), []
+    pairs, problems = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        index = len(pairs) + len(problems)
+        try:
+            pairs.append((index, json.loads(line)))
+        except json.JSONDecodeError as err:
+            problems.append(Problem(index, None, None, f"line {lineno} is not valid JSON: {err.msg}"))
+    if not pairs and not problems:
+        problems.append(Problem(None, None, None, "the file holds no records"))
+    return pairs, problems
+
+
+def _check_fields(index: int, video_id: str | None, item: dict, labeled: bool,
+                  emotions: LabelSet, intents: LabelSet) -> tuple[dict[str, str], list[Problem]]:
+    values, problems = {}, []
+    for name in FIELDS:
+        if name not in item:
+            problems.append(Problem(index, video_id, name, "missing field"))
+            continue
+        value = item[name]
+        if not isinstance(value, str):
+            problems.append(Problem(index, video_id, name,
+                                    f"expected a string, got {type(value).__name__} {value!r}"))
+            continue
+        if not value.strip() and name not in _MAY_BE_EMPTY and (labeled or name not in ("emotion", "intent")):
+            problems.append(Problem(index, video_id, name, "empty"))
+            continue
+        values[name] = value
+    for name, labels in (("emotion", emotions), ("intent", intents)):
+        value = values.get(name)
+        if value is None or (not labeled and not value.strip()):
+            continue
+        canonical = labels.normalize(value)
+        if canonical is None:
+            problems.append(Problem(index, video_id, name,
+                                    f"unknown label {value!r} (known: {', '.join(labels.labels)})"))
+        else:
+            values[name] = canonical
+    return values, problems
+
+
+def _missing_media(index: int, record: Record, root: Path) -> list[Problem]:
+    problems = []
+    video = record.video_file(root)
+    if not video.is_file():
+        problems.append(Problem(index, record.video_id, "video_path", f"missing media file {video}"))
+    audio = record.audio_file(root)
+    if audio is not None and not audio.is_file():
+        problems.append(Problem(index, record.video_id, "audio_path", f"missing media file {audio}"))
+    return problems
+
+
+def _distribution(labels: LabelSet, records: list[Record], name: str) -> dict[str, int]:
+    counts = Counter(getattr(r, name) for r in records)
+    dist = {label: counts.get(label, 0) for label in labels.labels}
+    if counts.get(""):
+        dist["(unlabeled)"] = counts[""]
+    return dist

@@ -1,0 +1,347 @@
+"""Typed, validated configuration: YAML -> dataclasses.
+
+The sections and keys of the published XMEI-Qwen config keep their meaning (``model``,
+``datasets``, ``run``); this project adds local checkpoint paths, media roots and the label
+sets. Loading is strict: an unknown key or a wrong type is a :class:`ConfigError` naming the
+key (all problems at once). Published keys that mean nothing here are accepted with a
+:class:`ConfigWarning` naming them, never silently.
+
+    cfg = load_config("configs/tiny.yaml", overrides=["run.init_lr=1e-4"], models_dir="models/tiny")
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, DEFAULT_SYNONYMS, LabelSet
+
+__all__ = [
+    "Config", "ConfigError", "ConfigWarning", "DatasetConfig", "LabelsConfig", "ModelConfig",
+    "RunConfig", "MODEL_SUBDIRS", "PLACEHOLDER_TOKENS", "load_config",
+]
+
+# Layout of a models folder as `xmei models tiny` writes it; `--models DIR` maps each
+# subfolder onto the config key that names that checkpoint.
+MODEL_SUBDIRS = {
+    "visual_encoder": "model.visual_encoder_path",
+    "audio_encoder": "model.acoustic_encoder_path",
+    "llm": "model.llama_model_path",
+    "caption_tokenizer": "model.caption_tokenizer_path",
+}
+# Placeholder tokens of the prompt (DESIGN.md, "The LLM and the prompt").
+PLACEHOLDER_TOKENS = ("<Video>", "</Video>", "<Audio>", "</Audio>", "<ImageHere>", "<AudioHere>")
+
+# Keys of the published config that select LAVIS registry entries there and mean nothing
+# here. They load with a warning; any other unknown key is an error.
+IGNORED_PUBLISHED_KEYS = {
+    "model": {"model_type", "ckpt"},
+    "dataset": {"data_type"},
+    "run": {"task"},
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem, each naming its key."""
+
+
+class ConfigWarning(UserWarning):
+    """A config key that is accepted but means nothing here."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "xmeiqwen"
+    # Names of the three networks, as in the published config; the *_path keys say where
+    # their local checkpoint folders are (nothing is ever downloaded).
+    llama_model: str = "Qwen2.5-7B-Instruct"
+    acoustic_encoder: str = "HUBERT_LARGE"
+    visual_encoder: str = "CLIP_VIT_LARGE"
+    llama_model_path: Path | None = None
+    acoustic_encoder_path: Path | None = None
+    visual_encoder_path: Path | None = None
+    caption_tokenizer_path: Path | None = None  # bert-base-uncased vocab: the LQ-Former's caption queries
+    num_audio_query_token: int = 32
+    num_video_query_token: int = 32
+    lora_r: int = 64
+    frozen_llm: bool = False  # true: the LLM stays frozen and gets no adapter
+    use_lora: bool = True
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    media_root: Path | None = None  # video_path / audio_path are relative to it unless absolute
+    annotations: dict[str, Path] = field(default_factory=dict)  # split name -> annotation file
+    face_or_frame: str = "multiframe"  # full frames; face crops are not supported
+
+
+@dataclass
+class RunConfig:
+    lr_sched: str = "linear_warmup_cosine_lr"
+    init_lr: float = 1e-5
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_steps: int = 5000
+    max_epoch: int = 60
+    iters_per_epoch: int | None = None  # None: one pass over the store
+    batch_size_train: int = 16
+    batch_size_eval: int = 16
+    gradient_accumulation_steps: int = 1
+    num_workers: int = 4
+    seed: int = 42
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    use_wandb: bool = False
+
+
+@dataclass
+class LabelsConfig:
+    emotions: list[str] = field(default_factory=lambda: list(DEFAULT_EMOTIONS))
+    intents: list[str] = field(default_factory=lambda: list(DEFAULT_INTENTS))
+    emotion_synonyms: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SYNONYMS["emotion"]))
+    intent_synonyms: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SYNONYMS["intent"]))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    run: RunConfig = field(default_factory=RunConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+
+    @property
+    def emotions(self) -> LabelSet:
+        return LabelSet("emotion", tuple(self.labels.emotions), self.labels.emotion_synonyms)
+
+    @property
+    def intents(self) -> LabelSet:
+        return LabelSet("intent", tuple(self.labels.intents), self.labels.intent_synonyms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-ready dict (paths as strings)."""
+        return _plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        """Short stable hash of the resolved config."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def require_paths(self, keys: Iterable[str]) -> None:
+        """Raise ConfigError naming every key in ``keys`` whose path is unset or missing."""
+        problems = []
+        for key in keys:
+            value = self.get(key)
+            if value is None:
+                problems.append(f"{key}: not set (give it in the config, with --set {key}=DIR, or with --models DIR)")
+            elif not Path(value).exists():
+                problems.append(f"{key}: {value} does not exist")
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+    def get(self, key: str) -> Any:
+        node: Any = self
+        for part in key.split("."):
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        return node
+
+    def dataset(self, name: str | None = None) -> tuple[str, DatasetConfig]:
+        """The named dataset, or the only one when ``name`` is None."""
+        if name is None:
+            if len(self.datasets) != 1:
+                raise ConfigError(f"datasets: name one of {sorted(self.datasets)}" if self.datasets
+                                  else "datasets: the config names no dataset")
+            name = next(iter(self.datasets))
+        if name not in self.datasets:
+            raise ConfigError(f"datasets.{name}: not in the config (known: {sorted(self.datasets)})")
+        return name, self.datasets[name]
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                models_dir: str | Path | None = None) -> Config:
+    """Load a YAML config (built-in defaults when ``path`` is None), apply ``section.key=value``
+    overrides, then point the checkpoint paths at ``models_dir`` when given."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.load(path.read_text(), Loader=_Loader) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    if models_dir is not None:
+        _apply_models_dir(raw, Path(models_dir))
+
+    problems: list[str] = []
+    ignored: list[str] = []
+    cfg = _build(Config, raw, "", problems, ignored)
+    if not problems:
+        problems += _check_values(cfg)
+    if problems:
+        source = f"{path}: " if path else ""
+        raise ConfigError(source + "invalid config:\n  " + "\n  ".join(problems))
+    if ignored:
+        warnings.warn(f"ignoring published config keys that mean nothing here: {', '.join(ignored)}",
+                      ConfigWarning, stacklevel=2)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-5`` as a float (YAML 1.2), as the published config writes it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\d+\.\d*$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+# Integers must still read as ints: put the int resolver back in front of the float one.
+for _first, _resolvers in _Loader.yaml_implicit_resolvers.items():
+    _Loader.yaml_implicit_resolvers[_first] = sorted(
+        _resolvers, key=lambda r: r[0] != "tag:yaml.org,2002:int")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. run.init_lr=1e-4")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.load(value, Loader=_Loader) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: cannot read the value: {err}") from None
+
+
+def _apply_models_dir(raw: dict, models_dir: Path) -> None:
+    if not models_dir.is_dir():
+        raise ConfigError(f"--models {models_dir}: no such folder")
+    missing = [sub for sub in MODEL_SUBDIRS if not (models_dir / sub).is_dir()]
+    if missing:
+        raise ConfigError(f"--models {models_dir}: missing subfolder(s) {missing}; "
+                          f"expected the layout of `xmei models tiny`: {list(MODEL_SUBDIRS)}")
+    for sub, key in MODEL_SUBDIRS.items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = str(models_dir / sub)
+
+
+def _build(cls: type, data: Any, where: str, problems: list[str], ignored: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, recording every problem with its key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    section = "dataset" if cls is DatasetConfig else where
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            if key in IGNORED_PUBLISHED_KEYS.get(section, ()):
+                ignored.append(name)
+            else:
+                problems.append(f"{name}: unknown key (known in {where or 'the top level'}: {', '.join(hints)})")
+            continue
+        kwargs[key] = _coerce(value, hints[key], name, problems, ignored)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, name: str, problems: list[str], ignored: list[str]) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        return _coerce(value, tp, name, problems, ignored)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name, problems, ignored)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{name}: expected a mapping, got {type(value).__name__} {value!r}")
+            return {}
+        return {str(k): _coerce(v, args[1], f"{name}.{k}", problems, ignored) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{name}: expected a list, got {type(value).__name__} {value!r}")
+            return []
+        return [_coerce(v, args[0], f"{name}[{i}]", problems, ignored) for i, v in enumerate(value)]
+    if tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value)
+        problems.append(f"{name}: expected a path, got {value!r}")
+        return None
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        problems.append(f"{name}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return None
+    return float(value) if tp is float else value
+
+
+def _check_values(cfg: Config) -> list[str]:
+    problems = []
+    m, r = cfg.model, cfg.run
+    if m.arch != "xmeiqwen":
+        problems.append(f"model.arch: only 'xmeiqwen' is built here, got {m.arch!r}")
+    if r.lr_sched != "linear_warmup_cosine_lr":
+        problems.append(f"run.lr_sched: only 'linear_warmup_cosine_lr' is built here, got {r.lr_sched!r}")
+    for key in ("num_audio_query_token", "num_video_query_token", "lora_r"):
+        if getattr(m, key) < 1:
+            problems.append(f"model.{key}: must be >= 1, got {getattr(m, key)}")
+    for key in ("max_epoch", "batch_size_train", "batch_size_eval", "gradient_accumulation_steps"):
+        if getattr(r, key) < 1:
+            problems.append(f"run.{key}: must be >= 1, got {getattr(r, key)}")
+    for key in ("warmup_steps", "num_workers"):
+        if getattr(r, key) < 0:
+            problems.append(f"run.{key}: must be >= 0, got {getattr(r, key)}")
+    if r.iters_per_epoch is not None and r.iters_per_epoch < 1:
+        problems.append(f"run.iters_per_epoch: must be >= 1 or null, got {r.iters_per_epoch}")
+    for key in ("init_lr", "min_lr", "warmup_lr", "weight_decay"):
+        if getattr(r, key) < 0:
+            problems.append(f"run.{key}: must be >= 0, got {getattr(r, key)}")
+    if r.min_lr > r.init_lr:
+        problems.append(f"run.min_lr: {r.min_lr} is above run.init_lr {r.init_lr}")
+    for name, ds in cfg.datasets.items():
+        if ds.face_or_frame != "multiframe":
+            problems.append(f"datasets.{name}.face_or_frame: only 'multiframe' (full frames) is supported, "
+                            f"got {ds.face_or_frame!r}")
+    for kind in ("emotions", "intents"):
+        try:
+            getattr(cfg, kind)
+        except ValueError as err:
+            problems.append(f"labels.{kind}: {err}")
+    return problems
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj
