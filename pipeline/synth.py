@@ -350,7 +350,7 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None
         # every stream must exist before the first packet is muxed (the header is written then)
         track = out.add_stream("aac", rate=SAMPLE_RATE, layout="mono") if audio is not None else None
         for i, frame in enumerate(frames):
-            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture = av.VideoFrame.from_ndarray(_yuv420p(frame), format="yuv420p")
             picture.pts = i
             out.mux(video.encode(picture))
         out.mux(video.encode())
@@ -359,6 +359,23 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None
             chunk.sample_rate, chunk.pts = SAMPLE_RATE, 0
             out.mux(track.encode(chunk))
             out.mux(track.encode())
+
+
+def _yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB -> (3H/2, W) planar YUV 4:2:0, BT.601 limited range, in integer arithmetic.
+
+    Done here rather than by swscale, whose output was seen to vary now and then between runs
+    (1 clip in ~100, in forked workers), which broke byte-identical corpora for a seed.
+    """
+    h, w, _ = rgb.shape
+    r, g, b = (rgb[..., k].astype(np.int32) for k in range(3))
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    # chroma from the mean of each 2x2 block, (H/2, W/2)
+    r2, g2, b2 = (((c[0::2, 0::2] + c[1::2, 0::2] + c[0::2, 1::2] + c[1::2, 1::2]) + 2) >> 2 for c in (r, g, b))
+    u = ((-38 * r2 - 74 * g2 + 112 * b2 + 128) >> 8) + 128
+    v = ((112 * r2 - 94 * g2 - 18 * b2 + 128) >> 8) + 128
+    planes = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(h * 3 // 2, w)
+    return planes.astype(np.uint8)
 
 
 def render_clip(plan: ClipPlan, out: Path) -> Record:
