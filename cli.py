@@ -15,9 +15,10 @@ import typer
 import yaml
 from rich.columns import Columns
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 from xmei.config import Config, ConfigError, load_config
 
@@ -25,7 +26,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="xmei: joint multimodal emotion-intent classification and explanation (JX4MEI).")
 models_app = typer.Typer(no_args_is_help=True, help="Model folders for tests, demos and smoke runs.")
 app.add_typer(models_app, name="models")
-out = Console()
+stores_app = typer.Typer(no_args_is_help=True, help="Inspect, check and move feature stores.")
+app.add_typer(stores_app, name="stores")
+console = Console()
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/).")]
@@ -58,7 +61,7 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt 
                check: Annotated[bool, typer.Option(help="Also check that every configured path exists.")] = False):
     """Print the resolved config as YAML (after --set and --models)."""
     cfg = _config(config, set_, models)
-    out.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", highlight=False)
+    console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", highlight=False)
     if check:
         keys = [f"model.{k}" for k in ("visual_encoder_path", "acoustic_encoder_path",
                                        "llama_model_path", "caption_tokenizer_path")]
@@ -98,7 +101,7 @@ def synth(
         except (ValueError, FileExistsError) as e:
             _fail(str(e))
     split_text = ", ".join(f"{k} {v}" for k, v in counts.items())
-    out.print(f"wrote {n} clips to {out_dir} ({split_text}); annotations in {out_dir / 'annotations'}")
+    console.print(f"wrote {n} clips to {out_dir} ({split_text}); annotations in {out_dir / 'annotations'}")
 
 
 @app.command()
@@ -111,16 +114,13 @@ def validate(
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
 ):
     """Check an annotation file against the contract; list every problem and exit 1 if any."""
-    from pipeline.annotations import check_annotations, default_media_root
+    from pipeline.annotations import check_annotations
 
     cfg = _config(config, set_, models)
-    if media_root is None:
-        media_root = _config_media_root(cfg) or default_media_root(annotations)
-    if media_root is not None and not media_root.is_dir():
-        _fail(f"media root {media_root} is not a folder")
+    media_root = _media_root(cfg, media_root, annotations)
     records, problems, summary = check_annotations(annotations, cfg.emotions, cfg.intents,
                                                    media_root, labeled=not unlabeled)
-    out.print(f"[bold]{annotations}[/]: {summary.count} records, {len(records)} valid; "
+    console.print(f"[bold]{annotations}[/]: {summary.count} records, {len(records)} valid; "
               f"media root {media_root or '(none: media not checked)'}")
     tables = []
     for title, dist in (("emotion", summary.emotions), ("intent", summary.intents)):
@@ -128,33 +128,183 @@ def validate(
         for label, count in dist.items():
             table.add_row(label, str(count))
         tables.append(table)
-    out.print(Columns(tables, padding=(0, 6)))
-    out.print(f"audio: {summary.audio_from_file} from audio files, "
+    console.print(Columns(tables, padding=(0, 6)))
+    console.print(f"audio: {summary.audio_from_file} from audio files, "
               f"{summary.audio_from_video_track} from the video's own track (empty audio_path)")
     if summary.extra_fields:
-        out.print(f"fields beyond the published 11, ignored: {', '.join(summary.extra_fields)}")
+        console.print(f"fields beyond the published 11, ignored: {', '.join(summary.extra_fields)}")
     if summary.missing_media:
-        out.print(f"[red]{len(summary.missing_media)} clip(s) with missing media:[/] "
+        console.print(f"[red]{len(summary.missing_media)} clip(s) with missing media:[/] "
                   + ", ".join(summary.missing_media))
     if problems:
         err.print(f"[red]{len(problems)} problem(s):[/]")
         for p in problems:
             err.print(f"  {p}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    out.print("[green]ok[/]")
+    console.print("[green]ok[/]")
 
 
-def _config_media_root(cfg: Config) -> Path | None:
-    """The media root of the config's only dataset, checked to exist; None when not set."""
+def _media_root(cfg: Config, given: Path | None, annotations: Path) -> Path | None:
+    """--media-root, else the media root of the config's only dataset, else the folder above
+    annotations/ (published layout); None when none of them applies."""
+    from pipeline.annotations import default_media_root
+
     roots = {name: ds.media_root for name, ds in cfg.datasets.items() if ds.media_root is not None}
-    if len(roots) != 1:
-        return None
-    (name, root), = roots.items()
-    try:
-        cfg.require_paths([f"datasets.{name}.media_root"])
-    except ConfigError as e:
-        _fail(str(e))
+    if given is None and len(roots) == 1:
+        (name, given), = roots.items()
+        try:
+            cfg.require_paths([f"datasets.{name}.media_root"])
+        except ConfigError as e:
+            _fail(str(e))
+    root = given or default_media_root(annotations)
+    if root is not None and not root.is_dir():
+        _fail(f"media root {root} is not a folder")
     return root
+
+
+@app.command()
+def extract(
+    annotations: Annotated[Path, typer.Option(help="Annotation file of one split (JSON list or JSONL).")],
+    out: Annotated[Path, typer.Option(help="The feature store to write (a folder); rerun to resume it.")],
+    media_root: Annotated[Optional[Path], typer.Option(
+        help="Folder the media paths are relative to (default as in `xmei validate`).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split name kept in the store (default: file stem).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(
+        help="Address of a running dask scheduler (a GPU farm); default: a LocalCluster here.")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="LocalCluster workers (default: one per GPU, else 1); 0 runs in this process without dask.")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop at the first clip that fails, instead of recording it.")] = False,
+    unlabeled: Annotated[bool, typer.Option(help="Allow empty emotion/intent (a prediction-only split).")] = False,
+    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+):
+    """Stage 1: frozen CLIP / HuBERT features and tokenized captions into a sharded Zarr store.
+
+    Each dask task extracts and writes whole shards; a rerun skips finished shards. A clip whose
+    media are missing or corrupt is marked failed (reason in STORE/failures.jsonl) and the run goes on.
+    """
+    from pipeline.annotations import AnnotationError
+    from pipeline.extract import ExtractionError, extract as run_extract
+    from stores import StoreError
+
+    cfg = _config(config, set_, models)
+    root = _media_root(cfg, media_root, annotations)
+    if root is None:
+        _fail("no media root: give --media-root (or a config dataset media_root)")
+    if workers is None:
+        import torch
+
+        workers = max(1, torch.cuda.device_count())
+    with _progress(TextColumn("{task.fields[failed]} failed")) as bar:
+        task = bar.add_task("extracting", total=None, failed=0)
+
+        def started(summary) -> None:
+            done = summary.shards_skipped * cfg.extract.shard_size
+            bar.update(task, total=summary.clips, completed=min(done, summary.clips))
+            if summary.shards_skipped:
+                bar.console.print(f"resuming: {summary.shards_skipped} of {summary.shards} shards already done")
+            if summary.dashboard:
+                bar.console.print(f"dask dashboard: {summary.dashboard}")
+
+        def advanced(clips: int, failed: int) -> None:
+            bar.update(task, advance=clips, failed=bar.tasks[0].fields["failed"] + failed)
+
+        try:
+            summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,
+                                  strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started)
+        except (AnnotationError, ConfigError, StoreError, ExtractionError) as e:
+            _fail(str(e), 1)
+    rate = (summary.clips - summary.shards_skipped * cfg.extract.shard_size) / max(summary.seconds, 1e-9)
+    out_text = (f"{out}: {summary.ok} ok, {len(summary.failed)} failed of {summary.clips} clips "
+                f"in {summary.shards} shards ({summary.seconds:.1f} s, {max(rate, 0):.1f} clips/s)")
+    console.print(out_text)
+    for row in summary.failed:
+        err.print(f"  failed {row['video_id']} ({row['stage']}): {row['reason']}", highlight=False, soft_wrap=True)
+    if summary.failed:
+        err.print(f"failures log: {out / 'failures.jsonl'}")
+
+
+@stores_app.command("info")
+def stores_info(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
+                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+                config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None):
+    """Shapes, bytes, status counts and encoders of a store."""
+    from stores import store_info
+
+    _config(config, set_, models)
+    info = store_info(_open_store(store))
+    if as_json:
+        console.print_json(data=info)
+        return
+    status = ", ".join(f"{v} {k}" for k, v in info["status"].items())
+    console.print(f"[bold]{info['path']}[/] split {info['split']}: {info['clips']} clips ({status}) in "
+              f"{info['shards']} shards of {info['shard_size']}, {info['bytes'] / 1e6:.1f} MB")
+    table = Table("array", "shape", "dtype", "MB", show_edge=False)
+    for name, a in info["arrays"].items():
+        table.add_row(name, str(tuple(a["shape"])), a["dtype"], f"{a['bytes'] / 1e6:.2f}")
+    console.print(table)
+    for kind, enc in (info["encoders"] or {}).items():
+        console.print(f"{kind}: {enc.get('name', '')} {enc['path']} (config {enc['config_sha256']})")
+    console.print(f"extraction: {info['extract']}")
+
+
+@stores_app.command("verify")
+def stores_verify(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
+                  config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None):
+    """Check shapes and dtypes, NaN/Inf, and that status agrees with the data; exit 1 on any problem."""
+    from stores import verify_store
+
+    _config(config, set_, models)
+    opened = _open_store(store)
+    problems = verify_store(opened)
+    if problems:
+        err.print(f"[red]{store}: {len(problems)} problem(s):[/]")
+        for p in problems:
+            err.print(f"  {p}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"[green]{store}: ok[/] ({len(opened)} clips verified)")
+
+
+@stores_app.command("export")
+def stores_export(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
+                  h5: Annotated[Path, typer.Argument(metavar="OUT.h5", help="HDF5 file to write.")],
+                  config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None):
+    """Write a store to one HDF5 file (same arrays and attributes)."""
+    from stores import export_hdf5
+
+    _config(config, set_, models)
+    if h5.exists():
+        _fail(f"{h5} exists already; choose another file")
+    export_hdf5(_open_store(store), h5)
+    console.print(f"wrote {h5} ({h5.stat().st_size / 1e6:.1f} MB)")
+
+
+@stores_app.command("import")
+def stores_import(h5: Annotated[Path, typer.Argument(metavar="IN.h5", help="HDF5 file in the export layout.")],
+                  store: Annotated[Path, typer.Argument(help="The store folder to create.")],
+                  config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None):
+    """Create a store from an HDF5 file, then check it as `stores verify` does."""
+    from stores import StoreError, import_hdf5, verify_store
+
+    _config(config, set_, models)
+    try:
+        imported = import_hdf5(h5, store)
+    except (StoreError, OSError) as e:
+        _fail(str(e), 1)
+    problems = verify_store(imported)
+    console.print(f"imported {len(imported)} clips into {store}; verify: {len(problems) or 'no'} problem(s)")
+    for p in problems:
+        err.print(f"  {p}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _open_store(path: Path):
+    from stores import FeatureStore, StoreError
+
+    try:
+        return FeatureStore(path)
+    except StoreError as e:
+        _fail(str(e), 1)
 
 
 @models_app.command("tiny")
@@ -173,11 +323,17 @@ def models_tiny(
     texts = [*text_corpus(seed=seed), *cfg.labels.emotions, *cfg.labels.intents]
     paths = build_tiny_models(out_dir, seed=seed, texts=texts)
     for name, path in paths.items():
-        out.print(f"{name:18} {path}")
+        console.print(f"{name:18} {path}")
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} clips/s" if task.speed else "- clips/s")
+
+
+def _progress(*extra: ProgressColumn) -> Progress:
+    """Clips done, clips/s, elapsed and remaining time (plus ``extra`` columns), on stderr."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), *extra,
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err)
 
 

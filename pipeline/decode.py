@@ -1,0 +1,132 @@
+"""Decoding a clip: sampled frames (decord) and 16 kHz mono audio (soundfile / PyAV + librosa).
+
+No ffmpeg binary is needed: decord and PyAV carry their own decoders. Every failure is a
+:class:`MediaError` naming the file and what went wrong; nothing is ever replaced by zeros or
+by another clip. A clip with no audio at all (an empty ``audio_path`` and no track in the
+video) is not an error: :func:`read_audio` returns None and the store flags it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SAMPLE_RATE", "MediaError", "audio_windows", "frame_indices", "read_audio", "read_frames"]
+
+SAMPLE_RATE = 16_000
+SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg"}
+
+
+class MediaError(RuntimeError):
+    def __init__(self, path: Path | str, stage: str, reason: str):
+        self.path, self.stage, self.reason = Path(path), stage, reason
+        super().__init__(f"{path}: {reason}")
+
+
+def frame_indices(total: int, n: int) -> np.ndarray:
+    """``n`` frame indices spread uniformly over ``total`` frames (the middle of ``n`` equal
+    segments); a clip shorter than ``n`` frames repeats frames."""
+    return ((np.arange(n) + 0.5) * total / n).astype(np.int64)
+
+
+def read_frames(path: Path, n: int) -> np.ndarray:
+    """(n, H, W, 3) uint8 RGB frames sampled uniformly over the video."""
+    import decord
+
+    if not path.is_file():
+        raise MediaError(path, "video", "missing video file")
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        total = len(reader)
+        if total == 0:
+            raise MediaError(path, "video", "the video has no frames")
+        frames = reader.get_batch(frame_indices(total, n).tolist()).asnumpy()
+    except MediaError:
+        raise
+    except Exception as err:  # decord raises its own DECORDError, RuntimeError, ...
+        raise MediaError(path, "video", f"cannot decode video: {_first_line(err)}") from None
+    if frames.ndim != 4 or frames.shape[0] != n or frames.shape[-1] != 3:
+        raise MediaError(path, "video", f"decoded frames have shape {frames.shape}, expected ({n}, H, W, 3)")
+    return frames
+
+
+def read_audio(audio_path: Path | None, video_path: Path) -> np.ndarray | None:
+    """16 kHz mono float32 waveform from ``audio_path``, else from the video's own track;
+    None when ``audio_path`` is None and the video has no audio track."""
+    if audio_path is not None:
+        if not audio_path.is_file():
+            raise MediaError(audio_path, "audio", "missing audio file")
+        wave, rate = _read_file(audio_path)
+        source = audio_path
+    else:
+        if not video_path.is_file():
+            raise MediaError(video_path, "audio", "missing video file")
+        decoded = _read_track(video_path)
+        if decoded is None:
+            return None
+        wave, rate = decoded
+        source = video_path
+    if wave.size == 0:
+        raise MediaError(source, "audio", "the audio is empty")
+    if not np.isfinite(wave).all():
+        raise MediaError(source, "audio", "the audio holds NaN or Inf samples")
+    if rate != SAMPLE_RATE:
+        import librosa
+
+        wave = librosa.resample(wave, orig_sr=rate, target_sr=SAMPLE_RATE)
+    return wave.astype(np.float32)
+
+
+def audio_windows(wave: np.ndarray, n: int, seconds: float) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` windows of ``seconds`` spread evenly over the waveform, zero-padded when the clip
+    is shorter: ((n, samples) float32, (n,) int32 real samples per window)."""
+    size = int(round(seconds * SAMPLE_RATE))
+    windows = np.zeros((n, size), np.float32)
+    if len(wave) <= size:
+        windows[:, :len(wave)] = wave
+        return windows, np.full(n, len(wave), np.int32)
+    starts = np.linspace(0, len(wave) - size, n).round().astype(np.int64)
+    for i, start in enumerate(starts):
+        windows[i] = wave[start:start + size]
+    return windows, np.full(n, size, np.int32)
+
+
+def _read_file(path: Path) -> tuple[np.ndarray, int]:
+    if path.suffix.lower() in SOUNDFILE_SUFFIXES:
+        import soundfile
+
+        try:
+            wave, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        except Exception as err:
+            raise MediaError(path, "audio", f"cannot decode audio: {_first_line(err)}") from None
+        return wave.mean(axis=1), rate
+    decoded = _read_track(path)  # any other container: its first audio stream
+    if decoded is None:
+        raise MediaError(path, "audio", "the audio file has no audio stream")
+    return decoded
+
+
+def _read_track(path: Path) -> tuple[np.ndarray, int] | None:
+    """Mono float32 samples and rate of the first audio stream (PyAV); None when there is none."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            rate = stream.codec_context.sample_rate
+            # one resampler for every frame: float planar mono at the stream's own rate
+            resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate)
+            chunks = [out.to_ndarray()[0] for frame in container.decode(stream) for out in resampler.resample(frame)]
+            chunks += [out.to_ndarray()[0] for out in resampler.resample(None)]
+    except Exception as err:
+        raise MediaError(path, "audio", f"cannot decode audio track: {_first_line(err)}") from None
+    if not chunks:
+        raise MediaError(path, "audio", "the audio track holds no samples")
+    return np.concatenate(chunks).astype(np.float32), rate
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__

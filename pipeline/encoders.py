@@ -1,0 +1,175 @@
+"""The frozen stage-1 encoders: CLIP vision, HuBERT and the caption tokenizer, from local folders.
+
+Real checkpoints (openai/clip-vit-large-patch14, facebook/hubert-large-ls960-ft,
+bert-base-uncased) and the tiny ones of `xmei models tiny` load through the same
+``from_pretrained(dir)`` calls. Preprocessing is the checkpoint's own (its image processor and
+feature extractor), so it cannot drift from the weights.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stores import FeatureSpec
+
+__all__ = ["EncoderSettings", "Encoders", "encoder_identity", "feature_specs", "tokenize_captions"]
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """Everything a worker needs to rebuild the encoders: plain values, picklable."""
+
+    visual_path: str
+    audio_path: str
+    visual_name: str
+    audio_name: str
+    visual_tokens: str  # "patch" | "pooled"
+    num_frames: int
+    num_audio_clips: int
+    audio_clip_seconds: float
+    audio_layers: int
+    batch_size: int
+    device: str  # "auto" | "cpu" | "cuda"
+
+    @classmethod
+    def from_config(cls, cfg) -> "EncoderSettings":
+        x = cfg.extract
+        return cls(visual_path=str(Path(cfg.model.visual_encoder_path).resolve()),
+                   audio_path=str(Path(cfg.model.acoustic_encoder_path).resolve()),
+                   visual_name=cfg.model.visual_encoder, audio_name=cfg.model.acoustic_encoder,
+                   visual_tokens=x.visual_tokens, num_frames=x.num_frames, num_audio_clips=x.num_audio_clips,
+                   audio_clip_seconds=x.audio_clip_seconds, audio_layers=x.audio_layers,
+                   batch_size=x.batch_size, device=x.device)
+
+    def key(self) -> str:
+        return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:16]
+
+
+def _vision_config(path: str):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    # a full CLIPModel folder (the real checkpoint) or a vision-only one (the tiny set)
+    vision = config.vision_config if config.model_type == "clip" else config
+    projection = config.projection_dim if config.model_type == "clip" else vision.projection_dim
+    return vision, projection
+
+
+def feature_specs(settings: EncoderSettings) -> dict[str, FeatureSpec]:
+    """Per-clip shapes and dtypes of what the encoders produce, read from the configs alone."""
+    from transformers import AutoConfig
+
+    vision, projection = _vision_config(settings.visual_path)
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + CLS: 257 for ViT-L/14 at 224
+    visual = (settings.num_frames, tokens, vision.hidden_size) if settings.visual_tokens == "patch" \
+        else (settings.num_frames, projection)
+    audio_hidden = AutoConfig.from_pretrained(settings.audio_path).hidden_size
+    return {
+        "visual": FeatureSpec(visual, "float16"),
+        "audio": FeatureSpec((settings.num_audio_clips, audio_hidden), "float16"),
+        "audio_lengths": FeatureSpec((settings.num_audio_clips,), "int32"),  # real samples per window
+        "has_audio": FeatureSpec((), "uint8"),  # 0: no audio at all, audio features are zeros
+    }
+
+
+def encoder_identity(settings: EncoderSettings, caption_tokenizer: str) -> dict[str, Any]:
+    """Names, folders and config hashes of the encoders, for the store's attributes."""
+    def digest(folder: str, names: tuple[str, ...]) -> str:
+        h = hashlib.sha256()
+        for name in names:
+            file = Path(folder) / name
+            if file.is_file():
+                h.update(name.encode() + file.read_bytes())
+        return h.hexdigest()[:16]
+
+    configs = ("config.json", "preprocessor_config.json")
+    return {
+        "visual": {"name": settings.visual_name, "path": settings.visual_path,
+                   "config_sha256": digest(settings.visual_path, configs)},
+        "audio": {"name": settings.audio_name, "path": settings.audio_path,
+                  "config_sha256": digest(settings.audio_path, configs)},
+        "caption_tokenizer": {"path": caption_tokenizer,
+                              "config_sha256": digest(caption_tokenizer, ("tokenizer.json", "vocab.txt"))},
+    }
+
+
+def tokenize_captions(tokenizer_path: str, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, length) int32 ids and mask of each text, truncated / padded to ``length``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    out = tokenizer(texts, max_length=length, truncation=True, padding="max_length", return_tensors="np")
+    return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+
+
+class Encoders:
+    """The frozen CLIP and HuBERT of one worker, loaded once, eval mode, no gradients.
+
+    fp32 on CPU; bf16 (fp16 where bf16 is unsupported) on GPU. Outputs are float16 numpy.
+    """
+
+    def __init__(self, settings: EncoderSettings):
+        import torch
+        from transformers import (AutoFeatureExtractor, AutoImageProcessor, CLIPVisionModelWithProjection,
+                                  HubertModel)
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a worker's log is no place for "Loading weights" bars
+        self.settings = settings
+        cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if cuda else "cpu")
+        if not cuda:
+            self.dtype = torch.float32
+        else:
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.image_processor = AutoImageProcessor.from_pretrained(settings.visual_path)
+        self.feature_extractor = AutoFeatureExtractor.from_pretrained(settings.audio_path)
+        self.visual = CLIPVisionModelWithProjection.from_pretrained(settings.visual_path, dtype=self.dtype)
+        self.audio = HubertModel.from_pretrained(settings.audio_path, dtype=self.dtype)
+        for model in (self.visual, self.audio):
+            model.to(self.device).eval().requires_grad_(False)
+
+    def preprocess_frames(self, frames: np.ndarray):
+        """(F, H, W, 3) uint8 -> (F, 3, 224, 224) float32 tensor, by the checkpoint's processor."""
+        return self.image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
+
+    def preprocess_audio(self, windows: np.ndarray, lengths: np.ndarray):
+        """(W, samples) windows -> input_values (and attention_mask) for HuBERT, each window
+        normalized over its real samples only."""
+        size = windows.shape[1]
+        out = self.feature_extractor([w[:max(int(n), 1)] for w, n in zip(windows, lengths)],
+                                     sampling_rate=self.feature_extractor.sampling_rate, padding="max_length",
+                                     max_length=size, return_attention_mask=True, return_tensors="pt")
+        return out["input_values"], out["attention_mask"]
+
+    def encode_frames(self, pixels) -> np.ndarray:
+        """(B * F, 3, 224, 224) -> (B, F, 257, D) patch tokens or (B, F, P) pooled embeddings."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.visual(pixel_values=pixels.to(self.device, self.dtype))
+            features = out.last_hidden_state if self.settings.visual_tokens == "patch" else out.image_embeds
+        features = features.float().cpu().numpy().astype(np.float16)
+        return features.reshape(-1, self.settings.num_frames, *features.shape[1:])  # (B, F, ...)
+
+    def encode_audio(self, input_values, attention_mask) -> np.ndarray:
+        """(B * W, samples) -> (B, W, D): per window, the mean of the last ``audio_layers``
+        hidden states, then the mean over the window's real frames."""
+        import torch
+
+        with torch.inference_mode():
+            mask = attention_mask.to(self.device)
+            use_mask = getattr(self.feature_extractor, "return_attention_mask", True)
+            out = self.audio(input_values.to(self.device, self.dtype), attention_mask=mask if use_mask else None,
+                             output_hidden_states=True)
+            hidden = torch.stack(out.hidden_states[-self.settings.audio_layers:]).float().mean(0)  # (N, T, D)
+            frames = self.audio._get_feat_extract_output_lengths(mask.sum(-1)).clamp(min=1)  # (N,) real frames
+            valid = (torch.arange(hidden.shape[1], device=self.device)[None, :] < frames[:, None]).float()
+            pooled = (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # (N, D)
+        pooled = pooled.cpu().numpy().astype(np.float16)
+        return pooled.reshape(-1, self.settings.num_audio_clips, pooled.shape[-1])  # (B, W, D)

@@ -1,0 +1,248 @@
+"""Stage 1 driver: annotations + media -> a feature store, shard by shard, on a dask cluster.
+
+A task extracts and writes one whole shard, so no two workers ever write the same files and
+no lock is needed. A worker loads the encoders once (per process) and keeps them. Within a
+task, decoding and preprocessing run ahead in threads while the encoders work on the previous
+batch. A rerun skips finished shards; a clip whose media are missing or corrupt is marked
+failed with its reason, never replaced.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.annotations import FIELDS, Record, read_annotations
+from pipeline.decode import MediaError, audio_windows, read_audio, read_frames
+from pipeline.encoders import EncoderSettings, Encoders, encoder_identity, feature_specs, tokenize_captions
+from stores import FAILED, OK, FeatureStore, StoreError, create_store
+
+__all__ = ["ExtractionError", "ExtractSummary", "extract", "extract_shard"]
+
+MODEL_KEYS = ("model.visual_encoder_path", "model.acoustic_encoder_path", "model.caption_tokenizer_path")
+
+
+class ExtractionError(RuntimeError):
+    """A clip failed under --strict, or the run cannot start."""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    store: str
+    shard: int
+    clips: list[tuple[str, str, str]]  # (video_id, video file, audio file or "" for the video's track)
+    settings: EncoderSettings
+    strict: bool
+
+
+@dataclass
+class ExtractSummary:
+    store: Path
+    clips: int
+    shards: int
+    shards_skipped: int  # finished by an earlier run
+    ok: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    dashboard: str | None = None
+
+
+def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | None = None,
+            scheduler: str | None = None, workers: int = 1, strict: bool = False, unlabeled: bool = False,
+            progress: Callable[[int, int], None] | None = None,
+            on_start: Callable[[ExtractSummary], None] | None = None) -> ExtractSummary:
+    """Extract every clip of ``annotations`` into the store ``out`` (created, or resumed).
+
+    ``workers`` = 0 runs in this process without dask; otherwise a LocalCluster of that many
+    workers on 127.0.0.1 unless ``scheduler`` names an existing cluster.
+    ``progress(clips, failed)`` is called as shards finish; ``on_start`` once the work is known.
+    """
+    cfg.require_paths(MODEL_KEYS)
+    # workers of a farm need absolute paths (their working folder is not ours)
+    out, media_root = Path(out).resolve(), Path(media_root).resolve()
+    records = read_annotations(annotations, cfg.emotions, cfg.intents, media_root=None, labeled=not unlabeled)
+    settings = EncoderSettings.from_config(cfg)
+    store = _open_or_create(cfg, out, records, settings, split or Path(annotations).stem, annotations)
+    done = store.done_shards()
+    jobs = [ShardJob(str(out), k, [_clip_files(records[i], media_root) for i in store.shard_range(k)], settings, strict)
+            for k in range(store.num_shards) if k not in done]
+    summary = ExtractSummary(out, len(records), store.num_shards, len(done))
+    start = time.perf_counter()
+    if workers == 0 and scheduler is None:
+        runner = ((job, extract_shard(job)) for job in jobs)
+        _collect(runner, summary, on_start, progress)
+    else:
+        _run_on_cluster(jobs, summary, scheduler, workers, on_start, progress)
+    summary.seconds = time.perf_counter() - start
+    store.write_failures_log()
+    status = store.status()
+    summary.ok = int((status == OK).sum())
+    summary.failed = store.failures()
+    return summary
+
+
+def _collect(results, summary: ExtractSummary, on_start, progress) -> None:
+    if on_start:
+        on_start(summary)
+    for job, result in results:
+        if progress:
+            progress(len(job.clips), len(result["failed"]))
+
+
+def _run_on_cluster(jobs: list[ShardJob], summary: ExtractSummary, scheduler: str | None, workers: int,
+                    on_start, progress) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0")
+    try:
+        with Client(scheduler or cluster) as client:
+            summary.dashboard = client.dashboard_link
+            futures = {client.submit(extract_shard, job, key=f"xmei-shard-{job.shard}", pure=False): job
+                       for job in jobs}
+            try:
+                _collect(((futures[f], f.result()) for f in as_completed(futures)), summary, on_start, progress)
+            finally:
+                for f in futures:
+                    f.cancel()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _clip_files(record: Record, media_root: Path) -> tuple[str, str, str]:
+    audio = record.audio_file(media_root)
+    return record.video_id, str(record.video_file(media_root)), str(audio) if audio else ""
+
+
+# --------------------------------------------------------------------------- store creation
+
+def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSettings, split: str,
+                    annotations: Path) -> FeatureStore:
+    fingerprint = {
+        "clips": _sha([[getattr(r, f) for f in FIELDS] for r in records]),
+        "extract": _sha(asdict(cfg.extract)),
+        "encoders": _sha(encoder_identity(settings, str(cfg.model.caption_tokenizer_path))),
+        "labels": _sha([cfg.emotions.labels, cfg.intents.labels]),
+    }
+    if out.exists():
+        store = FeatureStore(out, mode="r+")
+        differs = [k for k, v in fingerprint.items() if store.attrs.get("fingerprint", {}).get(k) != v]
+        if differs:
+            raise StoreError(f"{out} was made from other {', '.join(differs)} than this run's; "
+                             "choose another --out (or delete it to start over)")
+        return store
+    ids = [r.video_id for r in records]
+    video_ids, video_mask = tokenize_captions(str(cfg.model.caption_tokenizer_path),
+                                              [r.video_description for r in records], cfg.extract.caption_tokens)
+    audio_ids, audio_mask = tokenize_captions(str(cfg.model.caption_tokenizer_path),
+                                              [r.audio_description for r in records], cfg.extract.caption_tokens)
+    ints = {
+        "video_caption_ids": video_ids, "video_caption_mask": video_mask,
+        "audio_caption_ids": audio_ids, "audio_caption_mask": audio_mask,
+        "emotion_label": np.array([cfg.emotions.index(r.emotion) if r.emotion else -1 for r in records]),
+        "intent_label": np.array([cfg.intents.index(r.intent) if r.intent else -1 for r in records]),
+    }
+    attrs = {
+        "split": split,
+        "annotations": str(annotations),
+        "encoders": encoder_identity(settings, str(cfg.model.caption_tokenizer_path)),
+        "extract": asdict(cfg.extract),
+        "labels": {"emotions": list(cfg.emotions.labels), "intents": list(cfg.intents.labels)},
+        "fingerprint": fingerprint,
+        "created_by": "xmei extract",
+    }
+    if len(set(ids)) != len(ids):
+        raise StoreError("duplicate video_id in the annotations")
+    texts = {f: [getattr(r, f) for r in records] for f in FIELDS}
+    return create_store(out, len(records), cfg.extract.shard_size, feature_specs(settings), texts, ints, attrs,
+                        compression=cfg.extract.compression)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the worker side
+
+_ENCODERS: dict[str, Encoders] = {}  # per process: a worker loads its encoders once
+
+
+def _encoders(settings: EncoderSettings) -> Encoders:
+    if settings.key() not in _ENCODERS:
+        _ENCODERS[settings.key()] = Encoders(settings)
+    return _ENCODERS[settings.key()]
+
+
+def _prepare(encoders: Encoders, video: str, audio: str) -> dict[str, Any]:
+    """Decode and preprocess one clip (runs in a decode thread)."""
+    s = encoders.settings
+    pixels = encoders.preprocess_frames(read_frames(Path(video), s.num_frames))
+    wave = read_audio(Path(audio) if audio else None, Path(video))
+    if wave is None:
+        return {"pixels": pixels, "audio": None}
+    windows, lengths = audio_windows(wave, s.num_audio_clips, s.audio_clip_seconds)
+    return {"pixels": pixels, "audio": encoders.preprocess_audio(windows, lengths), "lengths": lengths}
+
+
+def extract_shard(job: ShardJob) -> dict[str, Any]:
+    """Extract and write one whole shard; returns {"shard", "ok", "failed", "seconds"}."""
+    import torch
+
+    start = time.perf_counter()
+    encoders = _encoders(job.settings)
+    store = FeatureStore(job.store, mode="r+")
+    specs = {name: (tuple(v["shape"]), v["dtype"]) for name, v in store.attrs["features"].items()}
+    n = len(job.clips)
+    arrays = {name: np.zeros((n, *shape), dtype) for name, (shape, dtype) in specs.items()}
+    status = np.full(n, OK, np.uint8)
+    failures: list[dict[str, str]] = []
+    batch: list[tuple[int, dict[str, Any]]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        rows = [i for i, _ in batch]
+        arrays["visual"][rows] = encoders.encode_frames(torch.cat([p["pixels"] for _, p in batch]))
+        heard = [(i, p) for i, p in batch if p["audio"] is not None]
+        if heard:
+            values = torch.cat([p["audio"][0] for _, p in heard])
+            masks = torch.cat([p["audio"][1] for _, p in heard])
+            rows_heard = [i for i, _ in heard]
+            arrays["audio"][rows_heard] = encoders.encode_audio(values, masks)
+            arrays["audio_lengths"][rows_heard] = np.stack([p["lengths"] for _, p in heard])
+            arrays["has_audio"][rows_heard] = 1
+        batch.clear()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ahead = job.settings.batch_size  # clips decoded ahead of the encoders, bounds memory
+        pending = [pool.submit(_prepare, encoders, video, audio) for _, video, audio in job.clips[:ahead]]
+        for i, (video_id, _, _) in enumerate(job.clips):
+            if i + ahead < n:
+                _, video, audio = job.clips[i + ahead]
+                pending.append(pool.submit(_prepare, encoders, video, audio))
+            try:
+                prepared = pending[i].result()
+            except MediaError as err:
+                if job.strict:
+                    for f in pending:
+                        f.cancel()
+                    raise ExtractionError(f"clip {video_id!r} failed ({err.stage}): {err}") from None
+                status[i] = FAILED
+                failures.append({"video_id": video_id, "stage": err.stage, "reason": str(err)})
+                continue
+            batch.append((i, prepared))
+            if len(batch) == job.settings.batch_size:
+                flush()
+        flush()
+    store.write_shard(job.shard, arrays, status, failures)
+    return {"shard": job.shard, "ok": int((status == OK).sum()), "failed": failures,
+            "seconds": time.perf_counter() - start}

@@ -1,0 +1,159 @@
+"""The feature store: one Zarr v3 group per split.
+
+Layout (N clips, S clips per shard):
+
+    STORE/zarr.json                 group attributes: schema version, encoders, extraction config, labels
+    STORE/<feature>/                float16 features (N, ...): one clip per inner chunk, S clips per shard
+    STORE/status/                   uint8 (N,): 0 pending, 1 ok, 2 failed; sharded like the features
+    STORE/<text>/                   strings (N,): ids, subtitles, labels, descriptions, reasons, explanations
+    STORE/<ints>/                   int32 (N, ...): caption ids and masks, label indexes
+    STORE/failures/shard_00003.json the failed clips of a shard (video_id, stage, reason)
+    STORE/failures.jsonl            all of them, one JSON a line (rebuilt by the writer at the end of a run)
+
+Texts and ints are written once, when the store is created. Features are written a whole shard
+at a time by whoever extracts that shard, and its ``status`` last: a shard whose status is not
+all done is redone on the next run, so no lock is ever needed and a killed run resumes cleanly
+(Zarr's local store writes each file atomically).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+__all__ = ["FAILED", "OK", "PENDING", "SCHEMA_VERSION", "FeatureStore", "StoreError", "create_store"]
+
+SCHEMA_VERSION = 1
+PENDING, OK, FAILED = 0, 1, 2
+STATUS_NAMES = {PENDING: "pending", OK: "ok", FAILED: "failed"}
+
+
+class StoreError(ValueError):
+    """A store that is missing, of another schema, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A per-clip feature array: shape of one clip and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def create_store(path: str | Path, n: int, shard_size: int, features: dict[str, FeatureSpec],
+                 texts: dict[str, list[str]], ints: dict[str, np.ndarray], attrs: dict[str, Any],
+                 compression: str = "none") -> "FeatureStore":
+    """Create an empty store for ``n`` clips (all pending) holding ``texts`` and ``ints``."""
+    path = Path(path)
+    if path.exists():
+        raise StoreError(f"{path} exists already")
+    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    compressors = [ZstdCodec(level=1)] if compression == "zstd" else None
+    shard = min(shard_size, n)
+    for name, spec in {**features, "status": FeatureSpec((), "uint8")}.items():
+        group.create_array(name, shape=(n, *spec.shape), dtype=spec.dtype, chunks=(1, *spec.shape),
+                           shards=(shard, *spec.shape), compressors=compressors, fill_value=0)
+    for name, values in texts.items():
+        if len(values) != n:
+            raise StoreError(f"text array {name!r} has {len(values)} values for {n} clips")
+        group.create_array(name, shape=(n,), dtype=str, chunks=(n,))[:] = np.array(values, dtype=str)
+    for name, values in ints.items():
+        array = group.create_array(name, shape=values.shape, dtype="int32", chunks=values.shape)
+        array[...] = values.astype(np.int32)
+    group.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "num_clips": n, "shard_size": shard,
+                        "features": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in features.items()},
+                        "texts": list(texts), "ints": list(ints)})
+    (path / "failures").mkdir()
+    return FeatureStore(path, mode="r+")
+
+
+class FeatureStore:
+    """Reader (and shard writer) of a feature store.
+
+        store = FeatureStore("stores/train")
+        len(store); store.attrs["encoders"]
+        clip = store[0]                      # dict: feature arrays, texts and ints of clip 0
+        for index, shard in store.iter_shards():   # dict of arrays over one shard, read sequentially
+            ...
+    """
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise StoreError(f"{self.path} is not a feature store (no zarr.json)")
+        self.group = zarr.open_group(self.path, mode=mode, zarr_format=3)
+        self.attrs: dict[str, Any] = dict(self.group.attrs)
+        version = self.attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}")
+        self.features: list[str] = list(self.attrs["features"])
+        self.texts: list[str] = list(self.attrs["texts"])
+        self.ints: list[str] = list(self.attrs["ints"])
+        self.shard_size: int = int(self.attrs["shard_size"])
+
+    def __len__(self) -> int:
+        return int(self.attrs["num_clips"])
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self) // self.shard_size)
+
+    def shard_range(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self)))
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def status(self) -> np.ndarray:
+        """(N,) uint8: PENDING / OK / FAILED per clip."""
+        return self.group["status"][:]
+
+    def done_shards(self) -> set[int]:
+        """Shards whose every clip is ok or failed: a rerun skips them."""
+        done = self.status() != PENDING
+        return {k for k in range(self.num_shards) if done[self.shard_range(k).start:self.shard_range(k).stop].all()}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"clip {index} out of range for a store of {len(self)}")
+        names = [*self.features, "status", *self.texts, *self.ints]
+        return {name: self.group[name][index] for name in names}
+
+    def iter_shards(self, shards: list[int] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(shard index, {name: array over the shard's clips}) for each shard, in the given order."""
+        for shard in range(self.num_shards) if shards is None else shards:
+            rows = slice(self.shard_range(shard).start, self.shard_range(shard).stop)
+            names = [*self.features, "status", *self.texts, *self.ints]
+            yield shard, {name: self.group[name][rows] for name in names}
+
+    def write_shard(self, shard: int, features: dict[str, np.ndarray], status: np.ndarray,
+                    failures: list[dict[str, str]]) -> None:
+        """Write one whole shard: features, then its failures file, then its status (last)."""
+        rows = slice(self.shard_range(shard).start, self.shard_range(shard).stop)
+        expected = rows.stop - rows.start
+        if set(features) != set(self.features):
+            raise StoreError(f"shard {shard}: got features {sorted(features)}, the store has {sorted(self.features)}")
+        for name, values in features.items():
+            if values.shape[0] != expected:
+                raise StoreError(f"shard {shard}: {name} has {values.shape[0]} clips, the shard {expected}")
+            self.group[name][rows] = values
+        (self.path / "failures" / f"shard_{shard:05d}.json").write_text(json.dumps(failures, ensure_ascii=False))
+        self.group["status"][rows] = status
+
+    def failures(self) -> list[dict[str, str]]:
+        """Failed clips of the finished shards, in clip order."""
+        rows = []
+        for shard in sorted(self.done_shards()):  # a pending shard's file may be left by a killed run
+            path = self.path / "failures" / f"shard_{shard:05d}.json"
+            rows += json.loads(path.read_text()) if path.exists() else []
+        return rows
+
+    def write_failures_log(self) -> Path:
+        log = self.path / "failures.jsonl"
+        log.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.failures()))
+        return log
