@@ -28,8 +28,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Model folders for tests, de
 app.add_typer(models_app, name="models")
 stores_app = typer.Typer(no_args_is_help=True, help="Inspect, check and move feature stores.")
 app.add_typer(stores_app, name="stores")
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)  # long lines stay whole: logs and greps read them
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(

@@ -50,23 +50,37 @@ class EncoderSettings:
 
 
 def _vision_config(path: str):
+    """The CLIPVisionConfig of a full CLIPModel folder (the real checkpoint) or of a vision-only
+    one (the tiny set), with the projection width of the checkpoint."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    # a full CLIPModel folder (the real checkpoint) or a vision-only one (the tiny set)
-    vision = config.vision_config if config.model_type == "clip" else config
-    projection = config.projection_dim if config.model_type == "clip" else vision.projection_dim
-    return vision, projection
+    if config.model_type != "clip":
+        return config
+    vision = config.vision_config
+    # the vision sub-config keeps its own default projection_dim (512); the checkpoint's is above it
+    vision.projection_dim = config.projection_dim
+    return vision
+
+
+def _load_checked(cls, path: str, **kwargs):
+    """from_pretrained, then an error if any weight of the model was missing or reshaped
+    (weights of other heads in the folder, e.g. CLIP's text tower, are fine)."""
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    bad = list(info.get("missing_keys", [])) + [str(m) for m in info.get("mismatched_keys", [])]
+    if bad:
+        raise ValueError(f"{path}: {cls.__name__} weights missing or of another shape: {bad[:5]}")
+    return model
 
 
 def feature_specs(settings: EncoderSettings) -> dict[str, FeatureSpec]:
     """Per-clip shapes and dtypes of what the encoders produce, read from the configs alone."""
     from transformers import AutoConfig
 
-    vision, projection = _vision_config(settings.visual_path)
+    vision = _vision_config(settings.visual_path)
     tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # patches + CLS: 257 for ViT-L/14 at 224
     visual = (settings.num_frames, tokens, vision.hidden_size) if settings.visual_tokens == "patch" \
-        else (settings.num_frames, projection)
+        else (settings.num_frames, vision.projection_dim)
     audio_hidden = AutoConfig.from_pretrained(settings.audio_path).hidden_size
     return {
         "visual": FeatureSpec(visual, "float16"),
@@ -129,8 +143,9 @@ class Encoders:
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.image_processor = AutoImageProcessor.from_pretrained(settings.visual_path)
         self.feature_extractor = AutoFeatureExtractor.from_pretrained(settings.audio_path)
-        self.visual = CLIPVisionModelWithProjection.from_pretrained(settings.visual_path, dtype=self.dtype)
-        self.audio = HubertModel.from_pretrained(settings.audio_path, dtype=self.dtype)
+        self.visual = _load_checked(CLIPVisionModelWithProjection, settings.visual_path,
+                                    config=_vision_config(settings.visual_path), dtype=self.dtype)
+        self.audio = _load_checked(HubertModel, settings.audio_path, dtype=self.dtype)
         for model in (self.visual, self.audio):
             model.to(self.device).eval().requires_grad_(False)
 

@@ -130,7 +130,9 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
     fingerprint = {
         "clips": _sha([[getattr(r, f) for f in FIELDS] for r in records]),
         "extract": _sha(asdict(cfg.extract)),
-        "encoders": _sha(encoder_identity(settings, str(cfg.model.caption_tokenizer_path))),
+        # names and config hashes, not folders: moving the checkpoints does not change them
+        "encoders": _sha({k: {kk: vv for kk, vv in v.items() if kk != "path"}
+                          for k, v in encoder_identity(settings, str(cfg.model.caption_tokenizer_path)).items()}),
         "labels": _sha([cfg.emotions.labels, cfg.intents.labels]),
     }
     if out.exists():

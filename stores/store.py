@@ -122,7 +122,8 @@ class FeatureStore:
         if not 0 <= index < len(self):
             raise IndexError(f"clip {index} out of range for a store of {len(self)}")
         names = [*self.features, "status", *self.texts, *self.ints]
-        return {name: self.group[name][index] for name in names}
+        values = {name: self.group[name][index] for name in names}
+        return {k: v[()] if v.ndim == 0 else v for k, v in values.items()}  # scalars as str / numpy scalars
 
     def iter_shards(self, shards: list[int] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(shard index, {name: array over the shard's clips}) for each shard, in the given order."""

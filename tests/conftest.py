@@ -19,3 +19,13 @@ def corpus(tmp_path_factory, cfg):
     out = tmp_path_factory.mktemp("corpus")
     synth_corpus(out, 24, 3, cfg.emotions, cfg.intents, workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The tiny model set, built once per test session."""
+    from pipeline.tiny_models import build_tiny_models
+
+    out = tmp_path_factory.mktemp("models")
+    build_tiny_models(out, seed=0)
+    return out

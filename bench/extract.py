@@ -1,0 +1,207 @@
+"""Benchmark of stage 1 (feature extraction): where the time goes, as ratios from one run.
+
+Builds its own inputs (a synthetic corpus and the tiny models), then measures on the same
+train clips, in one process, each after one warm-up clip (excluded from the timing):
+
+- decode only: read_frames + read_audio + audio_windows + the checkpoint processors, one thread;
+- encode only: encode_frames + encode_audio on the prepared tensors, batched like extract();
+- whole pipeline: pipeline.extract.extract(workers=0) into a fresh store (decode threads
+  overlapping the encoders), and with a dask LocalCluster of 2 workers (cluster start-up and
+  the workers' model loading included: they cannot be warmed up);
+- decord sampled reads (what read_frames does) against PyAV decoding every frame.
+
+Prints clips/s per stage, their ratios, and one computed line of interpretation.
+
+Run:  .venv/bin/python bench/extract.py [--clips 48] [--out DIR]
+(--out keeps the corpus, models and stores; by default a temporary folder is removed.)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # dask workers inherit it (spawned with the parent's sys.path)
+
+import numpy as np  # noqa: E402
+
+from pipeline.annotations import read_annotations, write_annotations  # noqa: E402
+from pipeline.decode import audio_windows, frame_indices, read_audio, read_frames  # noqa: E402
+from pipeline.encoders import EncoderSettings, Encoders  # noqa: E402
+
+
+def build_inputs(folder: Path, clips: int):
+    """Tiny models, a corpus with at least clips + 1 train clips, the config, and the records."""
+    from pipeline.synth import synth_corpus
+    from pipeline.tiny_models import build_tiny_models
+    from xmei.config import load_config
+
+    models = folder / "models"
+    if not (models / "tiny_models.json").is_file():
+        build_tiny_models(models, seed=0)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", models_dir=models)
+    corpus = folder / "corpus"
+    n = math.ceil((clips + 1) / 0.7) + 1  # the train split is 70% of the corpus
+    train_file = corpus / "annotations" / "train.json"
+    if not train_file.is_file() or len(read_annotations(train_file, cfg.emotions, cfg.intents)) < clips + 1:
+        synth_corpus(corpus, n, 0, cfg.emotions, cfg.intents, overwrite=True)
+    records = read_annotations(train_file, cfg.emotions, cfg.intents)
+    warm, measured = records[clips], records[:clips]  # the warm-up clip is not a measured one
+    write_annotations(folder / "bench_warmup.json", [warm])
+    write_annotations(folder / "bench_clips.json", measured)
+    return cfg, corpus, warm, measured
+
+
+def files(record, root: Path) -> tuple[Path, Path | None]:
+    return record.video_file(root), record.audio_file(root)
+
+
+def prepare(enc: Encoders, video: Path, audio: Path | None) -> dict:
+    s = enc.settings
+    pixels = enc.preprocess_frames(read_frames(video, s.num_frames))
+    wave = read_audio(audio, video)
+    if wave is None:
+        return {"pixels": pixels, "audio": None}
+    windows, lengths = audio_windows(wave, s.num_audio_clips, s.audio_clip_seconds)
+    return {"pixels": pixels, "audio": enc.preprocess_audio(windows, lengths)}
+
+
+def bench_decode(enc: Encoders, root: Path, warm, records) -> tuple[float, list[dict]]:
+    """Seconds for everything before the encoders, one clip after another; the prepared clips."""
+    prepare(enc, *files(warm, root))
+    start = time.perf_counter()
+    prepared = [prepare(enc, *files(r, root)) for r in records]
+    return time.perf_counter() - start, prepared
+
+
+def encode(enc: Encoders, batch: list[dict]) -> None:
+    import torch
+
+    enc.encode_frames(torch.cat([p["pixels"] for p in batch]))
+    heard = [p["audio"] for p in batch if p["audio"] is not None]
+    if heard:
+        enc.encode_audio(torch.cat([a[0] for a in heard]), torch.cat([a[1] for a in heard]))
+
+
+def bench_encode(enc: Encoders, prepared: list[dict]) -> float:
+    """Seconds to encode the prepared clips in batches of extract.batch_size."""
+    encode(enc, prepared[:1])
+    size = enc.settings.batch_size
+    start = time.perf_counter()
+    for i in range(0, len(prepared), size):
+        encode(enc, prepared[i:i + size])
+    return time.perf_counter() - start
+
+
+def bench_pipeline(cfg, folder: Path, corpus: Path, workers: int) -> tuple[float, int]:
+    """Wall seconds of extract() into a fresh store; and its shard count. workers=0 is warmed
+    up on one clip first (loads the encoders into this process); a cluster cannot be."""
+    from pipeline.extract import extract
+
+    stores = folder / "stores"
+    if workers == 0:
+        shutil.rmtree(stores / "warmup", ignore_errors=True)
+        extract(cfg, folder / "bench_warmup.json", corpus, stores / "warmup", workers=0)
+    out = stores / f"workers{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    summary = extract(cfg, folder / "bench_clips.json", corpus, out, workers=workers)
+    seconds = time.perf_counter() - start
+    if summary.ok != summary.clips:
+        raise SystemExit(f"extract() failed clips: {summary.failed}")
+    return seconds, summary.shards
+
+
+def decord_sampled(video: Path, n: int) -> np.ndarray:
+    import decord
+
+    reader = decord.VideoReader(str(video), num_threads=1)  # as read_frames opens it
+    return reader.get_batch(frame_indices(len(reader), n).tolist()).asnumpy()
+
+
+def pyav_decode_all(video: Path, n: int) -> np.ndarray:
+    import av
+
+    with av.open(str(video)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    return np.stack([frames[i] for i in frame_indices(len(frames), n)])
+
+
+def bench_reader(read, root: Path, warm, records, n: int) -> float:
+    read(warm.video_file(root), n)
+    start = time.perf_counter()
+    for r in records:
+        read(r.video_file(root), n)
+    return time.perf_counter() - start
+
+
+def report(clips: int, cfg, shards: int, rate: dict[str, float], load: float) -> None:
+    import torch
+
+    print(f"\ncores {os.cpu_count()}, torch threads {torch.get_num_threads()}, clips {clips} "
+          f"(batch_size {cfg.extract.batch_size}, shard_size {cfg.extract.shard_size}: {shards} shard(s)), "
+          f"load average {load:.2f} at start (other processes skew every number)")
+    rows = [(name, f"{value:.2f}", "clips/s") for name, value in rate.items()]
+    ratios = {
+        "pipeline / decode-only": rate["pipeline, in-process"] / rate["decode only"],
+        "pipeline / encode-only": rate["pipeline, in-process"] / rate["encode only"],
+        "decode-only / encode-only": rate["decode only"] / rate["encode only"],
+        "decord-sampled / pyav-decode-all": rate["decord sampled reads"] / rate["pyav decode-all"],
+        "LocalCluster-2 / in-process": rate["pipeline, LocalCluster 2 (incl. start-up)"]
+                                       / rate["pipeline, in-process"],
+    }
+    rows += [(name, f"{value:.2f}", "x") for name, value in ratios.items()]
+    width = max(len(name) for name, _, _ in rows)
+    digits = max(len(v) for _, v, _ in rows)
+    print(f"{'stage / ratio':<{width}}  {'value':>{digits}}")
+    for i, (name, value, unit) in enumerate(rows):
+        if i == len(rate):
+            print("-" * (width + digits + 10))
+        print(f"{name:<{width}}  {value:>{digits}} {unit}")
+    d, e, p = rate["decode only"], rate["encode only"], rate["pipeline, in-process"]
+    slower = "decode" if d < e else "encode"
+    serial = 1 / (1 / d + 1 / e)  # no overlap at all: decode then encode, clip after clip
+    print(f"=> the pipeline runs at {100 * p / min(d, e):.0f}% of the slower of decode and encode "
+          f"({slower}, {min(d, e):.2f} clips/s) and at {100 * p / serial:.0f}% of a fully serial "
+          f"decode-then-encode ({serial:.2f} clips/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=48, help="train clips to measure (default 48)")
+    parser.add_argument("--out", type=Path, help="keep inputs and stores here (default: a temp folder)")
+    args = parser.parse_args()
+    began, load = time.perf_counter(), os.getloadavg()[0]
+    folder = (args.out or Path(tempfile.mkdtemp(prefix="xmei-bench-"))).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg, corpus, warm, records = build_inputs(folder, args.clips)
+        print(f"inputs ready in {time.perf_counter() - began:.1f} s ({folder})", flush=True)
+        enc = Encoders(EncoderSettings.from_config(cfg))
+        n = len(records)
+        rate: dict[str, float] = {}
+        seconds, prepared = bench_decode(enc, corpus, warm, records)
+        rate["decode only"] = n / seconds
+        rate["encode only"] = n / bench_encode(enc, prepared)
+        del prepared
+        seconds, shards = bench_pipeline(cfg, folder, corpus, workers=0)
+        rate["pipeline, in-process"] = n / seconds
+        rate["pipeline, LocalCluster 2 (incl. start-up)"] = n / bench_pipeline(cfg, folder, corpus, workers=2)[0]
+        frames = cfg.extract.num_frames
+        rate["decord sampled reads"] = n / bench_reader(decord_sampled, corpus, warm, records, frames)
+        rate["pyav decode-all"] = n / bench_reader(pyav_decode_all, corpus, warm, records, frames)
+        report(n, cfg, shards, rate, load)
+    finally:
+        if args.out is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(f"total run time {time.perf_counter() - began:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

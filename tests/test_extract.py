@@ -1,0 +1,343 @@
+"""Stage 1 end to end on real files and tiny real models: `xmei extract` into a Zarr store."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.extract import ExtractionError, extract
+from stores import FAILED, OK, PENDING, FeatureStore, StoreError, export_hdf5, import_hdf5, verify_store
+from xmei.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+XMEI = Path(sys.executable).parent / "xmei"
+
+
+def all_annotations(corpus: Path, folder: Path) -> Path:
+    """Every record of the corpus in one file (train + val + test)."""
+    rows = [r for s in ("train", "val", "test") for r in json.loads((corpus / "annotations" / f"{s}.json").read_text())]
+    rows.sort(key=lambda r: r["video_id"])
+    path = folder / "all.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def config(tiny_models: Path, *sets: str):
+    return load_config(ROOT / "configs" / "tiny.yaml", ["extract.shard_size=8", "extract.batch_size=4", *sets],
+                       models_dir=tiny_models)
+
+
+def contents(path: Path) -> dict:
+    """Every array of a store plus its failures, for exact comparisons."""
+    store = FeatureStore(path)
+    data = {n: store.array(n)[...] for n in [*store.features, "status", *store.texts, *store.ints]}
+    data["failures"] = store.failures()
+    return data
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], np.ndarray):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        else:
+            assert a[name] == b[name], name
+
+
+@pytest.fixture(scope="module")
+def annotations(corpus, tmp_path_factory):
+    return all_annotations(corpus, tmp_path_factory.mktemp("ann"))
+
+
+@pytest.fixture(scope="module")
+def patch_store(tiny_models, corpus, annotations, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores") / "patch"
+    extract(config(tiny_models), annotations, corpus, out, workers=0)
+    return out
+
+
+def test_patch_features_shapes_dtypes_and_texts(patch_store, corpus, tiny_models):
+    store = FeatureStore(patch_store)
+    assert len(store) == 24 and store.num_shards == 3 and store.shard_size == 8
+    assert sorted(p.name for p in (patch_store / "visual" / "c").iterdir()) == ["0", "1", "2"]  # 3 shard files
+    assert store.array("visual").shape == (24, 8, 257, 64) and store.array("visual").dtype == np.float16
+    assert store.array("visual").chunks == (1, 8, 257, 64) and store.array("visual").shards == (8, 8, 257, 64)
+    assert store.array("audio").shape == (24, 8, 64) and store.array("audio").dtype == np.float16
+    assert (store.status() == OK).all() and verify_store(store) == []
+    plans = {p["video_id"]: p for p in json.loads((corpus / "synth.json").read_text())["clips"]}
+    has_audio = store.array("has_audio")[:]
+    for i, video_id in enumerate(store.array("video_id")[:]):
+        assert has_audio[i] == (plans[video_id]["audio_mode"] != "none")  # flagged, never silent zeros
+        if not has_audio[i]:
+            assert not store.array("audio")[i].any() and not store.array("audio_lengths")[i].any()
+    clip = store[0]
+    assert clip["emotion"] == plans[clip["video_id"]]["emotion"]
+    assert clip["emotion_label"] == store.attrs["labels"]["emotions"].index(clip["emotion"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models / "caption_tokenizer")
+    ids = tok(str(clip["video_description"]), max_length=16, truncation=True, padding="max_length")["input_ids"]
+    assert clip["video_caption_ids"].tolist() == ids
+    attrs = store.attrs
+    assert attrs["extract"]["visual_tokens"] == "patch" and attrs["encoders"]["visual"]["name"] == "tiny-clip-vit-14"
+    assert attrs["labels"]["intents"][0] == "questioning" and attrs["schema_version"] == 1
+
+
+def test_pooled_features_and_determinism(patch_store, tiny_models, corpus, annotations, tmp_path):
+    extract(config(tiny_models, "extract.visual_tokens=pooled"), annotations, corpus, tmp_path / "pooled", workers=0)
+    pooled = FeatureStore(tmp_path / "pooled")
+    assert pooled.array("visual").shape == (24, 8, 32)  # get_image_features: the projection width
+    assert verify_store(pooled) == []
+    extract(config(tiny_models), annotations, corpus, tmp_path / "again", workers=0)
+    assert_same(contents(tmp_path / "again"), contents(patch_store))
+
+
+def test_real_checkpoint_layouts_load(tmp_path):
+    """The real openai/clip-vit-large-patch14 folder is a whole CLIPModel: pooled features must be
+    its get_image_features, read through the same loader as the tiny vision-only folder. The real
+    hubert-large-ls960-ft folder is a HubertForCTC: its encoder must load whole."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from pipeline.encoders import EncoderSettings, Encoders, feature_specs
+
+    torch.manual_seed(0)
+    config_ = CLIPConfig(vision_config=dict(image_size=224, patch_size=14, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64),
+                         text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, vocab_size=100), projection_dim=24)
+    full = CLIPModel(config_).eval()
+    full.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(tmp_path / "clip")
+    from pipeline.tiny_models import build_tiny_models
+
+    build_tiny_models(tmp_path / "tiny")
+    from transformers import AutoConfig, AutoFeatureExtractor, HubertForCTC
+
+    ctc = HubertForCTC(AutoConfig.from_pretrained(tmp_path / "tiny" / "audio_encoder"))
+    ctc.save_pretrained(tmp_path / "hubert_ctc")
+    AutoFeatureExtractor.from_pretrained(tmp_path / "tiny" / "audio_encoder").save_pretrained(tmp_path / "hubert_ctc")
+    settings = EncoderSettings(str(tmp_path / "clip"), str(tmp_path / "hubert_ctc"), "clip", "hubert",
+                               "pooled", 8, 8, 2.0, 4, 4, "cpu")
+    assert feature_specs(settings)["visual"].shape == (8, 24)
+    encoders = Encoders(settings)
+    frames = np.random.default_rng(0).integers(0, 255, (8, 120, 160, 3), dtype=np.uint8)
+    pixels = encoders.preprocess_frames(frames)
+    got = encoders.encode_frames(pixels)
+    with torch.no_grad():
+        want = full.get_image_features(pixel_values=pixels)
+    want = getattr(want, "pooler_output", want)
+    np.testing.assert_allclose(got[0].astype(np.float32), want.numpy(), atol=2e-3)
+    for name, weight in ctc.hubert.state_dict().items():
+        assert torch.equal(encoders.audio.state_dict()[name], weight), name
+
+
+@pytest.fixture
+def broken_corpus(corpus, annotations, tmp_path):
+    """A copy of the corpus with each kind of bad media; returns (root, annotations, expected failures)."""
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    rows = json.loads(annotations.read_text())
+    by_id = {r["video_id"]: r for r in rows}
+    (root / by_id["synth_00000"]["video_path"]).unlink()                               # missing video
+    (root / by_id["synth_00002"]["video_path"]).write_bytes(os.urandom(20000))          # corrupt video
+    video = root / by_id["synth_00003"]["video_path"]
+    video.write_bytes(video.read_bytes()[: video.stat().st_size // 2])                  # truncated video
+    (root / by_id["synth_00010"]["audio_path"]).unlink()                                # missing audio file
+    (root / by_id["synth_00019"]["audio_path"]).write_bytes(b"RIFF" + os.urandom(3000))  # corrupt wav
+    by_id["synth_00020"]["audio_path"] = ""  # wav-only clip now without any audio: flagged, not failed
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(rows))
+    expected = {"synth_00000": ("video", "missing video file"), "synth_00002": ("video", "cannot decode video"),
+                "synth_00003": ("video", "cannot decode video"), "synth_00010": ("audio", "missing audio file"),
+                "synth_00019": ("audio", "cannot decode audio")}
+    return root, path, expected
+
+
+def test_bad_media_are_recorded_as_failed_and_the_run_goes_on(tiny_models, broken_corpus, tmp_path):
+    root, path, expected = broken_corpus
+    summary = extract(config(tiny_models), path, root, tmp_path / "store", workers=0)
+    assert summary.ok == 24 - len(expected)
+    got = {row["video_id"]: (row["stage"], row["reason"]) for row in summary.failed}
+    assert got.keys() == expected.keys()
+    for video_id, (stage, reason) in expected.items():
+        assert got[video_id][0] == stage and reason in got[video_id][1] and video_id[6:] in got[video_id][1]
+    store = FeatureStore(tmp_path / "store")
+    status = dict(zip(store.array("video_id")[:], store.status()))
+    assert all(status[v] == FAILED for v in expected) and verify_store(store) == []
+    failed_rows = [i for i, v in enumerate(store.array("video_id")[:]) if v in expected]
+    assert not store.array("visual")[failed_rows].any()  # nothing made up for a failed clip
+    log = [json.loads(line) for line in (tmp_path / "store" / "failures.jsonl").read_text().splitlines()]
+    assert {row["video_id"] for row in log} == expected.keys()
+    assert store[20]["has_audio"] == 0 and store[20]["status"] == OK
+
+
+def test_strict_stops_at_the_first_failure(tiny_models, broken_corpus, tmp_path):
+    root, path, _ = broken_corpus
+    with pytest.raises(ExtractionError, match=r"clip 'synth_00000' failed \(video\).*missing video file"):
+        extract(config(tiny_models), path, root, tmp_path / "store", workers=0, strict=True)
+
+
+def test_a_store_made_otherwise_is_not_resumed(patch_store, tiny_models, corpus, annotations, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(patch_store, copy)
+    with pytest.raises(StoreError, match="other extract than this run's"):
+        extract(config(tiny_models, "extract.audio_layers=2"), annotations, corpus, copy, workers=0)
+    summary = extract(config(tiny_models), annotations, corpus, copy, workers=0)  # same inputs: all skipped
+    assert summary.shards_skipped == 3 and summary.ok == 24
+
+
+def cli_extract(tiny_models: Path, annotations: Path, corpus: Path, out: Path, workers: int, **popen):
+    args = [str(XMEI), "extract", "--config", str(ROOT / "configs" / "tiny.yaml"), "--models", str(tiny_models),
+            "--annotations", str(annotations), "--media-root", str(corpus), "--out", str(out),
+            "--workers", str(workers), "--set", "extract.shard_size=2", "--set", "extract.batch_size=2"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.fixture(scope="module")
+def cluster_store(tiny_models, corpus, annotations, tmp_path_factory):
+    """An uninterrupted run on a 1-worker LocalCluster, 12 shards of 2 clips."""
+    out = tmp_path_factory.mktemp("cluster") / "store"
+    proc = cli_extract(tiny_models, annotations, corpus, out, 1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "dask dashboard: http://127.0.0.1:" in output and "24 ok, 0 failed of 24 clips in 12 shards" in output
+    return out
+
+
+def test_two_workers_give_the_same_store_as_one(cluster_store, tiny_models, corpus, annotations, tmp_path):
+    proc = cli_extract(tiny_models, annotations, corpus, tmp_path / "two", 2)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert_same(contents(tmp_path / "two"), contents(cluster_store))
+
+
+def test_a_killed_run_resumes_to_the_same_store(cluster_store, tiny_models, corpus, annotations, tmp_path):
+    out = tmp_path / "killed"
+    proc = cli_extract(tiny_models, annotations, corpus, out, 1, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill it once some, not all, shards are written
+        try:
+            done = len(FeatureStore(out).done_shards())
+        except (StoreError, FileNotFoundError, KeyError):
+            done = 0
+        if done >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its LocalCluster and its worker, mid-run
+    proc.wait()
+    status = FeatureStore(out).status()
+    assert (status == PENDING).any() and (status == OK).any(), "the kill came too late or too early"
+    proc = cli_extract(tiny_models, annotations, corpus, out, 1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "resuming:" in output
+    assert_same(contents(out), contents(cluster_store))
+
+
+def test_hdf5_round_trip(patch_store, tmp_path):
+    export_hdf5(FeatureStore(patch_store), tmp_path / "s.h5")
+    imported = import_hdf5(tmp_path / "s.h5", tmp_path / "back")
+    assert verify_store(imported) == []
+    assert_same(contents(tmp_path / "back"), contents(patch_store))
+    assert imported.attrs == FeatureStore(patch_store).attrs
+    with pytest.raises(StoreError, match="not an xmei feature export"):
+        import h5py
+
+        with h5py.File(tmp_path / "other.h5", "w") as h5:
+            h5["x"] = np.zeros(3)
+        import_hdf5(tmp_path / "other.h5", tmp_path / "nope")
+
+
+def test_verify_catches_a_corrupted_store(patch_store, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(patch_store, bad)
+    store = FeatureStore(bad, mode="r+")
+    visual = store.array("visual")
+    clip = visual[3]
+    clip[0, 0, 0] = np.nan
+    visual[3] = clip                                    # NaN in an ok clip
+    status = store.status()
+    status[5] = FAILED
+    store.array("status")[:] = status                  # failed, but data present and not in the log
+    audio = store.array("audio")
+    silent = int(np.flatnonzero(store.array("has_audio")[:] == 0)[0])
+    audio[silent] = np.ones(audio.shape[1:], np.float16)  # flagged without audio, yet audio features
+    problems = verify_store(FeatureStore(bad))
+    text = "\n".join(problems)
+    assert "visual: clip 3" in text and "NaN or Inf" in text
+    assert "status: clip 5" in text and "failed but holds feature data" in text
+    assert f"audio: clip {silent}" in text and "flagged without audio" in text
+    assert "failures log" in text and "synth_00005" in text
+    result = subprocess.run([str(XMEI), "stores", "verify", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 1 and "problem(s)" in result.stderr
+    result = subprocess.run([str(XMEI), "stores", "verify", str(patch_store)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_stores_cli_info_export_import(patch_store, tmp_path):
+    result = subprocess.run([str(XMEI), "stores", "info", str(patch_store), "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["clips"] == 24 and info["status"] == {"pending": 0, "ok": 24, "failed": 0}
+    assert info["arrays"]["visual"]["shape"] == [24, 8, 257, 64] and info["arrays"]["visual"]["bytes"] > 0
+    h5 = tmp_path / "s.h5"
+    assert subprocess.run([str(XMEI), "stores", "export", str(patch_store), str(h5)]).returncode == 0
+    result = subprocess.run([str(XMEI), "stores", "import", str(h5), str(tmp_path / "in")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "verify: no problem(s)" in result.stdout
+
+
+def write_camera_like_mp4(path: Path, width: int, height: int, fps, seconds: float, rate: int) -> None:
+    """An mp4 as cameras and phones write them: H.264 + stereo AAC at 44.1/48 kHz."""
+    import av
+
+    rng = np.random.default_rng(width)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "ultrafast"}
+        audio = out.add_stream("aac", rate=rate, layout="stereo")
+        frames = int(seconds * float(fps))
+        base = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        for i in range(frames):
+            picture = av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")
+            picture.pts = i
+            out.mux(video.encode(picture))
+        out.mux(video.encode())
+        t = np.arange(int(seconds * rate)) / rate
+        tone = (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+        chunk = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+        chunk.sample_rate, chunk.pts = rate, 0
+        out.mux(audio.encode(chunk))
+        out.mux(audio.encode())
+
+
+def test_camera_like_mp4s_extract(tiny_models, tmp_path):
+    from fractions import Fraction
+
+    media = tmp_path / "media"
+    media.mkdir()
+    write_camera_like_mp4(media / "hd.mp4", 1920, 1080, Fraction(24000, 1001), 1.5, 48000)
+    write_camera_like_mp4(media / "long.mp4", 672, 378, 25, 15.0, 44100)
+    rows = [dict(video_id=name, video_path=f"{name}.mp4", audio_path="", subtitle="Hi.", emotion="neutral",
+                 intent="neutral", video_description="", audio_description="", emotion_reason="",
+                 intent_reason="", explanation="") for name in ("hd", "long")]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    summary = extract(config(tiny_models), tmp_path / "a.json", media, tmp_path / "store", workers=0)
+    assert summary.ok == 2 and not summary.failed
+    store = FeatureStore(tmp_path / "store")
+    assert verify_store(store) == [] and store.array("has_audio")[:].tolist() == [1, 1]
+    lengths = store.array("audio_lengths")[:]
+    # 1.5 s at 16 kHz, plus less than one AAC frame (1024 samples at the source rate) of priming:
+    # every window is the whole clip, padded
+    assert len(set(lengths[0])) == 1 and 24000 <= lengths[0][0] < 24000 + 1024
+    assert lengths[1].tolist() == [32000] * 8  # 15 s: eight full 2 s windows spread over it
