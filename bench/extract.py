@@ -29,11 +29,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # dask workers inherit it (spawned with the parent's sys.path)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from pipeline.annotations import read_annotations, write_annotations  # noqa: E402
-from pipeline.decode import audio_windows, frame_indices, read_audio, read_frames  # noqa: E402
-from pipeline.encoders import EncoderSettings, Encoders  # noqa: E402
+from pipeline.annotations import read_annotations, write_annotations
+from pipeline.decode import audio_windows, frame_indices, read_audio, read_frames
+from pipeline.encoders import Encoders, EncoderSettings
 
 
 def build_inputs(folder: Path, clips: int):
@@ -58,6 +58,14 @@ def build_inputs(folder: Path, clips: int):
     return cfg, corpus, warm, measured
 
 
+def timed(fn, *args):
+    """(fn's result, wall seconds, this process's CPU seconds / wall seconds)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn(*args)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return result, wall, cpu / wall
+
+
 def files(record, root: Path) -> tuple[Path, Path | None]:
     return record.video_file(root), record.audio_file(root)
 
@@ -72,12 +80,10 @@ def prepare(enc: Encoders, video: Path, audio: Path | None) -> dict:
     return {"pixels": pixels, "audio": enc.preprocess_audio(windows, lengths)}
 
 
-def bench_decode(enc: Encoders, root: Path, warm, records) -> tuple[float, list[dict]]:
-    """Seconds for everything before the encoders, one clip after another; the prepared clips."""
+def bench_decode(enc: Encoders, root: Path, warm, records):
+    """Everything before the encoders, one clip after another: (prepared clips, wall, cores)."""
     prepare(enc, *files(warm, root))
-    start = time.perf_counter()
-    prepared = [prepare(enc, *files(r, root)) for r in records]
-    return time.perf_counter() - start, prepared
+    return timed(lambda: [prepare(enc, *files(r, root)) for r in records])
 
 
 def encode(enc: Encoders, batch: list[dict]) -> None:
@@ -89,19 +95,17 @@ def encode(enc: Encoders, batch: list[dict]) -> None:
         enc.encode_audio(torch.cat([a[0] for a in heard]), torch.cat([a[1] for a in heard]))
 
 
-def bench_encode(enc: Encoders, prepared: list[dict]) -> float:
-    """Seconds to encode the prepared clips in batches of extract.batch_size."""
+def bench_encode(enc: Encoders, prepared: list[dict]):
+    """The prepared clips through the encoders in batches of extract.batch_size: (wall, cores)."""
     encode(enc, prepared[:1])
     size = enc.settings.batch_size
-    start = time.perf_counter()
-    for i in range(0, len(prepared), size):
-        encode(enc, prepared[i:i + size])
-    return time.perf_counter() - start
+    _, wall, cores = timed(lambda: [encode(enc, prepared[i:i + size]) for i in range(0, len(prepared), size)])
+    return wall, cores
 
 
-def bench_pipeline(cfg, folder: Path, corpus: Path, workers: int) -> tuple[float, int]:
-    """Wall seconds of extract() into a fresh store; and its shard count. workers=0 is warmed
-    up on one clip first (loads the encoders into this process); a cluster cannot be."""
+def bench_pipeline(cfg, folder: Path, corpus: Path, workers: int):
+    """extract() into a fresh store: (shard count, wall, cores of this process). workers=0 is
+    warmed up on one clip first (loads the encoders into this process); a cluster cannot be."""
     from pipeline.extract import extract
 
     stores = folder / "stores"
@@ -110,12 +114,10 @@ def bench_pipeline(cfg, folder: Path, corpus: Path, workers: int) -> tuple[float
         extract(cfg, folder / "bench_warmup.json", corpus, stores / "warmup", workers=0)
     out = stores / f"workers{workers}"
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    summary = extract(cfg, folder / "bench_clips.json", corpus, out, workers=workers)
-    seconds = time.perf_counter() - start
+    summary, wall, cores = timed(lambda: extract(cfg, folder / "bench_clips.json", corpus, out, workers=workers))
     if summary.ok != summary.clips:
         raise SystemExit(f"extract() failed clips: {summary.failed}")
-    return seconds, summary.shards
+    return summary.shards, wall, cores
 
 
 def decord_sampled(video: Path, n: int) -> np.ndarray:
@@ -133,38 +135,39 @@ def pyav_decode_all(video: Path, n: int) -> np.ndarray:
     return np.stack([frames[i] for i in frame_indices(len(frames), n)])
 
 
-def bench_reader(read, root: Path, warm, records, n: int) -> float:
+def bench_reader(read, root: Path, warm, records, n: int):
+    """One reader over every video: (wall, cores)."""
     read(warm.video_file(root), n)
-    start = time.perf_counter()
-    for r in records:
-        read(r.video_file(root), n)
-    return time.perf_counter() - start
+    _, wall, cores = timed(lambda: [read(r.video_file(root), n) for r in records])
+    return wall, cores
 
 
-def report(clips: int, cfg, shards: int, rate: dict[str, float], load: float) -> None:
+def report(clips: int, cfg, shards: int, load: float, stages: dict[str, tuple[float, float | None]]) -> None:
+    """stages: name -> (clips/s, cores busy in this process or None)."""
     import torch
 
     print(f"\ncores {os.cpu_count()}, torch threads {torch.get_num_threads()}, clips {clips} "
-          f"(batch_size {cfg.extract.batch_size}, shard_size {cfg.extract.shard_size}: {shards} shard(s)), "
+          f"(batch_size {cfg.extract.batch_size}, shard_size {cfg.extract.shard_size}: {shards} shard(s)); "
           f"load average {load:.2f} at start (other processes skew every number)")
-    rows = [(name, f"{value:.2f}", "clips/s") for name, value in rate.items()]
+    rate = {name: value for name, (value, _) in stages.items()}
+    p = rate["pipeline, in-process"]
     ratios = {
-        "pipeline / decode-only": rate["pipeline, in-process"] / rate["decode only"],
-        "pipeline / encode-only": rate["pipeline, in-process"] / rate["encode only"],
+        "pipeline / decode-only": p / rate["decode only"],
+        "pipeline / encode-only": p / rate["encode only"],
         "decode-only / encode-only": rate["decode only"] / rate["encode only"],
         "decord-sampled / pyav-decode-all": rate["decord sampled reads"] / rate["pyav decode-all"],
-        "LocalCluster-2 / in-process": rate["pipeline, LocalCluster 2 (incl. start-up)"]
-                                       / rate["pipeline, in-process"],
+        "LocalCluster-2 / in-process": rate["pipeline, LocalCluster 2 (incl. start-up)"] / p,
     }
-    rows += [(name, f"{value:.2f}", "x") for name, value in ratios.items()]
-    width = max(len(name) for name, _, _ in rows)
-    digits = max(len(v) for _, v, _ in rows)
-    print(f"{'stage / ratio':<{width}}  {'value':>{digits}}")
-    for i, (name, value, unit) in enumerate(rows):
-        if i == len(rate):
-            print("-" * (width + digits + 10))
-        print(f"{name:<{width}}  {value:>{digits}} {unit}")
-    d, e, p = rate["decode only"], rate["encode only"], rate["pipeline, in-process"]
+    rows = [(name, f"{value:.2f}", "clips/s", "-" if cores is None else f"{cores:.2f}")
+            for name, (value, cores) in stages.items()]
+    rows += [(name, f"{value:.2f}", "x", "") for name, value in ratios.items()]
+    width, digits = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    print(f"{'stage / ratio':<{width}}  {'value':>{digits}}          cpu/wall")
+    for i, (name, value, unit, cores) in enumerate(rows):
+        if i == len(stages):
+            print("-" * (width + digits + 20))
+        print(f"{name:<{width}}  {value:>{digits}} {unit:<8} {cores:>8}")
+    d, e = rate["decode only"], rate["encode only"]
     slower = "decode" if d < e else "encode"
     serial = 1 / (1 / d + 1 / e)  # no overlap at all: decode then encode, clip after clip
     print(f"=> the pipeline runs at {100 * p / min(d, e):.0f}% of the slower of decode and encode "
@@ -184,19 +187,22 @@ def main() -> None:
         cfg, corpus, warm, records = build_inputs(folder, args.clips)
         print(f"inputs ready in {time.perf_counter() - began:.1f} s ({folder})", flush=True)
         enc = Encoders(EncoderSettings.from_config(cfg))
-        n = len(records)
-        rate: dict[str, float] = {}
-        seconds, prepared = bench_decode(enc, corpus, warm, records)
-        rate["decode only"] = n / seconds
-        rate["encode only"] = n / bench_encode(enc, prepared)
+        n, frames = len(records), cfg.extract.num_frames
+        stages: dict[str, tuple[float, float | None]] = {}
+        prepared, wall, cores = bench_decode(enc, corpus, warm, records)
+        stages["decode only"] = n / wall, cores
+        wall, cores = bench_encode(enc, prepared)
+        stages["encode only"] = n / wall, cores
         del prepared
-        seconds, shards = bench_pipeline(cfg, folder, corpus, workers=0)
-        rate["pipeline, in-process"] = n / seconds
-        rate["pipeline, LocalCluster 2 (incl. start-up)"] = n / bench_pipeline(cfg, folder, corpus, workers=2)[0]
-        frames = cfg.extract.num_frames
-        rate["decord sampled reads"] = n / bench_reader(decord_sampled, corpus, warm, records, frames)
-        rate["pyav decode-all"] = n / bench_reader(pyav_decode_all, corpus, warm, records, frames)
-        report(n, cfg, shards, rate, load)
+        shards, wall, cores = bench_pipeline(cfg, folder, corpus, workers=0)
+        stages["pipeline, in-process"] = n / wall, cores
+        _, wall, _ = bench_pipeline(cfg, folder, corpus, workers=2)
+        stages["pipeline, LocalCluster 2 (incl. start-up)"] = n / wall, None  # the work is in other processes
+        wall, cores = bench_reader(decord_sampled, corpus, warm, records, frames)
+        stages["decord sampled reads"] = n / wall, cores
+        wall, cores = bench_reader(pyav_decode_all, corpus, warm, records, frames)
+        stages["pyav decode-all"] = n / wall, cores
+        report(n, cfg, shards, load, stages)
     finally:
         if args.out is None:
             shutil.rmtree(folder, ignore_errors=True)

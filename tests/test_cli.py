@@ -28,8 +28,9 @@ def test_only_working_commands_are_registered():
     import typer.main
 
     group = typer.main.get_command(app)
-    assert set(group.commands) == {"config", "synth", "validate", "models"}
+    assert set(group.commands) == {"config", "synth", "validate", "models", "extract", "stores"}
     assert set(group.commands["models"].commands) == {"tiny"}
+    assert set(group.commands["stores"].commands) == {"info", "verify", "export", "import"}
     result = run("models", "--help")
     assert result.exit_code == 0 and "tiny" in result.output
 
