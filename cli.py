@@ -206,7 +206,7 @@ def extract(
                 bar.console.print(f"dask dashboard: {summary.dashboard}")
 
         def advanced(clips: int, failed: int) -> None:
-            bar.update(task, advance=clips, failed=bar.tasks[0].fields["failed"] + failed)
+            bar.update(task, advance=clips, failed=bar.tasks[task].fields["failed"] + failed)
 
         try:
             summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,

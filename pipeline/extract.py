@@ -25,6 +25,7 @@ from stores import FAILED, OK, FeatureStore, StoreError, create_store
 
 __all__ = ["ExtractionError", "ExtractSummary", "extract", "extract_shard"]
 
+PROGRESS_TOPIC = "xmei-extract-progress"
 MODEL_KEYS = ("model.visual_encoder_path", "model.acoustic_encoder_path", "model.caption_tokenizer_path")
 
 
@@ -75,10 +76,12 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
     summary = ExtractSummary(out, len(records), store.num_shards, len(done))
     start = time.perf_counter()
     if workers == 0 and scheduler is None:
-        runner = ((job, extract_shard(job)) for job in jobs)
-        _collect(runner, summary, on_start, progress)
+        if on_start:
+            on_start(summary)
+        for job in jobs:
+            extract_shard(job, progress)
     else:
-        _run_on_cluster(jobs, summary, scheduler, workers, on_start, progress)
+        _run_on_cluster(jobs, summary, scheduler, workers, progress, on_start)
     summary.seconds = time.perf_counter() - start
     store.write_failures_log()
     status = store.status()
@@ -87,16 +90,8 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
     return summary
 
 
-def _collect(results, summary: ExtractSummary, on_start, progress) -> None:
-    if on_start:
-        on_start(summary)
-    for job, result in results:
-        if progress:
-            progress(len(job.clips), len(result["failed"]))
-
-
 def _run_on_cluster(jobs: list[ShardJob], summary: ExtractSummary, scheduler: str | None, workers: int,
-                    on_start, progress) -> None:
+                    progress, on_start) -> None:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -106,13 +101,16 @@ def _run_on_cluster(jobs: list[ShardJob], summary: ExtractSummary, scheduler: st
     try:
         with Client(scheduler or cluster) as client:
             summary.dashboard = client.dashboard_link
-            futures = {client.submit(extract_shard, job, key=f"xmei-shard-{job.shard}", pure=False): job
-                       for job in jobs}
+            if on_start:
+                on_start(summary)
+            if progress:  # workers report each batch as an event (see _report)
+                client.subscribe_topic(PROGRESS_TOPIC, lambda event: progress(*event[1]))
+            futures = [client.submit(extract_shard, job, key=f"xmei-shard-{job.shard}", pure=False) for job in jobs]
             try:
-                _collect(((futures[f], f.result()) for f in as_completed(futures)), summary, on_start, progress)
+                for future in as_completed(futures):
+                    future.result()  # raises the first task error (e.g. --strict) as soon as it comes
             finally:
-                for f in futures:
-                    f.cancel()
+                client.cancel(futures)
     finally:
         if cluster is not None:
             cluster.close()
@@ -195,8 +193,23 @@ def _prepare(encoders: Encoders, video: str, audio: str) -> dict[str, Any]:
     return {"pixels": pixels, "audio": encoders.preprocess_audio(windows, lengths), "lengths": lengths}
 
 
-def extract_shard(job: ShardJob) -> dict[str, Any]:
-    """Extract and write one whole shard; returns {"shard", "ok", "failed", "seconds"}."""
+def _report(progress: Callable[[int, int], None] | None, clips: int, failed: int) -> None:
+    """Tell the driver that ``clips`` more clips are done, ``failed`` of them failed: directly in
+    this process, or as a dask event when running on a worker."""
+    if progress is not None:
+        progress(clips, failed)
+        return
+    from distributed import get_worker
+
+    try:
+        get_worker().log_event(PROGRESS_TOPIC, (clips, failed))
+    except ValueError:  # not on a dask worker, nobody is listening
+        pass
+
+
+def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Extract and write one whole shard; returns {"shard", "ok", "failed", "seconds"}.
+    ``progress(clips, failed)`` is called after each batch (on a dask worker: an event)."""
     import torch
 
     start = time.perf_counter()
@@ -222,6 +235,7 @@ def extract_shard(job: ShardJob) -> dict[str, Any]:
             arrays["audio"][rows_heard] = encoders.encode_audio(values, masks)
             arrays["audio_lengths"][rows_heard] = np.stack([p["lengths"] for _, p in heard])
             arrays["has_audio"][rows_heard] = 1
+        _report(progress, len(batch), 0)
         batch.clear()
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -240,6 +254,7 @@ def extract_shard(job: ShardJob) -> dict[str, Any]:
                     raise ExtractionError(f"clip {video_id!r} failed ({err.stage}): {err}") from None
                 status[i] = FAILED
                 failures.append({"video_id": video_id, "stage": err.stage, "reason": str(err)})
+                _report(progress, 1, 1)
                 continue
             batch.append((i, prepared))
             if len(batch) == job.settings.batch_size:

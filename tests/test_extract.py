@@ -164,8 +164,11 @@ def broken_corpus(corpus, annotations, tmp_path):
 
 def test_bad_media_are_recorded_as_failed_and_the_run_goes_on(tiny_models, broken_corpus, tmp_path):
     root, path, expected = broken_corpus
-    summary = extract(config(tiny_models), path, root, tmp_path / "store", workers=0)
+    reported = []
+    summary = extract(config(tiny_models), path, root, tmp_path / "store", workers=0,
+                      progress=lambda clips, failed: reported.append((clips, failed)))
     assert summary.ok == 24 - len(expected)
+    assert len(reported) > 3 and [sum(x) for x in zip(*reported)] == [24, len(expected)]  # per batch / failure
     got = {row["video_id"]: (row["stage"], row["reason"]) for row in summary.failed}
     assert got.keys() == expected.keys()
     for video_id, (stage, reason) in expected.items():
