@@ -38,7 +38,7 @@ from pipeline.encoders import Encoders, EncoderSettings
 
 def build_inputs(folder: Path, clips: int):
     """Tiny models, a corpus with at least clips + 1 train clips, the config, and the records."""
-    from pipeline.synth import synth_corpus
+    from pipeline.synth import SPLITS, synth_corpus
     from pipeline.tiny_models import build_tiny_models
     from xmei.config import load_config
 
@@ -47,7 +47,7 @@ def build_inputs(folder: Path, clips: int):
         build_tiny_models(models, seed=0)
     cfg = load_config(REPO / "configs" / "tiny.yaml", models_dir=models)
     corpus = folder / "corpus"
-    n = math.ceil((clips + 1) / 0.7) + 1  # the train split is 70% of the corpus
+    n = math.ceil((clips + 1) / dict(SPLITS)["train"]) + 1  # the train split is a fixed share
     train_file = corpus / "annotations" / "train.json"
     if not train_file.is_file() or len(read_annotations(train_file, cfg.emotions, cfg.intents)) < clips + 1:
         synth_corpus(corpus, n, 0, cfg.emotions, cfg.intents, overwrite=True)
@@ -58,20 +58,17 @@ def build_inputs(folder: Path, clips: int):
     return cfg, corpus, warm, measured
 
 
-def timed(fn, *args):
-    """(fn's result, wall seconds, this process's CPU seconds / wall seconds)."""
+def timed(fn):
+    """(fn()'s result, wall seconds, this process's CPU seconds / wall seconds: cores busy)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    result = fn(*args)
+    result = fn()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return result, wall, cpu / wall
 
 
-def files(record, root: Path) -> tuple[Path, Path | None]:
-    return record.video_file(root), record.audio_file(root)
-
-
-def prepare(enc: Encoders, video: Path, audio: Path | None) -> dict:
-    s = enc.settings
+def prepare(enc: Encoders, record, root: Path) -> dict:
+    """What extract_shard's decode threads do for one clip."""
+    s, video, audio = enc.settings, record.video_file(root), record.audio_file(root)
     pixels = enc.preprocess_frames(read_frames(video, s.num_frames))
     wave = read_audio(audio, video)
     if wave is None:
@@ -82,8 +79,8 @@ def prepare(enc: Encoders, video: Path, audio: Path | None) -> dict:
 
 def bench_decode(enc: Encoders, root: Path, warm, records):
     """Everything before the encoders, one clip after another: (prepared clips, wall, cores)."""
-    prepare(enc, *files(warm, root))
-    return timed(lambda: [prepare(enc, *files(r, root)) for r in records])
+    prepare(enc, warm, root)
+    return timed(lambda: [prepare(enc, r, root) for r in records])
 
 
 def encode(enc: Encoders, batch: list[dict]) -> None:
@@ -167,12 +164,14 @@ def report(clips: int, cfg, shards: int, load: float, stages: dict[str, tuple[fl
         if i == len(stages):
             print("-" * (width + digits + 20))
         print(f"{name:<{width}}  {value:>{digits}} {unit:<8} {cores:>8}")
-    d, e = rate["decode only"], rate["encode only"]
+    (d, d_cores), (e, e_cores) = stages["decode only"], stages["encode only"]
     slower = "decode" if d < e else "encode"
     serial = 1 / (1 / d + 1 / e)  # no overlap at all: decode then encode, clip after clip
+    cpu_bound = os.cpu_count() / (d_cores / d + e_cores / e)  # all cores busy with both stages' CPU seconds
     print(f"=> the pipeline runs at {100 * p / min(d, e):.0f}% of the slower of decode and encode "
-          f"({slower}, {min(d, e):.2f} clips/s) and at {100 * p / serial:.0f}% of a fully serial "
-          f"decode-then-encode ({serial:.2f} clips/s)")
+          f"({slower}, {min(d, e):.2f} clips/s), {100 * p / serial:.0f}% of a fully serial decode-then-encode "
+          f"({serial:.2f}) and {100 * p / cpu_bound:.0f}% of what {os.cpu_count()} cores allow for both "
+          f"stages' CPU time ({cpu_bound:.2f})")
 
 
 def main() -> None:

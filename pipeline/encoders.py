@@ -111,13 +111,18 @@ def encoder_identity(settings: EncoderSettings, caption_tokenizer: str) -> dict[
     }
 
 
-def tokenize_captions(tokenizer_path: str, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, length) int32 ids and mask of each text, truncated / padded to ``length``."""
+def tokenize_captions(tokenizer_path: str, captions: dict[str, list[str]], length: int) -> dict[str, np.ndarray]:
+    """``{kind: texts}`` -> ``{kind}_caption_ids`` and ``{kind}_caption_mask``, (N, length) int32
+    each, truncated / padded to ``length`` by the caption tokenizer."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    out = tokenizer(texts, max_length=length, truncation=True, padding="max_length", return_tensors="np")
-    return out["input_ids"].astype(np.int32), out["attention_mask"].astype(np.int32)
+    arrays = {}
+    for kind, texts in captions.items():
+        out = tokenizer(texts, max_length=length, truncation=True, padding="max_length", return_tensors="np")
+        arrays[f"{kind}_caption_ids"] = out["input_ids"].astype(np.int32)
+        arrays[f"{kind}_caption_mask"] = out["attention_mask"].astype(np.int32)
+    return arrays
 
 
 class Encoders:

@@ -30,7 +30,7 @@ MODEL_KEYS = ("model.visual_encoder_path", "model.acoustic_encoder_path", "model
 
 
 class ExtractionError(RuntimeError):
-    """A clip failed under --strict, or the run cannot start."""
+    """A clip failed under --strict."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
 
     ``workers`` = 0 runs in this process without dask; otherwise a LocalCluster of that many
     workers on 127.0.0.1 unless ``scheduler`` names an existing cluster.
-    ``progress(clips, failed)`` is called as shards finish; ``on_start`` once the work is known.
+    ``progress(clips, failed)`` is called after each encoder batch and each failed clip;
+    ``on_start(summary)`` once the work is known (and the dashboard address, on a cluster).
     """
     cfg.require_paths(MODEL_KEYS)
     # workers of a farm need absolute paths (their working folder is not ours)
@@ -141,19 +142,15 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
                              "choose another --out (or delete it to start over)")
         return store
     ids = [r.video_id for r in records]
-    video_ids, video_mask = tokenize_captions(str(cfg.model.caption_tokenizer_path),
-                                              [r.video_description for r in records], cfg.extract.caption_tokens)
-    audio_ids, audio_mask = tokenize_captions(str(cfg.model.caption_tokenizer_path),
-                                              [r.audio_description for r in records], cfg.extract.caption_tokens)
+    captions = {kind: [getattr(r, f"{kind}_description") for r in records] for kind in ("video", "audio")}
     ints = {
-        "video_caption_ids": video_ids, "video_caption_mask": video_mask,
-        "audio_caption_ids": audio_ids, "audio_caption_mask": audio_mask,
+        **tokenize_captions(str(cfg.model.caption_tokenizer_path), captions, cfg.extract.caption_tokens),
         "emotion_label": np.array([cfg.emotions.index(r.emotion) if r.emotion else -1 for r in records]),
         "intent_label": np.array([cfg.intents.index(r.intent) if r.intent else -1 for r in records]),
     }
     attrs = {
         "split": split,
-        "annotations": str(annotations),
+        "annotations": str(Path(annotations).resolve()),
         "encoders": encoder_identity(settings, str(cfg.model.caption_tokenizer_path)),
         "extract": asdict(cfg.extract),
         "labels": {"emotions": list(cfg.emotions.labels), "intents": list(cfg.intents.labels)},
@@ -247,9 +244,10 @@ def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = N
                 pending.append(pool.submit(_prepare, encoders, video, audio))
             try:
                 prepared = pending[i].result()
+                pending[i] = None  # the batch holds the tensors from here; memory stays ~2 batches
             except MediaError as err:
                 if job.strict:
-                    for f in pending:
+                    for f in pending[i:]:
                         f.cancel()
                     raise ExtractionError(f"clip {video_id!r} failed ({err.stage}): {err}") from None
                 status[i] = FAILED
