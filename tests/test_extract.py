@@ -100,6 +100,20 @@ def test_pooled_features_and_determinism(patch_store, tiny_models, corpus, annot
     assert_same(contents(tmp_path / "again"), contents(patch_store))
 
 
+def visual_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in (root / "visual").rglob("*") if p.is_file())
+
+
+def test_zstd_compressed_store_holds_the_same_features(patch_store, tiny_models, corpus, annotations, tmp_path):
+    extract(config(tiny_models, "extract.compression=zstd"), annotations, corpus, tmp_path / "zstd", workers=0)
+    store = FeatureStore(tmp_path / "zstd")
+    assert [type(c).__name__ for c in store.array("visual").compressors] == ["ZstdCodec"]
+    plain, packed = contents(patch_store), contents(tmp_path / "zstd")
+    for name in ("visual", "audio", "status", "video_caption_ids"):
+        np.testing.assert_array_equal(plain[name], packed[name], err_msg=name)
+    assert visual_bytes(tmp_path / "zstd") < visual_bytes(patch_store)
+
+
 def test_real_checkpoint_layouts_load(tmp_path):
     """The real openai/clip-vit-large-patch14 folder is a whole CLIPModel: pooled features must be
     its get_image_features, read through the same loader as the tiny vision-only folder. The real
