@@ -130,7 +130,8 @@ def test_real_checkpoint_layouts_load(tmp_path):
                                           intermediate_size=64, vocab_size=100), projection_dim=24)
     full = CLIPModel(config_).eval()
     full.save_pretrained(tmp_path / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(tmp_path / "clip")
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    processor.save_pretrained(tmp_path / "clip")
     from pipeline.tiny_models import build_tiny_models
 
     build_tiny_models(tmp_path / "tiny")

@@ -72,10 +72,25 @@ class ModelConfig:
     caption_tokenizer_path: Path | None = None  # bert-base-uncased vocab: the LQ-Former's caption queries
     num_audio_query_token: int = 32
     num_video_query_token: int = 32
+    # LQ-Former, one per modality: queries = caption tokens (extract.caption_tokens) + learned ones
+    query_mode: str = "language"  # language: caption-token queries first; learned: the standard Q-Former
+    qformer_hidden_size: int = 768
+    qformer_num_layers: int = 2
+    qformer_num_heads: int = 12
+    qformer_intermediate_size: int = 3072
+    qformer_dropout: float = 0.1
+    cross_attention_freq: int = 1  # cross-attention in every n-th layer (1: all)
     lora_r: int = 64
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_modules_to_save: list[str] = field(default_factory=list)  # LLM modules trained whole (e.g. lm_head)
     frozen_llm: bool = False  # true: the LLM stays frozen and gets no adapter
-    use_lora: bool = True
+    use_lora: bool = True  # false (with frozen_llm false): the whole LLM trains
     gradient_checkpointing: bool = False
+    prompt_format: str = "chat"  # chat: the tokenizer's chat template; plain: "###Human: ... ###Assistant: "
+    max_length: int = 1024  # longest sequence; past it the subtitle is cut, never placeholders or target
 
 
 @dataclass
@@ -329,7 +344,16 @@ def _check_values(cfg: Config) -> list[str]:
         problems.append(f"model.arch: only 'xmeiqwen' is built here, got {m.arch!r}")
     if r.lr_sched != "linear_warmup_cosine_lr":
         problems.append(f"run.lr_sched: only 'linear_warmup_cosine_lr' is built here, got {r.lr_sched!r}")
-    for key in ("num_audio_query_token", "num_video_query_token", "lora_r"):
+    if m.query_mode not in ("language", "learned"):
+        problems.append(f"model.query_mode: 'language' or 'learned', got {m.query_mode!r}")
+    if m.prompt_format not in ("chat", "plain"):
+        problems.append(f"model.prompt_format: 'chat' or 'plain', got {m.prompt_format!r}")
+    if m.qformer_hidden_size % max(m.qformer_num_heads, 1):
+        problems.append(f"model.qformer_hidden_size: {m.qformer_hidden_size} is not a multiple of "
+                        f"model.qformer_num_heads {m.qformer_num_heads}")
+    for key in ("num_audio_query_token", "num_video_query_token", "lora_r", "lora_alpha", "qformer_hidden_size",
+                "qformer_num_layers", "qformer_num_heads", "qformer_intermediate_size", "cross_attention_freq",
+                "max_length"):
         if getattr(m, key) < 1:
             problems.append(f"model.{key}: must be >= 1, got {getattr(m, key)}")
     for key in ("max_epoch", "batch_size_train", "batch_size_eval", "gradient_accumulation_steps"):

@@ -1,0 +1,105 @@
+"""Prompts, targets and batches for XMEI-Qwen.
+
+User message (the published wording):
+    <Video><ImageHere>x32</Video><Audio><AudioHere>x32</Audio> The subtitle of this video is "{subtitle}".
+    Identify the speaker's emotion and intent based on the video, audio, and subtitles. Then, provide a
+    reasoning explaining why they co-occur.
+Assistant target:
+    The user's emotion is {emotion}, intent is {intent}. The underlying reason is: {explanation}.
+
+``chat`` renders the user message through the tokenizer's chat template; ``plain`` writes
+``###Human: {user} ###Assistant: `` as the published code did. Labels are -100 everywhere but on
+the target (and its end-of-turn token). Past ``max_length`` the subtitle is cut, never the
+placeholders or the target. A batch is padded to its own longest sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["IGNORE", "PromptBuilder", "answer_text", "collate", "user_text"]
+
+IGNORE = -100
+VIDEO_TOKEN, AUDIO_TOKEN = "<ImageHere>", "<AudioHere>"
+QUESTION = (' The subtitle of this video is "{subtitle}". Identify the speaker\'s emotion and intent based on '
+            "the video, audio, and subtitles. Then, provide a reasoning explaining why they co-occur.")
+ANSWER = "The user's emotion is {emotion}, intent is {intent}. The underlying reason is: {explanation}."
+_SUBTITLE = "\x00subtitle\x00"  # a sentinel that no template or tokenizer produces
+
+
+def user_text(subtitle: str, video_queries: int, audio_queries: int) -> str:
+    return ("<Video>" + VIDEO_TOKEN * video_queries + "</Video><Audio>" + AUDIO_TOKEN * audio_queries + "</Audio>"
+            + QUESTION.format(subtitle=subtitle))
+
+
+def answer_text(emotion: str, intent: str, explanation: str) -> str:
+    return ANSWER.format(emotion=emotion, intent=intent, explanation=explanation.strip().rstrip("."))
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class PromptBuilder:
+    """Token ids of prompt + target for one sample, built from pieces so that only the subtitle
+    is ever cut: [prefix][subtitle][suffix][target][end]."""
+
+    def __init__(self, tokenizer, video_queries: int, audio_queries: int, prompt_format: str = "chat",
+                 max_length: int = 1024):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        user = user_text(_SUBTITLE, video_queries, audio_queries)
+        if prompt_format == "chat":
+            text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                 add_generation_prompt=True)
+            end = tokenizer.eos_token  # <|im_end|> for Qwen chat models
+        elif prompt_format == "plain":
+            text, end = f"###Human: {user} ###Assistant: ", tokenizer.eos_token
+        else:
+            raise ValueError(f"prompt_format must be 'chat' or 'plain', got {prompt_format!r}")
+        prefix, suffix = text.split(_SUBTITLE)
+        self.prefix, self.suffix = self._ids(prefix), self._ids(suffix)
+        self.end = self._ids(end) if end else []
+        for token, count in ((VIDEO_TOKEN, video_queries), (AUDIO_TOKEN, audio_queries)):
+            found = self.prefix.count(tokenizer.convert_tokens_to_ids(token))
+            if found != count:
+                raise ValueError(f"the prompt holds {found} {token} tokens, expected {count}: "
+                                 f"is {token} a special token of the tokenizer?")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, subtitle: str, budget: int | None = None) -> list[int]:
+        """Prompt ids for generation, the subtitle cut to fit ``budget`` tokens (default max_length)."""
+        budget = self.max_length if budget is None else budget
+        room = budget - len(self.prefix) - len(self.suffix)
+        if room < 0:
+            raise ValueError(f"max_length {self.max_length} cannot hold the prompt's "
+                             f"{len(self.prefix) + len(self.suffix)} fixed tokens")
+        return self.prefix + self._ids(subtitle)[:room] + self.suffix
+
+    def encode(self, subtitle: str, emotion: str, intent: str, explanation: str) -> Encoded:
+        target = self._ids(answer_text(emotion, intent, explanation)) + self.end
+        prompt = self.prompt(subtitle, self.max_length - len(target))
+        return Encoded(prompt + target, [IGNORE] * len(prompt) + target)
+
+
+def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad ``input_ids``/``labels`` to the batch's longest sequence (right padding) and stack the
+    rest. Each sample: input_ids, labels (lists) and feature arrays / tensors."""
+    longest = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(samples), longest), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[i, :n] = torch.as_tensor(s["input_ids"])
+        labels[i, :n] = torch.as_tensor(s["labels"])
+        attention[i, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
+    for key in samples[0]:
+        if key not in batch:
+            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
+    return batch
