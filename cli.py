@@ -6,6 +6,7 @@ repeatable ``--set section.key=value`` and ``--models DIR`` (a folder laid out a
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -223,6 +224,48 @@ def extract(
         err.print(f"failures log: {out / 'failures.jsonl'}")
 
 
+@app.command()
+def train(
+    store: Annotated[list[Path], typer.Option(help="Feature store(s) to train on (repeatable).")],
+    output_dir: Annotated[Path, typer.Option(help="Checkpoints, logs/train.jsonl and TensorBoard events go here.")],
+    val_store: Annotated[Optional[Path], typer.Option(help="Store for the validation loss at each epoch end.")] = None,
+    engine: Annotated[str, typer.Option(help="torch: one process (CPU or one GPU); deepspeed: ZeRO-2 under the "
+                                             "deepspeed or torchrun launcher.")] = "torch",
+    resume: Annotated[bool, typer.Option(help="Continue exactly from the last checkpoint in --output-dir.")] = False,
+    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+):
+    """Stage 2: train the LQ-Formers and the LoRA adapter on cached features."""
+    from stores import StoreError
+    from xmei.train import Trainer, TrainError
+
+    cfg = _config(config, set_, models)
+    try:
+        cfg.require_paths(["model.llama_model_path", "model.caption_tokenizer_path"])
+    except ConfigError as e:
+        _fail(str(e))
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    with _progress(TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"), unit="steps",
+                   disable=not rank0) as bar:
+        task = bar.add_task("training", total=None, loss=float("nan"), lr=0.0)
+
+        def advanced(step: int, total: int, record: dict) -> None:
+            if "loss" in record:
+                bar.update(task, completed=step, total=total, loss=record["loss"], lr=record["lr"])
+            elif record.get("val_loss") is not None:
+                bar.console.print(f"epoch {record['epoch']}: val loss {record['val_loss']:.4f}")
+
+        try:
+            trainer = Trainer(cfg, store, val_store, output_dir, engine=engine, resume=resume, progress=advanced)
+            trainer.setup()
+            last = trainer.train()
+            trainer.cleanup()
+        except (TrainError, StoreError) as e:
+            _fail(str(e), 1)
+    if rank0:
+        console.print(f"done: {trainer.position.step} steps, last loss {last.get('loss', float('nan')):.4f}; "
+                      f"checkpoints in {output_dir / 'checkpoints'}, log {output_dir / 'logs' / 'train.jsonl'}")
+
+
 @stores_app.command("info")
 def stores_info(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -327,14 +370,18 @@ def models_tiny(
 
 
 class _RateColumn(ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
     def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f} clips/s" if task.speed else "- clips/s")
+        return Text(f"{task.speed:.1f} {self.unit}/s" if task.speed else f"- {self.unit}/s")
 
 
-def _progress(*extra: ProgressColumn) -> Progress:
-    """Clips done, clips/s, elapsed and remaining time (plus ``extra`` columns), on stderr."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), *extra,
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err)
+def _progress(*extra: ProgressColumn, unit: str = "clips", disable: bool = False) -> Progress:
+    """Done / total, rate, elapsed and remaining time (plus ``extra`` columns), on stderr."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(unit), *extra,
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, disable=disable)
 
 
 def main() -> None:

@@ -113,6 +113,10 @@ class RunConfig:
     batch_size_train: int = 16
     batch_size_eval: int = 16
     gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
+    shuffle_shards: int = 4  # clips are shuffled within a buffer of this many shards (reads stay sequential)
+    save_every_steps: int = 500  # a checkpoint every N optimizer steps, and at each epoch end
+    keep_checkpoints: int = 3  # the last K are kept
     num_workers: int = 4
     seed: int = 42
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
@@ -359,7 +363,10 @@ def _check_values(cfg: Config) -> list[str]:
     for key in ("max_epoch", "batch_size_train", "batch_size_eval", "gradient_accumulation_steps"):
         if getattr(r, key) < 1:
             problems.append(f"run.{key}: must be >= 1, got {getattr(r, key)}")
-    for key in ("warmup_steps", "num_workers"):
+    for key in ("shuffle_shards", "save_every_steps", "keep_checkpoints"):
+        if getattr(r, key) < 1:
+            problems.append(f"run.{key}: must be >= 1, got {getattr(r, key)}")
+    for key in ("warmup_steps", "num_workers", "max_grad_norm"):
         if getattr(r, key) < 0:
             problems.append(f"run.{key}: must be >= 0, got {getattr(r, key)}")
     if r.iters_per_epoch is not None and r.iters_per_epoch < 1:
