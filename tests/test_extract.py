@@ -15,24 +15,10 @@ import pytest
 
 from pipeline.extract import ExtractionError, extract
 from stores import FAILED, OK, PENDING, FeatureStore, StoreError, export_hdf5, import_hdf5, verify_store
-from xmei.config import load_config
+from conftest import config
 
 ROOT = Path(__file__).resolve().parents[1]
 XMEI = Path(sys.executable).parent / "xmei"
-
-
-def all_annotations(corpus: Path, folder: Path) -> Path:
-    """Every record of the corpus in one file (train + val + test)."""
-    rows = [r for s in ("train", "val", "test") for r in json.loads((corpus / "annotations" / f"{s}.json").read_text())]
-    rows.sort(key=lambda r: r["video_id"])
-    path = folder / "all.json"
-    path.write_text(json.dumps(rows))
-    return path
-
-
-def config(tiny_models: Path, *sets: str):
-    return load_config(ROOT / "configs" / "tiny.yaml", ["extract.shard_size=8", "extract.batch_size=4", *sets],
-                       models_dir=tiny_models)
 
 
 def contents(path: Path) -> dict:
@@ -50,18 +36,6 @@ def assert_same(a: dict, b: dict) -> None:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
         else:
             assert a[name] == b[name], name
-
-
-@pytest.fixture(scope="module")
-def annotations(corpus, tmp_path_factory):
-    return all_annotations(corpus, tmp_path_factory.mktemp("ann"))
-
-
-@pytest.fixture(scope="module")
-def patch_store(tiny_models, corpus, annotations, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stores") / "patch"
-    extract(config(tiny_models), annotations, corpus, out, workers=0)
-    return out
 
 
 def test_patch_features_shapes_dtypes_and_texts(patch_store, corpus, tiny_models):

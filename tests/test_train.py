@@ -1,0 +1,217 @@
+"""Stage 2 training on cached features: data order, the loop, checkpoints, exact resume, engines."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import config
+from stores import FAILED, FeatureStore
+from xmei.data import EpochSampler, StoreSamples
+from xmei.schedule import linear_warmup_cosine_lr
+from xmei.train import Trainer, TrainError
+
+ROOT = Path(__file__).resolve().parents[1]
+XMEI = Path(sys.executable).parent / "xmei"
+SMALL = ("run.batch_size_train=4", "run.batch_size_eval=8", "run.num_workers=0", "run.warmup_steps=3",
+         "run.init_lr=2e-3", "run.min_lr=1e-4", "run.warmup_lr=1e-5")
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_epoch_order_is_a_function_of_seed_and_epoch(patch_store):
+    data = StoreSamples([patch_store])
+    sampler = EpochSampler(data, seed=7, shuffle_shards=1)
+    first, again, second = sampler.order(0), EpochSampler(data, seed=7, shuffle_shards=1).order(0), sampler.order(1)
+    assert first.tolist() == again.tolist() and first.tolist() != second.tolist()
+    assert sorted(first.tolist()) == list(range(24))  # every clip once per pass
+    shards = [data.shard_of(int(p))[1] for p in first]
+    assert all(len(set(shards[k:k + 8])) == 1 for k in range(0, 24, 8))  # a buffer of one shard: reads stay in it
+    orders = {tuple(data.shard_of(int(p))[1] for p in sampler.order(e)[::8]) for e in range(6)}
+    assert len(orders) > 1  # the shard order changes from epoch to epoch
+    sampler.set_epoch(0, start=10)
+    assert list(sampler) == first[10:].tolist()  # a resumed epoch starts where the killed one stopped
+    ranks = [EpochSampler(data, 7, 1, rank=r, world=2) for r in (0, 1)]
+    assert sorted(list(ranks[0]) + list(ranks[1])) == list(range(24))
+    cycling = EpochSampler(data, 7, 2, samples=60).order(3)
+    assert len(cycling) == 60 and np.bincount(cycling).min() >= 2  # iters_per_epoch past one pass cycles
+
+
+def test_failed_clips_are_skipped_and_batches_read_whole(patch_store, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(patch_store, copy)
+    store = FeatureStore(copy, mode="r+")
+    status = store.status()
+    status[[2, 9]] = FAILED
+    store.array("status")[:] = status
+    data = StoreSamples([copy])
+    assert len(data) == 22 and (0, 2) not in data.items and (0, 9) not in data.items
+    batch = data.__getitems__([5, 0, 1, 2, 20])
+    single = [data[p] for p in (5, 0, 1, 2, 20)]
+    for a, b in zip(batch, single):
+        np.testing.assert_array_equal(a["video"], b["video"])
+        assert a["texts"] == b["texts"]
+    assert batch[1]["video"].shape == (8, 257, 64) and batch[1]["audio"].shape == (8, 64)
+
+
+def test_two_stores_train_together_and_other_features_are_refused(patch_store, tiny_models, corpus, annotations,
+                                                                   tmp_path):
+    assert len(StoreSamples([patch_store, patch_store])) == 48
+    from pipeline.extract import extract
+
+    extract(config(tiny_models, "extract.visual_tokens=pooled"), annotations, corpus, tmp_path / "pooled", workers=0)
+    with pytest.raises(ValueError, match="other encoders or settings"):
+        StoreSamples([patch_store, tmp_path / "pooled"])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def trainer(tiny_models, stores, out: Path, *sets: str, val=None, **kw) -> Trainer:
+    cfg = config(tiny_models, *SMALL, *sets)
+    t = Trainer(cfg, stores, val, out, **kw)
+    t.setup()
+    return t
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+
+
+def test_training_learns_logs_and_checkpoints(tiny_models, patch_store, tmp_path):
+    out = tmp_path / "run"
+    t = trainer(tiny_models, [patch_store], out, "run.max_epoch=3", "run.save_every_steps=4",
+                "run.keep_checkpoints=2", val=patch_store)
+    t.train()
+    t.cleanup()
+    log = read_log(out)
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 19))  # 24 clips / 4 = 6 steps, 3 epochs
+    assert np.mean([r["loss"] for r in steps[-3:]]) < 0.6 * np.mean([r["loss"] for r in steps[:3]])
+    vals = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(vals) == 3 and vals[2] < vals[0]
+    for r in steps:  # the schedule really runs: warm-up, then cosine down to min_lr
+        assert r["lr"] == pytest.approx(linear_warmup_cosine_lr(r["step"] - 1, 18, 2e-3, 1e-4, 1e-5, 3))
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000016", "step_0000018"]  # the last two of 4, 6, 8, 12, 16, 18
+    last = out / "checkpoints" / "step_0000018"
+    for name in ("trainable.safetensors", "adapter/adapter_model.safetensors", "xmei_model.json", "config.yaml",
+                 "trainer_state.pt"):
+        assert (last / name).is_file(), name
+    assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_models, patch_store, tmp_path):
+    out = tmp_path / "run"
+    t = trainer(tiny_models, [patch_store], out, "run.max_epoch=2", "run.save_every_steps=2")
+    real_forward = t.model.forward
+
+    def poisoned(batch):
+        result = real_forward(batch)
+        if t.position.step >= 3:
+            result.loss = result.loss * float("nan")
+        return result
+
+    t.model.forward = poisoned
+    with pytest.raises(TrainError, match=r"loss is nan at step 4 \(epoch 0\)"):
+        t.train()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    assert Trainer(config(tiny_models, *SMALL), [patch_store], None, out, resume=True)  # resumable from it
+
+
+def test_output_dir_with_checkpoints_needs_resume(tiny_models, patch_store, tmp_path):
+    (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
+    with pytest.raises(TrainError, match="pass --resume"):
+        Trainer(config(tiny_models), [patch_store], None, tmp_path)
+    with pytest.raises(TrainError, match="no checkpoint to resume from"):
+        Trainer(config(tiny_models), [patch_store], None, tmp_path / "empty", resume=True)
+    with pytest.raises(TrainError, match="wandb is not installed"):
+        Trainer(config(tiny_models, "run.use_wandb=true"), [patch_store], None, tmp_path / "w")
+
+
+# ----------------------------------------------------------------------------- exact resume, engines
+
+def cli_train(tiny_models: Path, store: Path, out: Path, *extra: str, env=None, **popen):
+    args = [str(XMEI), "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--models", str(tiny_models),
+            "--store", str(store), "--output-dir", str(out), *[a for s in SMALL for a in ("--set", s)], *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, **popen)
+
+
+def finish(proc, timeout=600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output
+    return output
+
+
+def losses_by_step(out: Path) -> dict[int, float]:
+    """The last logged loss of each step (a killed run may have logged steps that were redone)."""
+    return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
+
+
+def test_a_killed_run_resumes_to_the_same_losses(tiny_models, patch_store, tmp_path):
+    sets = ("--set", "run.max_epoch=4", "--set", "run.save_every_steps=3")
+    finish(cli_train(tiny_models, patch_store, tmp_path / "whole", *sets))
+    out = tmp_path / "killed"
+    proc = cli_train(tiny_models, patch_store, out, *sets, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (out / "checkpoints" / "step_0000009").exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-epoch 1 (6 steps an epoch), after the step-9 checkpoint
+    proc.wait()
+    done = max(r["step"] for r in read_log(out) if "loss" in r)
+    assert done < 24, "the kill came too late"
+    output = finish(cli_train(tiny_models, patch_store, out, *sets, "--resume"))
+    assert "done: 24 steps" in output
+    whole, resumed = losses_by_step(tmp_path / "whole"), losses_by_step(out)
+    assert sorted(resumed) == list(range(1, 25))
+    assert resumed == whole  # exactly the same per-step losses
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DS_ENV = {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1"}
+
+
+def test_deepspeed_zero2_on_cpu_in_one_process_and_resume(tiny_models, patch_store, tmp_path):
+    env = {**DS_ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": str(free_port())}
+    out = tmp_path / "ds"
+    finish(cli_train(tiny_models, patch_store, out, "--engine", "deepspeed", "--set", "run.max_epoch=2",
+                     "--set", "run.save_every_steps=100", env=env))
+    losses = losses_by_step(out)
+    assert sorted(losses) == list(range(1, 13)) and losses[12] < losses[1]
+    state = out / "checkpoints" / "step_0000012"
+    assert (state / "adapter" / "adapter_model.safetensors").is_file() and (state / "deepspeed" / "state").is_dir()
+    env["MASTER_PORT"] = str(free_port())
+    output = finish(cli_train(tiny_models, patch_store, out, "--engine", "deepspeed", "--set", "run.max_epoch=3",
+                              "--set", "run.save_every_steps=100", "--resume", env=env))
+    assert "done: 18 steps" in output and sorted(losses_by_step(out)) == list(range(1, 19))
+
+
+def test_deepspeed_zero2_with_torchrun_on_two_processes(tiny_models, patch_store, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    args = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            str(XMEI), "train", "--engine", "deepspeed", "--config", str(ROOT / "configs" / "tiny.yaml"),
+            "--models", str(tiny_models), "--store", str(patch_store), "--output-dir", str(out),
+            *[a for s in (*SMALL, "run.max_epoch=2", "run.save_every_steps=100") for a in ("--set", s)]]
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **DS_ENV}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = losses_by_step(out)
+    assert sorted(losses) == list(range(1, 7))  # 24 clips / (4 per process x 2 processes) = 3 steps an epoch
+    assert all(np.isfinite(list(losses.values())))
+    assert (out / "checkpoints" / "step_0000006" / "trainable.safetensors").is_file()
+    assert len(list((out / "checkpoints" / "step_0000006" / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
