@@ -244,13 +244,14 @@ def train(
     except ConfigError as e:
         _fail(str(e))
     rank0 = int(os.environ.get("RANK", 0)) == 0
-    with _progress(TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"), unit="steps",
-                   disable=not rank0) as bar:
-        task = bar.add_task("training", total=None, loss=float("nan"), lr=0.0)
+    fields = TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[clips]:.1f} clips/s")
+    with _progress(fields, unit="steps", disable=not rank0) as bar:
+        task = bar.add_task("training", total=None, loss=float("nan"), lr=0.0, clips=0.0)
 
         def advanced(step: int, total: int, record: dict) -> None:
             if "loss" in record:
-                bar.update(task, completed=step, total=total, loss=record["loss"], lr=record["lr"])
+                bar.update(task, completed=step, total=total, loss=record["loss"], lr=record["lr"],
+                           clips=record["clips_per_s"])
             elif record.get("val_loss") is not None:
                 bar.console.print(f"epoch {record['epoch']}: val loss {record['val_loss']:.4f}")
 

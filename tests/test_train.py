@@ -74,6 +74,19 @@ def test_two_stores_train_together_and_other_features_are_refused(patch_store, t
         StoreSamples([patch_store, tmp_path / "pooled"])
 
 
+def test_dataloader_workers_give_the_same_batches(tiny_models, patch_store, tmp_path):
+    t = trainer(tiny_models, [patch_store], tmp_path / "a", "run.max_epoch=1")
+    t.sampler.set_epoch(2)
+    alone = list(t.loader(t.train_data, t.sampler, 4))
+    t.cfg.run.num_workers = 2  # the tokenizer and the reads run in two worker processes
+    in_workers = list(t.loader(t.train_data, t.sampler, 4))
+    assert len(alone) == len(in_workers) == 6
+    for a, b in zip(alone, in_workers):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def trainer(tiny_models, stores, out: Path, *sets: str, val=None, **kw) -> Trainer:
@@ -108,6 +121,15 @@ def test_training_learns_logs_and_checkpoints(tiny_models, patch_store, tmp_path
                  "trainer_state.pt"):
         assert (last / name).is_file(), name
     assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny_models, patch_store, tmp_path):
+    t = trainer(tiny_models, [patch_store], tmp_path / "run", "run.max_epoch=1", "run.gradient_accumulation_steps=3",
+                "run.batch_size_train=2")
+    t.train()
+    steps = [r for r in read_log(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # 24 clips / (2 x 3) per step
+    assert t.scheduler.last_epoch == 4  # the schedule advanced once per optimizer step
 
 
 def test_a_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_models, patch_store, tmp_path):
