@@ -101,8 +101,8 @@ def bench_readers(cfg, store_path: Path) -> tuple[dict[str, float], int]:
                 handle.read()
 
     def shards() -> None:
-        for _, arrays in store.iter_shards():
-            arrays["visual"], arrays["audio"]
+        for _ in store.iter_shards():  # reads every array of each shard: features, status, texts, ints
+            pass
 
     def samples(shuffle: bool) -> None:
         sampler = EpochSampler(data, cfg.run.seed, cfg.run.shuffle_shards, shuffle=shuffle)
@@ -120,9 +120,9 @@ def new_model(cfg, settings: XMEISettings):
     torch.manual_seed(cfg.run.seed)
     model = XMEIQwen(settings).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.run.weight_decay},
-                                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=cfg.run.init_lr)
+    decay, rest = [p for p in trainable if p.dim() >= 2], [p for p in trainable if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.run.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.run.init_lr)
     return model, optimizer, trainable
 
 
@@ -152,7 +152,8 @@ def prepare(enc: Encoders, record, root: Path) -> dict:
     wave = read_audio(record.audio_file(root), video)
     if wave is None:
         return {"pixels": pixels, "audio": None}
-    return {"pixels": pixels, "audio": enc.preprocess_audio(*audio_windows(wave, s.num_audio_clips, s.audio_clip_seconds))}
+    windows = audio_windows(wave, s.num_audio_clips, s.audio_clip_seconds)
+    return {"pixels": pixels, "audio": enc.preprocess_audio(*windows)}
 
 
 class EncodedBatches:
@@ -181,68 +182,86 @@ class EncodedBatches:
         return (self.make(positions) for positions in self.plan)
 
 
-def bench_epochs(cfg, store_path: Path, corpus: Path, records) -> dict:
-    """(b) and (c): the two epochs' seconds and losses, and the cached epoch's batches."""
+def bench_epochs(cfg, store_path: Path, corpus: Path, records, repeats: int = 2) -> dict:
+    """(b) and (c): each path's best epoch of ``repeats`` (interleaved, a fresh seeded model each),
+    the per-step losses of the first pair, and the cached epoch's batches."""
     from transformers import AutoTokenizer
 
     facts = feature_facts(FeatureStore(store_path))
     vocab = len(AutoTokenizer.from_pretrained(str(cfg.model.caption_tokenizer_path)))
     settings = XMEISettings.from_config(cfg, caption_vocab_size=vocab, **facts)
-    model, optimizer, trainable = new_model(cfg, settings)
-    builder = PromptBuilder(model.tokenizer, settings.num_video_query_token, settings.num_audio_query_token,
+    tokenizer = new_model(cfg, settings)[0].tokenizer  # with the placeholder tokens the model adds
+    builder = PromptBuilder(tokenizer, settings.num_video_query_token, settings.num_audio_query_token,
                             settings.prompt_format, settings.max_length)
-    data, batch, pad_id = StoreSamples([store_path], builder), cfg.run.batch_size_train, model.tokenizer.pad_token_id
+    data, batch = StoreSamples([store_path], builder), cfg.run.batch_size_train
     if [str(v) for v in data.memory[0]["video_id"]] != [r.video_id for r in records]:
         raise SystemExit("the store's clips are not the annotation records in order")
     steps = len(data) // batch
-    sampler = EpochSampler(data, cfg.run.seed, cfg.run.shuffle_shards, steps * batch)
-    plan = list(BatchSampler(sampler, batch, drop_last=False))
+    plan = list(BatchSampler(EpochSampler(data, cfg.run.seed, cfg.run.shuffle_shards, steps * batch), batch, False))
+    # as Trainer.loader: its own generator, so making an iterator does not draw from the global RNG
     loader = DataLoader(data, batch_sampler=plan, num_workers=cfg.run.num_workers,
-                        collate_fn=partial(collate, pad_id=pad_id))
-    cached, cached_losses, seen = run_epoch(cfg, model, optimizer, trainable, loader)
-    del model, optimizer, trainable
-    enc = Encoders(EncoderSettings.from_config(cfg))
-    encoded = EncodedBatches(data, plan, enc, records, corpus, pad_id)
-    model, optimizer, trainable = new_model(cfg, settings)
-    in_loop, loop_losses, _ = run_epoch(cfg, model, optimizer, trainable, encoded)
+                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
+                        generator=torch.Generator().manual_seed(cfg.run.seed))
+    encoded = EncodedBatches(data, plan, Encoders(EncoderSettings.from_config(cfg)), records, corpus,
+                             tokenizer.pad_token_id)
+    walls, losses, seen = {"cached": [], "in_loop": []}, {}, None
+    for _ in range(repeats):
+        for name, batches in (("cached", loader), ("in_loop", encoded)):
+            wall, step_losses, batches_seen = run_epoch(cfg, *new_model(cfg, settings), batches)
+            walls[name].append(wall)
+            losses.setdefault(name, step_losses)
+            seen = seen or batches_seen
     encoded.pool.shutdown()
-    return {"steps": steps, "cached": cached, "in_loop": in_loop, "seen": seen,
-            "loss_gap": max(abs(a - b) for a, b in zip(cached_losses, loop_losses))}
+    gap = max(abs(a - b) for a, b in zip(losses["cached"], losses["in_loop"]))
+    return {"steps": steps, "repeats": repeats, "seen": seen, "loss_gap": gap,
+            **{name: min(w) for name, w in walls.items()}}
+
+
+def pct(fraction: float) -> str:
+    return f"{100 * fraction:.2g}%"
 
 
 def report(cfg, clips: int, shards: int, load: float, reads: dict[str, float], size: int, epochs: dict) -> None:
-    print(f"\ncores {os.cpu_count()}, torch threads {torch.get_num_threads()}, clips {clips} "
-          f"(shard_size {cfg.extract.shard_size}: {shards} shards, {size / 1e6:.1f} MB of visual + audio; "
-          f"batch_size_train {cfg.run.batch_size_train}, shuffle_shards {cfg.run.shuffle_shards}); "
-          f"load average {load:.2f} at start (other processes skew every number)")
+    run = cfg.run
+    print(f"\ncores {os.cpu_count()}, torch threads {torch.get_num_threads()}, clips {clips} (shard_size "
+          f"{cfg.extract.shard_size}: {shards} shards, {size / 1e6:.1f} MB of visual + audio; batch_size_train "
+          f"{run.batch_size_train}, shuffle_shards {run.shuffle_shards}); 1-min load average {load:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} now (other processes skew every number)")
     ceiling = size / reads["plain read of the shard files (ceiling)"]
-    rows = [(f"(a) {name}", f"{size / 1e6 / wall:.1f}", "MB/s", f"{clips / wall:.0f} clips/s", f"{size / wall / ceiling:.3f}")
-            for name, wall in reads.items()]
-    cached, in_loop = epochs["cached"], epochs["in_loop"]
-    rows += [("(b) epoch, cached features (StoreSamples)", f"{cached:.2f}", "s/epoch", f"{epochs['steps']} steps", "1.00"),
-             ("(b) epoch, encoders in the loop", f"{in_loop:.2f}", "s/epoch", f"{epochs['steps']} steps", f"{in_loop / cached:.2f}")]
-    samples = sum(b["input_ids"].shape[0] for b in epochs["seen"])
-    padded = sum(b["input_ids"].numel() for b in epochs["seen"]) / samples
-    real = sum(int(b["attention_mask"].sum()) for b in epochs["seen"]) / samples
-    rows += [("(c) tokens/sample, per-batch padding (collate)", f"{padded:.1f}", "tokens", f"{samples} samples", "1.00"),
+    rows = [(f"(a) {name}", f"{size / 1e6 / wall:.1f}", "MB/s", f"{clips / wall:.0f} clips/s",
+             f"{size / wall / ceiling:.4f}") for name, wall in reads.items()]
+    cached, in_loop, seen = epochs["cached"], epochs["in_loop"], epochs["seen"]
+    steps = f"{epochs['steps']} steps, best of {epochs['repeats']}"
+    rows += [("(b) epoch, cached features (StoreSamples)", f"{cached:.2f}", "s/epoch", steps, "1.00"),
+             ("(b) epoch, encoders in the loop", f"{in_loop:.2f}", "s/epoch", steps, f"{in_loop / cached:.2f}")]
+    samples = sum(b["input_ids"].shape[0] for b in seen)
+    padded = sum(b["input_ids"].numel() for b in seen) / samples
+    real = sum(int(b["attention_mask"].sum()) for b in seen) / samples
+    rows += [("(c) tokens/sample, per-batch padding (collate)", f"{padded:.1f}", "tokens", f"{samples} samples",
+              "1.00"),
              ("(c) tokens/sample, unpadded", f"{real:.1f}", "tokens", "", f"{real / padded:.3f}"),
-             (f"(c) tokens/sample, fixed padding to {PUBLISHED_PAD}", f"{PUBLISHED_PAD}", "tokens", "", f"{PUBLISHED_PAD / padded:.2f}")]
-    widths = [max(len(r[i]) for r in rows + [("measurement", "value", "unit", "", "ratio")]) for i in range(5)]
-    print(f"{'measurement':<{widths[0]}}  {'value':>{widths[1]}} {'unit':<{widths[2]}}  {'':<{widths[3]}}  ratio")
+             (f"(c) tokens/sample, fixed padding to {PUBLISHED_PAD}", f"{PUBLISHED_PAD}", "tokens", "",
+              f"{PUBLISHED_PAD / padded:.2f}")]
+    w = [max(len(r[i]) for r in [("measurement", "value", "unit", "", ""), *rows]) for i in range(4)]
+    print(f"{'measurement':<{w[0]}}  {'value':>{w[1]}} {'unit':<{w[2]}}  {'':<{w[3]}}  ratio")
     for i, row in enumerate(rows):
         if i in (len(reads), len(reads) + 2):
-            print("-" * (sum(widths) + 9))
-        print(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}} {row[2]:<{widths[2]}}  {row[3]:<{widths[3]}}  {row[4]}")
-    print("ratio: (a) MB/s over the plain read; (b) seconds over the cached epoch; (c) tokens over per-batch padding")
-    print(f"check: largest per-step loss difference between the two epochs {epochs['loss_gap']:.2e} "
+            print("-" * (sum(w) + 14))
+        print(f"{row[0]:<{w[0]}}  {row[1]:>{w[1]}} {row[2]:<{w[2]}}  {row[3]:<{w[3]}}  {row[4]}")
+    print("ratio: (a) MB/s over the plain read (page cache); (b) seconds over the cached epoch; "
+          "(c) tokens over per-batch padding")
+    print(f"check: largest per-step loss difference between the two paths {epochs['loss_gap']:.1e} "
           "(same weights, batches and dropout; only the feature source differs)")
-    train = reads["StoreSamples.__getitems__, EpochSampler order"]
-    print(f"=> the training reader delivers {100 * size / train / ceiling:.0f}% of the plain-read ceiling "
-          f"(iter_shards {100 * size / reads['FeatureStore.iter_shards()'] / ceiling:.0f}%) and takes "
-          f"{100 * train / cached:.1f}% of a cached epoch's wall time; computing features in the loop makes an "
-          f"epoch {in_loop / cached:.1f}x as long ({100 * (in_loop - cached) / in_loop:.0f}% of it decoding + encoding); "
-          f"per-batch padding feeds the LLM {PUBLISHED_PAD / padded:.1f}x fewer tokens than padding to {PUBLISHED_PAD}, "
-          f"{100 * (1 - real / padded):.0f}% of them still padding")
+    train, by_shard = reads["StoreSamples.__getitems__, EpochSampler order"], reads["FeatureStore.iter_shards()"]
+    print(f"=> the training reader delivers {pct(size / train / ceiling)} of the plain-read ceiling (iter_shards "
+          f"{pct(size / by_shard / ceiling)}); reading an epoch's features in training order takes {train:.2f} s, "
+          f"{pct(train / cached)} of a cached epoch; computing the features in the loop makes the epoch "
+          f"{in_loop / cached:.2f}x as long (+{(in_loop - cached) / samples * 1e3:.0f} ms a sample); per-batch "
+          f"padding feeds the LLM {PUBLISHED_PAD / padded:.1f}x fewer tokens than padding to {PUBLISHED_PAD}, "
+          f"{pct(1 - real / padded)} of them padding")
+    if max(load, os.getloadavg()[0]) >= (os.cpu_count() or 1):
+        print(f"   (the load average reached the core count: other processes shared the {os.cpu_count()} cores, "
+              "and (b) is the most sensitive to it; rerun on a quiet machine)")
 
 
 def main() -> None:

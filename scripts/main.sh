@@ -15,6 +15,6 @@ $xmei models tiny models/tiny --seed 0
 $xmei config --config configs/tiny.yaml --models models/tiny --check > /dev/null
 for split in train val test; do
   $xmei extract --config configs/tiny.yaml --models models/tiny \
-      --annotations data/xmei_dataset/annotations/$split.json --out stores/$split
-  $xmei stores verify stores/$split
+      --annotations data/xmei_dataset/annotations/$split.json --out data/stores/$split
+  $xmei stores verify data/stores/$split
 done

@@ -95,6 +95,8 @@ class FeatureStore:
         self.texts: list[str] = list(self.attrs["texts"])
         self.ints: list[str] = list(self.attrs["ints"])
         self.shard_size: int = int(self.attrs["shard_size"])
+        self._arrays: dict[str, zarr.Array] = {}  # opening an array reads its zarr.json: once is enough
+        self._small: dict[str, np.ndarray] | None = None  # texts and ints, read whole once
 
     def __len__(self) -> int:
         return int(self.attrs["num_clips"])
@@ -107,11 +109,21 @@ class FeatureStore:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self)))
 
     def array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     def status(self) -> np.ndarray:
         """(N,) uint8: PENDING / OK / FAILED per clip."""
-        return self.group["status"][:]
+        return self.array("status")[:]
+
+    def _read(self, name: str, rows: slice | int):
+        """Rows of an array; texts and ints (one chunk over all clips) come from memory."""
+        if name in self.texts or name in self.ints:
+            if self._small is None:
+                self._small = {n: self.array(n)[...] for n in (*self.texts, *self.ints)}
+            return self._small[name][rows]
+        return self.array(name)[rows]
 
     def done_shards(self) -> set[int]:
         """Shards whose every clip is ok or failed: a rerun skips them."""
@@ -122,15 +134,17 @@ class FeatureStore:
         if not 0 <= index < len(self):
             raise IndexError(f"clip {index} out of range for a store of {len(self)}")
         names = [*self.features, "status", *self.texts, *self.ints]
-        values = {name: self.group[name][index] for name in names}
-        return {k: v[()] if v.ndim == 0 else v for k, v in values.items()}  # scalars as str / numpy scalars
+        values = {name: self._read(name, index) for name in names}
+        return {k: v[()] if isinstance(v, np.ndarray) and v.ndim == 0 else v for k, v in values.items()}
 
-    def iter_shards(self, shards: list[int] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(shard index, {name: array over the shard's clips}) for each shard, in the given order."""
+    def iter_shards(self, shards: list[int] | None = None,
+                    names: list[str] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(shard index, {name: array over the shard's clips}) for each shard, in the given order;
+        every array, or only ``names``."""
+        names = names or [*self.features, "status", *self.texts, *self.ints]
         for shard in range(self.num_shards) if shards is None else shards:
             rows = slice(self.shard_range(shard).start, self.shard_range(shard).stop)
-            names = [*self.features, "status", *self.texts, *self.ints]
-            yield shard, {name: self.group[name][rows] for name in names}
+            yield shard, {name: self._read(name, rows) for name in names}
 
     def write_shard(self, shard: int, features: dict[str, np.ndarray], status: np.ndarray,
                     failures: list[dict[str, str]]) -> None:
@@ -142,9 +156,9 @@ class FeatureStore:
         for name, values in features.items():
             if values.shape[0] != expected:
                 raise StoreError(f"shard {shard}: {name} has {values.shape[0]} clips, the shard {expected}")
-            self.group[name][rows] = values
+            self.array(name)[rows] = values
         (self.path / "failures" / f"shard_{shard:05d}.json").write_text(json.dumps(failures, ensure_ascii=False))
-        self.group["status"][rows] = status
+        self.array("status")[rows] = status
 
     def failures(self) -> list[dict[str, str]]:
         """Failed clips of the finished shards, in clip order."""

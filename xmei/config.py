@@ -26,7 +26,7 @@ import yaml
 from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, DEFAULT_SYNONYMS, LabelSet
 
 __all__ = [
-    "Config", "ConfigError", "ConfigWarning", "DatasetConfig", "ExtractConfig", "LabelsConfig", "ModelConfig",
+    "Config", "ConfigError", "ConfigWarning", "DatasetConfig", "EvalConfig", "ExtractConfig", "LabelsConfig", "ModelConfig",
     "RunConfig", "MODEL_SUBDIRS", "PLACEHOLDER_TOKENS", "load_config",
 ]
 
@@ -141,6 +141,18 @@ class ExtractConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`xmei eval` / `xmei score`: generation and the explanation metrics' local models."""
+
+    max_new_tokens: int = 128
+    num_beams: int = 1  # 1: greedy decoding; more: beam search
+    bertscore_model: Path | None = None  # local folder of BERTScore's model (roberta-large in the real setup)
+    bertscore_layer: int = 17  # the layer BERTScore reads (17 for roberta-large)
+    bertscore_rescale: bool = False  # rescaling with baselines needs bert-score's baseline files
+    bleurt_checkpoint: Path | None = None  # local converted PyTorch BLEURT checkpoint (e.g. bleurt-base-128)
+
+
+@dataclass
 class LabelsConfig:
     emotions: list[str] = field(default_factory=lambda: list(DEFAULT_EMOTIONS))
     intents: list[str] = field(default_factory=lambda: list(DEFAULT_INTENTS))
@@ -154,6 +166,7 @@ class Config:
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
     run: RunConfig = field(default_factory=RunConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
 
     @property
@@ -164,9 +177,10 @@ class Config:
     def intents(self) -> LabelSet:
         return LabelSet("intent", tuple(self.labels.intents), self.labels.intent_synonyms)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON-ready dict (paths as strings)."""
-        return _plain(dataclasses.asdict(self))
+    def to_dict(self, absolute: bool = False) -> dict[str, Any]:
+        """Plain YAML/JSON-ready dict (paths as strings; made absolute when ``absolute``, so that a
+        config saved with a checkpoint still points at the same folders from anywhere)."""
+        return _plain(dataclasses.asdict(self), absolute)
 
     def hash(self) -> str:
         """Short stable hash of the resolved config."""
@@ -376,6 +390,10 @@ def _check_values(cfg: Config) -> list[str]:
             problems.append(f"run.{key}: must be >= 0, got {getattr(r, key)}")
     if r.min_lr > r.init_lr:
         problems.append(f"run.min_lr: {r.min_lr} is above run.init_lr {r.init_lr}")
+    e = cfg.eval
+    for key in ("max_new_tokens", "num_beams", "bertscore_layer"):
+        if getattr(e, key) < 1:
+            problems.append(f"eval.{key}: must be >= 1, got {getattr(e, key)}")
     x = cfg.extract
     if x.visual_tokens not in ("patch", "pooled"):
         problems.append(f"extract.visual_tokens: 'patch' or 'pooled', got {x.visual_tokens!r}")
@@ -400,9 +418,11 @@ def _check_values(cfg: Config) -> list[str]:
     return problems
 
 
-def _plain(obj: Any) -> Any:
+def _plain(obj: Any, absolute: bool = False) -> Any:
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: _plain(v, absolute) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    return str(obj) if isinstance(obj, Path) else obj
+        return [_plain(v, absolute) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj.resolve() if absolute else obj)
+    return obj

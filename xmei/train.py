@@ -250,7 +250,7 @@ class Trainer:
             self.engine.save_checkpoint(str(partial_folder / DEEPSPEED_DIR), tag="state",
                                         exclude_frozen_parameters=True)  # not the 7B frozen weights
         if self.rank == 0:
-            self.model.save_checkpoint(partial_folder, config=self.cfg.to_dict())
+            self.model.save_checkpoint(partial_folder, config=self.cfg.to_dict(absolute=True))
             state = {"position": vars(self.position).copy(), "rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
             if not self.engine:
