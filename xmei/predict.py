@@ -1,0 +1,49 @@
+"""`xmei predict`: one raw clip through stage 1's own functions and a checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.decode import audio_windows, read_audio, read_frames
+from pipeline.encoders import EncoderSettings, Encoders, tokenize_captions
+from xmei.generate import GenerationSettings, answer, prompt_batch
+from xmei.model import XMEIQwen
+from xmei.parse import parse_answer
+from xmei.prompt import PromptBuilder
+
+__all__ = ["clip_features", "predict_clip"]
+
+
+def clip_features(cfg, video: Path, audio: Path | None, video_description: str, audio_description: str) -> dict:
+    """The features of one clip, exactly as `xmei extract` stores them (raises MediaError)."""
+    settings = EncoderSettings.from_config(cfg)
+    encoders = Encoders(settings)
+    pixels = encoders.preprocess_frames(read_frames(video, settings.num_frames))
+    visual = encoders.encode_frames(pixels)[0]  # (F, ...) float16
+    wave = read_audio(audio, video)
+    sound = np.zeros((settings.num_audio_clips, encoders.audio.config.hidden_size), np.float16)
+    if wave is not None:  # no audio at all: zeros, flagged, as in the store
+        windows, lengths = audio_windows(wave, settings.num_audio_clips, settings.audio_clip_seconds)
+        sound = encoders.encode_audio(*encoders.preprocess_audio(windows, lengths))[0]
+    captions = tokenize_captions(str(cfg.model.caption_tokenizer_path),
+                                 {"video": [video_description], "audio": [audio_description]},
+                                 cfg.extract.caption_tokens)
+    return {"video": visual, "audio": sound, "has_audio": int(wave is not None),
+            **{k: v[0] for k, v in captions.items()}}
+
+
+def predict_clip(cfg, checkpoint: Path, video: Path, audio: Path | None, subtitle: str, video_description: str = "",
+                 audio_description: str = "") -> dict:
+    """Emotion, intent and explanation of one clip."""
+    sample = clip_features(cfg, video, audio, video_description, audio_description)
+    sample["texts"] = {"subtitle": subtitle}
+    model = XMEIQwen.from_checkpoint(checkpoint).eval()
+    s = model.settings
+    builder = PromptBuilder(model.tokenizer, s.num_video_query_token, s.num_audio_query_token, s.prompt_format,
+                            s.max_length)
+    generation = GenerationSettings(cfg.eval.max_new_tokens, cfg.eval.num_beams, 1)
+    text = answer(model, prompt_batch(model, [sample], builder), generation)[0]
+    parsed = parse_answer(text, cfg.emotions, cfg.intents)
+    return {"video": str(video), "emotion": parsed.emotion, "intent": parsed.intent,
+            "explanation": parsed.explanation, "text": text, "has_audio": bool(sample["has_audio"])}
