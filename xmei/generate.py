@@ -57,8 +57,10 @@ def answer(model: XMEIQwen, batch: dict[str, torch.Tensor], settings: Generation
 
 
 def generate_store(model: XMEIQwen, store: Path, emotions, intents, settings: GenerationSettings,
-                   progress: Callable[[int], None] | None = None) -> tuple[list[dict], float]:
-    """Predictions for every ok clip of ``store`` (in store order) and clips/s."""
+                   progress: Callable[[int], None] | None = None,
+                   zero_features: bool = False) -> tuple[list[dict], float]:
+    """Predictions for every ok clip of ``store`` (in store order) and clips/s. ``zero_features``
+    replaces the video and audio features by zeros (the ablation: what do the media carry?)."""
     model.eval()
     s = model.settings
     builder = PromptBuilder(model.tokenizer, s.num_video_query_token, s.num_audio_query_token, s.prompt_format,
@@ -68,7 +70,10 @@ def generate_store(model: XMEIQwen, store: Path, emotions, intents, settings: Ge
                                                          drop_last=False), collate_fn=list)
     rows, start = [], time.perf_counter()
     for samples in loader:
-        for sample, text in zip(samples, answer(model, prompt_batch(model, samples, builder), settings)):
+        batch = prompt_batch(model, samples, builder)
+        if zero_features:
+            batch["video"], batch["audio"] = torch.zeros_like(batch["video"]), torch.zeros_like(batch["audio"])
+        for sample, text in zip(samples, answer(model, batch, settings)):
             parsed = parse_answer(text, emotions, intents)
             t = sample["texts"]
             rows.append({"video_id": t["video_id"], "text": text, "emotion": parsed.emotion, "intent": parsed.intent,

@@ -129,6 +129,11 @@ class LQFormer(nn.Module):
             self.position_embeddings = nn.Embedding(config.num_caption_tokens, h)
         self.query_tokens = nn.Parameter(torch.randn(1, config.num_learned_queries, h) * 0.02)
         self.embed_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        # per-dimension statistics of the training features (set by the trainer, saved with the
+        # weights): frozen encoders' features share a large common component that would
+        # otherwise drown the differences between clips
+        self.register_buffer("feature_mean", torch.zeros(config.feature_size))
+        self.register_buffer("feature_std", torch.ones(config.feature_size))
         self.feature_norm = nn.LayerNorm(config.feature_size)
         self.feature_positions = nn.Embedding(config.num_positions, config.feature_size)  # per frame / clip
         self.layers = nn.ModuleList(
@@ -137,6 +142,13 @@ class LQFormer(nn.Module):
         self.output_proj = nn.Linear(h, h)
         self.dropout = nn.Dropout(config.dropout)
         self.gradient_checkpointing = False
+
+    @torch.no_grad()
+    def set_feature_statistics(self, features: torch.Tensor) -> None:
+        """Per-dimension mean and std from a sample of training features (..., D)."""
+        flat = features.reshape(-1, features.shape[-1]).double()
+        self.feature_mean.copy_(flat.mean(0))
+        self.feature_std.copy_(flat.std(0).clamp(min=1e-6))
 
     def queries(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query embeddings (B, Q, H) and their self-attention mask (B, Q) bool."""
@@ -161,7 +173,8 @@ class LQFormer(nn.Module):
             raise ValueError(f"features of shape {tuple(features.shape)}, expected "
                              f"(B, {self.config.num_positions}, [tokens,] {self.config.feature_size})")
         positions = self.feature_positions(torch.arange(f, device=features.device))  # (F, D)
-        context = (self.feature_norm(features) + positions[None, :, None, :]).reshape(b, f * t, d)  # (B, F*T, D)
+        standard = (features - self.feature_mean) / self.feature_std
+        context = (self.feature_norm(standard) + positions[None, :, None, :]).reshape(b, f * t, d)  # (B, F*T, D)
         x, mask = self.queries(caption_ids, caption_mask)
         x = self.dropout(self.embed_norm(x))
         weights = []

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
@@ -100,6 +101,8 @@ class Trainer:
         self.sampler = EpochSampler(self.train_data, run.seed, run.shuffle_shards, self.steps_per_epoch * per_step,
                                     rank=self.rank, world=self.world)
         self.val_data = StoreSamples([self.val_store], builder) if self.val_store else None
+        if not self.resume:  # a resumed run restores them with the weights
+            self._set_feature_statistics()
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in trainable if p.dim() >= 2]  # no weight decay on biases and norms
@@ -126,6 +129,17 @@ class Trainer:
                 import wandb
 
                 self.wandb = wandb.init(project="xmei", config=cfg.to_dict(), dir=str(self.logs))
+
+    def _set_feature_statistics(self, clips: int = 512) -> None:
+        """Feature statistics of the LQ-Formers from up to ``clips`` training clips, evenly spread."""
+        data = self.train_data
+        positions = np.linspace(0, len(data) - 1, min(clips, len(data))).round().astype(int).tolist()
+        samples = data.__getitems__(positions)
+        video = torch.as_tensor(np.stack([s["video"] for s in samples])).float()
+        heard = [s["audio"] for s in samples if s["has_audio"]]
+        self.model.video_lqformer.set_feature_statistics(video)
+        if heard:  # clips without audio hold zeros, not features
+            self.model.audio_lqformer.set_feature_statistics(torch.as_tensor(np.stack(heard)).float())
 
     def _lr_factor(self, step: int) -> float:
         r = self.cfg.run
