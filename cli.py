@@ -402,14 +402,19 @@ def demo(
     clips: Annotated[int, typer.Option(help="Synthetic clips (70/15/15 train/val/test).")] = 800,
     epochs: Annotated[int, typer.Option(help="Training epochs of each of the two models.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the corpus and the models.")] = 0,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config of every stage "
+                                                   "(default: configs/tiny.yaml).")] = None,
+    set_: SetOpt = None, models: ModelsOpt = None,
 ):
     """The whole system on CPU: synthetic corpus -> tiny models -> extract -> train -> eval -> report.
 
     Trains the language-query model and, for the ablation, the learned-query one; evaluates on the
     test split, also with the media features zeroed; draws an attention map. Rerunnable.
     """
-    from xmei.demo import DemoSettings, run_demo
+    from xmei.demo import DEFAULT_CONFIG, DemoSettings, run_demo
 
+    config = config or DEFAULT_CONFIG
+    _config(config, set_, models)  # errors in the options before anything runs
     with _progress(unit="items") as bar:
         task = bar.add_task("working", total=None)
 
@@ -421,7 +426,8 @@ def demo(
             else:  # extraction: (clips, failed)
                 bar.update(task, description="extracting", advance=args[0], total=None)
 
-        summary = run_demo(out, DemoSettings(clips, seed, epochs), say=bar.console.print, progress=advanced)
+        summary = run_demo(out, DemoSettings(clips, seed, epochs), say=bar.console.print, progress=advanced,
+                           config=config, sets=set_ or [], models=models)
     table = Table("test split", "emotion acc", "intent acc", "emotion W-F1", "intent W-F1", show_edge=False)
     for name, r in summary["results"].items():
         table.add_row(name, *(f"{r[k]:.3f}" for k in ("emotion_accuracy", "intent_accuracy", "emotion_weighted_f1",

