@@ -138,16 +138,22 @@ def _meteor(gts: dict, res: dict, java: str | None) -> dict:
     return {"value": value}
 
 
+def _local_folder(key: str, given) -> tuple[Path | None, str | None]:
+    """The model folder a config key names, or why there is none (unset or missing)."""
+    if given is None:
+        return None, f"{key} is not set"
+    folder = Path(given).expanduser()
+    return (folder, None) if folder.exists() else (None, f"{key} {given} does not exist")
+
+
 # --- BERTScore ----------------------------------------------------------------------------------
 
 def bertscore_metric(references: list[str], candidates: list[str], eval_cfg) -> dict:
     """Mean BERTScore F1 with the local model folder ``eval_cfg.bertscore_model``."""
     given = eval_cfg.bertscore_model
-    if given is None:
-        return {"unavailable": "eval.bertscore_model is not set"}
-    folder = Path(given).expanduser()
-    if not folder.exists():
-        return {"unavailable": f"eval.bertscore_model {given} does not exist"}
+    folder, missing = _local_folder("eval.bertscore_model", given)
+    if missing:
+        return {"unavailable": missing}
     if not (folder / "config.json").is_file():
         return {"unavailable": f"eval.bertscore_model {given} has no config.json (not a model folder)"}
     try:
@@ -259,12 +265,9 @@ def _baseline_file(folder: Path, config: dict[str, Any]) -> Path | None:
 
 def bleurt_metric(references: list[str], candidates: list[str], eval_cfg) -> dict:
     """Mean BLEURT score with the converted checkpoint ``eval_cfg.bleurt_checkpoint``."""
-    given = eval_cfg.bleurt_checkpoint
-    if given is None:
-        return {"unavailable": "eval.bleurt_checkpoint is not set"}
-    folder = Path(given).expanduser()
-    if not folder.exists():
-        return {"unavailable": f"eval.bleurt_checkpoint {given} does not exist"}
+    folder, missing = _local_folder("eval.bleurt_checkpoint", eval_cfg.bleurt_checkpoint)
+    if missing:
+        return {"unavailable": missing}
 
     import torch
 
@@ -273,7 +276,7 @@ def bleurt_metric(references: list[str], candidates: list[str], eval_cfg) -> dic
     try:
         scorer = BleurtScorer.from_pretrained(folder)
     except BleurtCheckpointError as err:
-        return {"unavailable": f"eval.bleurt_checkpoint {given}: {err}"}
+        return {"unavailable": f"eval.bleurt_checkpoint {folder}: {err}"}
     try:
         scores = scorer.score(references, candidates)
     finally:
