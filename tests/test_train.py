@@ -150,6 +150,14 @@ def test_a_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_models, patch_
     assert Trainer(config(tiny_models, *SMALL), [patch_store], None, out, resume=True)  # resumable from it
 
 
+def test_a_partial_checkpoint_is_never_resumed_from(tmp_path):
+    from xmei.train import checkpoints
+
+    for name in ("step_0000002", "step_0000004", "step_0000006.partial"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert [p.name for p in checkpoints(tmp_path)] == ["step_0000002", "step_0000004"]
+
+
 def test_output_dir_with_checkpoints_needs_resume(tiny_models, patch_store, tmp_path):
     (tmp_path / "checkpoints" / "step_0000001").mkdir(parents=True)
     with pytest.raises(TrainError, match="pass --resume"):

@@ -45,7 +45,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
     from xmei.evaluate import score, write_predictions, write_report
     from xmei.generate import GenerationSettings, generate_store
     from xmei.model import XMEIQwen
-    from xmei.train import Trainer
+    from xmei.train import Trainer, checkpoints
 
     out = Path(out).resolve()
     data, stores = out / "data", out / "stores"
@@ -70,38 +70,38 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
                           progress=progress)
         say(f"{summary.ok} ok, {len(summary.failed)} failed, {summary.seconds:.0f} s")
 
-    checkpoints = {}
+    finished = {}
     for mode in ("language", "learned"):
         _step(say, f"train ({mode} queries, {settings.epochs} epochs)")
         run_dir = out / "runs" / mode
         mode_cfg = load_config(config, [*sets, f"model.query_mode={mode}", f"run.max_epoch={settings.epochs}"],
                                models_dir=models)
-        resume = any(run_dir.glob("checkpoints/step_*"))
+        resume = bool(checkpoints(run_dir))
         trainer = Trainer(mode_cfg, [stores / "train"], stores / "val", run_dir, resume=resume, progress=progress)
         trainer.setup()
         if trainer.position.epoch < mode_cfg.run.max_epoch:
             trainer.train()
         trainer.cleanup()
-        checkpoints[mode] = sorted(run_dir.glob("checkpoints/step_*"))[-1]
+        finished[mode] = checkpoints(run_dir)[-1]
 
     results = {}
     generation = GenerationSettings(cfg.eval.max_new_tokens, cfg.eval.num_beams, cfg.run.batch_size_eval)
     for name, mode, zero in (("language", "language", False), ("features zeroed", "language", True),
                              ("learned queries", "learned", False)):
         _step(say, f"eval: {name}")
-        model = XMEIQwen.from_checkpoint(checkpoints[mode])
+        model = XMEIQwen.from_checkpoint(finished[mode])
         rows, rate = generate_store(model, stores / "test", cfg.emotions, cfg.intents, generation,
                                     zero_features=zero)
         folder = out / "eval" / name.replace(" ", "_")
         write_predictions(rows, folder / "predictions.jsonl")
         result = score(rows, cfg.emotions, cfg.intents, cfg.eval)
-        result.update({"clips_per_s": rate, "checkpoint": str(checkpoints[mode]), "model": f"XMEI-Qwen tiny ({name})"})
+        result.update({"clips_per_s": rate, "checkpoint": str(finished[mode]), "model": f"XMEI-Qwen tiny ({name})"})
         write_report(result, folder, cfg.emotions, cfg.intents, f"xmei demo: {name}")
         results[name] = result
 
     _step(say, "attention map")
     clip = _ok_ids(stores / "test")[0]
-    attention = draw_attention([checkpoints["language"], checkpoints["learned"]], stores / "test", clip, data,
+    attention = draw_attention([finished["language"], finished["learned"]], stores / "test", clip, data,
                                out / "eval")
     summary = {"results": {k: {"emotion_accuracy": v["emotion"]["accuracy"], "intent_accuracy": v["intent"]["accuracy"],
                                "emotion_weighted_f1": v["emotion"]["weighted_f1"],
@@ -110,7 +110,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
                "chance": {"emotion": 1 / len(cfg.emotions), "intent": 1 / len(cfg.intents)},
                "reports": {k: str(out / "eval" / k.replace(" ", "_") / "report.md") for k in results},
                "confusion": [str(out / "eval" / "language" / f"confusion_{k}.png") for k in ("emotion", "intent")],
-               "attention": str(attention), "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
+               "attention": str(attention), "checkpoints": {k: str(v) for k, v in finished.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -30,10 +30,15 @@ from xmei.model import XMEIQwen, XMEISettings
 from xmei.prompt import PromptBuilder, collate
 from xmei.schedule import linear_warmup_cosine_lr
 
-__all__ = ["TrainError", "Trainer"]
+__all__ = ["TrainError", "Trainer", "checkpoints"]
 
 STATE_FILE = "trainer_state.pt"  # torch.save of tensors and plain values; loaded with weights_only=True
 DEEPSPEED_DIR = "deepspeed"
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The finished checkpoints of a run, oldest first (a ``.partial`` one was cut off by a kill)."""
+    return sorted(p for p in Path(output_dir).glob("checkpoints/step_*") if not p.name.endswith(".partial"))
 
 
 class TrainError(RuntimeError):
@@ -60,11 +65,11 @@ class Trainer:
         self.cfg, self.stores, self.val_store = cfg, [Path(p) for p in stores], val_store
         self.output_dir, self.engine_name, self.resume = Path(output_dir), engine, resume
         self.progress = progress  # callable(step, total, record) or None
-        checkpoints = sorted(self.output_dir.glob("checkpoints/step_*"))
-        if checkpoints and not resume:
+        done = checkpoints(self.output_dir)
+        if done and not resume:
             raise TrainError(f"{self.output_dir} holds checkpoints already: pass --resume to continue, "
                              "or choose another --output-dir")
-        if resume and not checkpoints:
+        if resume and not done:
             raise TrainError(f"--resume: {self.output_dir} holds no checkpoint to resume from")
         if cfg.run.use_wandb:
             try:
@@ -117,7 +122,7 @@ class Trainer:
 
         self.position = Position()
         if self.resume:
-            self._load_state(sorted(self.output_dir.glob("checkpoints/step_*"))[-1])
+            self._load_state(checkpoints(self.output_dir)[-1])
         self.logs = self.output_dir / "logs"
         if self.rank == 0:
             self.logs.mkdir(parents=True, exist_ok=True)
@@ -276,7 +281,7 @@ class Trainer:
             if folder.exists():
                 shutil.rmtree(folder)
             partial_folder.rename(folder)  # a checkpoint exists whole or not at all
-            for old in sorted(self.output_dir.glob("checkpoints/step_*"))[:-self.cfg.run.keep_checkpoints]:
+            for old in checkpoints(self.output_dir)[:-self.cfg.run.keep_checkpoints]:
                 shutil.rmtree(old)
         self._barrier()
         return folder
