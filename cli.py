@@ -438,6 +438,7 @@ def demo(
     for name, value in summary["results"]["language"]["explanation"].items():
         metrics.add_row(name, f"{value['value']:.4f}" if "value" in value else f"unavailable: {value['unavailable']}")
     console.print(metrics)
+    console.print(f"report (the model and both ablations): {summary['report']}")
     for name, path in summary["reports"].items():
         console.print(f"report ({name}): {path}")
     console.print(f"confusion matrices: {', '.join(summary['confusion'])}")

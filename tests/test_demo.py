@@ -25,6 +25,8 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path):
     for path in [*summary["reports"].values(), *summary["confusion"], summary["attention"]]:
         assert Path(path).is_file(), path
     assert "features zeroed" in first.stdout and "attention map:" in first.stdout and "chance" in first.stdout
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| features zeroed |" in report and "| learned queries |" in report and "| chance |" in report
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)  # reuses what is complete
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["results"] == summary["results"]

@@ -112,7 +112,33 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
                "confusion": [str(out / "eval" / "language" / f"confusion_{k}.png") for k in ("emotion", "intent")],
                "attention": str(attention), "checkpoints": {k: str(v) for k, v in finished.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary["report"] = str(_write_report(out, summary))
     return summary
+
+
+def _write_report(out: Path, summary: dict) -> Path:
+    """One report with the model and both ablations side by side."""
+    lines = ["# xmei demo", "", "Test split; classification from the generated answers.", "",
+             "| test split | emotion accuracy | intent accuracy | emotion weighted F1 | intent weighted F1 |",
+             "|---|---|---|---|---|"]
+    for name, r in summary["results"].items():
+        lines.append(f"| {name} | {r['emotion_accuracy']:.3f} | {r['intent_accuracy']:.3f} | "
+                     f"{r['emotion_weighted_f1']:.3f} | {r['intent_weighted_f1']:.3f} |")
+    lines += [f"| chance | {summary['chance']['emotion']:.3f} | {summary['chance']['intent']:.3f} | | |", "",
+              "- features zeroed: the language-query model with the video and audio features set to zero at "
+              "evaluation (what the media carry)",
+              "- learned queries: the standard Q-Former (32 learnable queries), trained the same way", "",
+              "## Explanation metrics", "", "| | " + " | ".join(summary["results"]["language"]["explanation"]) + " |",
+              "|---" * (1 + len(summary["results"]["language"]["explanation"])) + "|"]
+    for name, r in summary["results"].items():
+        cells = [f"{v['value']:.4f}" if "value" in v else "unavailable" for v in r["explanation"].values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "BERTScore: all-MiniLM-L6-v2, layer 6 (a stand-in for roberta-large).", "", "## Files", ""]
+    lines += [f"- report ({k}): {v}" for k, v in summary["reports"].items()]
+    lines += [f"- confusion matrix: {p}" for p in summary["confusion"]] + [f"- attention map: {summary['attention']}", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def _ok_ids(path: Path) -> list[str]:
