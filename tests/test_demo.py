@@ -30,6 +30,9 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path):
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)  # reuses what is complete
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["results"] == summary["results"]
+    other = subprocess.run([*args[:-4], "--clips", "30", "--epochs", "1"], capture_output=True, text=True, timeout=900)
+    assert other.returncode == 0, other.stderr[-3000:]  # another corpus: the stale stores and runs are replaced
+    assert json.loads((tmp_path / "demo" / "data" / "synth.json").read_text())["n"] == 30
 
 
 def test_gpu_benchmark_code_path_on_cpu():

@@ -8,6 +8,7 @@ training resume), so the demo is rerunnable.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -62,7 +63,9 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
     manifest = data / "synth.json"
     fresh = not manifest.is_file() or {k: json.loads(manifest.read_text())[k] for k in ("n", "seed")} != \
         {"n": settings.clips, "seed": settings.seed}
-    if fresh:
+    if fresh:  # a new corpus: what the demo made from an older one is stale
+        for stale in (stores, out / "runs", out / "eval"):
+            shutil.rmtree(stale, ignore_errors=True)
         synth_corpus(data, settings.clips, settings.seed, cfg.emotions, cfg.intents, overwrite=True)
     for split in ("train", "val", "test"):
         _step(say, f"extract {split}")
