@@ -191,7 +191,6 @@ class XMEIQwen(nn.Module):
     def from_checkpoint(cls, folder: str | Path, llm: str | None = None, trainable: bool = False) -> "XMEIQwen":
         """Restore a checkpoint; ``llm`` overrides the base LLM folder recorded in it."""
         from peft import PeftModel
-        from safetensors.torch import load_file
 
         folder = Path(folder)
         settings = XMEISettings(**json.loads((folder / CHECKPOINT_FILES["settings"]).read_text()))
@@ -206,11 +205,17 @@ class XMEIQwen(nn.Module):
             model.llm = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
         elif full.is_dir():
             model.llm.requires_grad_(trainable)
-        weights = load_file(folder / CHECKPOINT_FILES["trainable"])
-        for name, module in model.trainable_modules().items():
+        model.load_trainable(folder)
+        return model
+
+    def load_trainable(self, folder: str | Path) -> None:
+        """Load the LQ-Formers and projections of a checkpoint folder, checking every key."""
+        from safetensors.torch import load_file
+
+        weights = load_file(Path(folder) / CHECKPOINT_FILES["trainable"])
+        for name, module in self.trainable_modules().items():
             part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
             result = module.load_state_dict(part, strict=False)
             if result.missing_keys or result.unexpected_keys:
                 raise ValueError(f"{folder}: {name} weights missing {result.missing_keys}, "
                                  f"unexpected {result.unexpected_keys}")
-        return model

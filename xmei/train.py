@@ -26,7 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from stores import FeatureStore
 from xmei.data import EpochSampler, StoreSamples, feature_facts
-from xmei.model import XMEIQwen, XMEISettings
+from xmei.model import CHECKPOINT_FILES, XMEIQwen, XMEISettings
 from xmei.prompt import PromptBuilder, collate
 from xmei.schedule import linear_warmup_cosine_lr
 
@@ -290,18 +290,15 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = torch.load(folder / STATE_FILE, weights_only=True)  # tensors and plain values only
-        weights = load_file(folder / "trainable.safetensors")
-        for name, module in self.model.trainable_modules().items():
-            module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")})
+        self.model.load_trainable(folder)
         if self.engine:
             self.engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag="state", load_module_strict=False)
         else:
             from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file as load_adapter
 
-            adapter = folder / "adapter" / "adapter_model.safetensors"
+            adapter = folder / CHECKPOINT_FILES["adapter"] / "adapter_model.safetensors"
             if adapter.exists():
-                set_peft_model_state_dict(self.model.llm, load_adapter(adapter))
+                set_peft_model_state_dict(self.model.llm, load_file(adapter))
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         self.position = Position(**state["position"])
