@@ -123,6 +123,16 @@ def test_training_learns_logs_and_checkpoints(tiny_models, patch_store, tmp_path
     assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_feature_statistics_come_from_the_training_clips(tiny_models, patch_store, tmp_path):
+    t = trainer(tiny_models, [patch_store], tmp_path / "run", "run.max_epoch=1")
+    store = FeatureStore(patch_store)
+    video = store.array("visual")[:].astype(np.float64).reshape(-1, 64)
+    audio = store.array("audio")[:][store.array("has_audio")[:] == 1].astype(np.float64).reshape(-1, 64)
+    for lqformer, features in ((t.model.video_lqformer, video), (t.model.audio_lqformer, audio)):
+        np.testing.assert_allclose(lqformer.feature_mean.numpy(), features.mean(0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(lqformer.feature_std.numpy(), features.std(0, ddof=1), rtol=1e-4, atol=1e-7)
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tiny_models, patch_store, tmp_path):
     t = trainer(tiny_models, [patch_store], tmp_path / "run", "run.max_epoch=1", "run.gradient_accumulation_steps=3",
                 "run.batch_size_train=2")

@@ -144,11 +144,10 @@ class LQFormer(nn.Module):
         self.gradient_checkpointing = False
 
     @torch.no_grad()
-    def set_feature_statistics(self, features: torch.Tensor) -> None:
-        """Per-dimension mean and std from a sample of training features (..., D)."""
-        flat = features.reshape(-1, features.shape[-1]).double()
-        self.feature_mean.copy_(flat.mean(0))
-        self.feature_std.copy_(flat.std(0).clamp(min=1e-6))
+    def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-dimension mean and std (D,) of the training features."""
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp(min=1e-6))
 
     def queries(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query embeddings (B, Q, H) and their self-attention mask (B, Q) bool."""

@@ -135,16 +135,26 @@ class Trainer:
 
                 self.wandb = wandb.init(project="xmei", config=cfg.to_dict(), dir=str(self.logs))
 
-    def _set_feature_statistics(self, clips: int = 512) -> None:
-        """Feature statistics of the LQ-Formers from up to ``clips`` training clips, evenly spread."""
+    def _set_feature_statistics(self, clips: int = 512, chunk: int = 32) -> None:
+        """Feature statistics of the LQ-Formers from up to ``clips`` training clips, evenly spread,
+        summed ``chunk`` clips at a time (full-size patch features are ~4 MB a clip)."""
         data = self.train_data
         positions = np.linspace(0, len(data) - 1, min(clips, len(data))).round().astype(int).tolist()
-        samples = data.__getitems__(positions)
-        video = torch.as_tensor(np.stack([s["video"] for s in samples])).float()
-        heard = [s["audio"] for s in samples if s["has_audio"]]
-        self.model.video_lqformer.set_feature_statistics(video)
-        if heard:  # clips without audio hold zeros, not features
-            self.model.audio_lqformer.set_feature_statistics(torch.as_tensor(np.stack(heard)).float())
+        sums = {m: [0, 0.0, 0.0] for m in ("video", "audio")}  # count, sum, sum of squares per dimension
+        for start in range(0, len(positions), chunk):
+            for sample in data.__getitems__(positions[start:start + chunk]):
+                for m in sums:
+                    if m == "audio" and not sample["has_audio"]:  # zeros, not features
+                        continue
+                    flat = np.asarray(sample[m], np.float64).reshape(-1, np.shape(sample[m])[-1])
+                    sums[m][0] += len(flat)
+                    sums[m][1] += flat.sum(0)
+                    sums[m][2] += (flat ** 2).sum(0)
+        for m, (count, total, squares) in sums.items():
+            if count > 1:
+                mean = total / count
+                std = np.sqrt(np.maximum(squares - count * mean**2, 0.0) / (count - 1))
+                getattr(self.model, f"{m}_lqformer").set_feature_statistics(torch.as_tensor(mean), torch.as_tensor(std))
 
     def _lr_factor(self, step: int) -> float:
         r = self.cfg.run
