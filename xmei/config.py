@@ -121,6 +121,7 @@ class RunConfig:
     seed: int = 42
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
     use_wandb: bool = False
+    device: str = "auto"  # auto (the local rank's GPU when present, else cpu) | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -390,6 +391,8 @@ def _check_values(cfg: Config) -> list[str]:
             problems.append(f"run.{key}: must be >= 0, got {getattr(r, key)}")
     if r.min_lr > r.init_lr:
         problems.append(f"run.min_lr: {r.min_lr} is above run.init_lr {r.init_lr}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device):
+        problems.append(f"run.device: 'auto', 'cpu', 'cuda' or 'cuda:N', got {r.device!r}")
     e = cfg.eval
     for key in ("max_new_tokens", "num_beams", "bertscore_layer"):
         if getattr(e, key) < 1:

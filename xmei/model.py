@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from xmei.config import PLACEHOLDER_TOKENS
+from xmei.distributed import llm_dtype
 from xmei.lqformer import LQFormer, LQFormerConfig
 from xmei.prompt import AUDIO_TOKEN, VIDEO_TOKEN
 
@@ -82,19 +83,23 @@ class XMEISettings:
             dropout=self.qformer_dropout, cross_attention_freq=self.cross_attention_freq)
 
 
-def _load_llm(path: str):
+def _load_llm(path: str, device: torch.device):
+    """The LLM straight onto ``device`` in its dtype (bf16 on a GPU): the weights are read shard by
+    shard into place, so no rank holds a full host copy of a 7B model first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=llm_dtype(device), device_map={"": device})
+    return llm, AutoTokenizer.from_pretrained(path)
 
 
 class XMEIQwen(nn.Module):
-    def __init__(self, settings: XMEISettings, llm: nn.Module | None = None, tokenizer=None):
-        """Wrap ``llm``/``tokenizer`` (loaded from ``settings.llm_path`` when not given)."""
+    def __init__(self, settings: XMEISettings, llm: nn.Module | None = None, tokenizer=None,
+                 device: torch.device | str = "cpu"):
+        """Wrap ``llm``/``tokenizer`` (loaded from ``settings.llm_path`` onto ``device`` when not
+        given); the LQ-Formers and projections are put on the LLM's device."""
         super().__init__()
         if llm is None or tokenizer is None:
-            llm, tokenizer = _load_llm(settings.llm_path)
+            llm, tokenizer = _load_llm(settings.llm_path, torch.device(device))
         self.settings, self.tokenizer = settings, tokenizer
         missing = [t for t in PLACEHOLDER_TOKENS if t not in tokenizer.get_vocab()]
         if missing:  # a real Qwen tokenizer lacks them
@@ -109,6 +114,8 @@ class XMEIQwen(nn.Module):
         self.audio_lqformer = LQFormer(settings.lqformer("audio"))
         self.video_proj = nn.Linear(settings.qformer_hidden_size, hidden)
         self.audio_proj = nn.Linear(settings.qformer_hidden_size, hidden)
+        for module in self.trainable_modules().values():
+            module.to(llm.get_input_embeddings().weight.device)
         if settings.gradient_checkpointing:
             self.video_lqformer.gradient_checkpointing = self.audio_lqformer.gradient_checkpointing = True
             self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -188,8 +195,9 @@ class XMEIQwen(nn.Module):
             (folder / CHECKPOINT_FILES["config"]).write_text(yaml.safe_dump(config, sort_keys=False))
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, llm: str | None = None, trainable: bool = False) -> "XMEIQwen":
-        """Restore a checkpoint; ``llm`` overrides the base LLM folder recorded in it."""
+    def from_checkpoint(cls, folder: str | Path, llm: str | None = None, trainable: bool = False,
+                        device: torch.device | str = "cpu") -> "XMEIQwen":
+        """Restore a checkpoint onto ``device``; ``llm`` overrides the base LLM folder recorded in it."""
         from peft import PeftModel
 
         folder = Path(folder)
@@ -197,11 +205,11 @@ class XMEIQwen(nn.Module):
         if llm is not None:
             settings.llm_path = str(llm)
         full = folder / CHECKPOINT_FILES["llm"]
-        base, tokenizer = _load_llm(str(full) if full.is_dir() else settings.llm_path)
+        base, tokenizer = _load_llm(str(full) if full.is_dir() else settings.llm_path, torch.device(device))
         adapter = folder / CHECKPOINT_FILES["adapter"]
         model = cls(XMEISettings(**{**asdict(settings), "use_lora": False, "frozen_llm": True}), base, tokenizer)
         model.settings = settings
-        if adapter.is_dir():
+        if adapter.is_dir():  # the adapter's weights load onto the base model's device
             model.llm = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
         elif full.is_dir():
             model.llm.requires_grad_(trainable)
