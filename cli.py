@@ -232,10 +232,20 @@ def train(
     engine: Annotated[str, typer.Option(help="torch: one process (CPU or one GPU); deepspeed: ZeRO-2 under the "
                                              "deepspeed or torchrun launcher.")] = "torch",
     resume: Annotated[bool, typer.Option(help="Continue exactly from the last checkpoint in --output-dir.")] = False,
+    rebatch: Annotated[bool, typer.Option(
+        help="With --resume: accept another number of processes, batch size or accumulation than the checkpoint's; "
+             "training goes on from the same sample and the schedule is recomputed from the samples seen. "
+             "Without it such a resume is refused, naming what changed.")] = False,
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
 ):
-    """Stage 2: train the LQ-Formers and the LoRA adapter on cached features."""
+    """Stage 2: train the LQ-Formers and the LoRA adapter on cached features.
+
+    Several processes (torchrun / deepspeed launchers) train one model: --engine torch wraps it in
+    DistributedDataParallel, --engine deepspeed in ZeRO-2. Each optimizer step averages the loss over
+    every target token of all its micro-batches on all ranks.
+    """
     from stores import StoreError
+    from xmei.distributed import DeviceError
     from xmei.train import Trainer, TrainError
 
     cfg = _config(config, set_, models)
@@ -244,23 +254,25 @@ def train(
     except ConfigError as e:
         _fail(str(e))
     rank0 = int(os.environ.get("RANK", 0)) == 0
-    fields = TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[clips]:.1f} clips/s")
+    fields = TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[clips]:.1f} clips/s  "
+                        "data wait {task.fields[wait]:.0%}")
     with _progress(fields, unit="steps", disable=not rank0) as bar:
-        task = bar.add_task("training", total=None, loss=float("nan"), lr=0.0, clips=0.0)
+        task = bar.add_task("training", total=None, loss=float("nan"), lr=0.0, clips=0.0, wait=0.0)
 
         def advanced(step: int, total: int, record: dict) -> None:
             if "loss" in record:
                 bar.update(task, completed=step, total=total, loss=record["loss"], lr=record["lr"],
-                           clips=record["clips_per_s"])
+                           clips=record["clips_per_s"], wait=record["data_wait"])
             elif record.get("val_loss") is not None:
                 bar.console.print(f"epoch {record['epoch']}: val loss {record['val_loss']:.4f}")
 
         try:
-            trainer = Trainer(cfg, store, val_store, output_dir, engine=engine, resume=resume, progress=advanced)
+            trainer = Trainer(cfg, store, val_store, output_dir, engine=engine, resume=resume, rebatch=rebatch,
+                              progress=advanced)
             trainer.setup()
             last = trainer.train()
             trainer.cleanup()
-        except (TrainError, StoreError) as e:
+        except (TrainError, StoreError, DeviceError) as e:
             _fail(str(e), 1)
     if rank0:
         console.print(f"done: {trainer.position.step} steps, last loss {last.get('loss', float('nan')):.4f}; "

@@ -16,12 +16,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset, Sampler
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stores import OK, FeatureStore
 from xmei.prompt import PromptBuilder
 
-__all__ = ["EpochSampler", "StoreSamples", "feature_facts"]
+__all__ = ["EpochSampler", "StoreSamples", "feature_facts", "loader"]
 
 FEATURES = {"visual": "video", "audio": "audio"}  # store array -> batch key
 PER_CLIP = ("has_audio",)
@@ -149,3 +150,12 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.samples - self.start, self.world))
+
+
+def loader(data: Dataset, batch_sampler, collate_fn, num_workers: int = 0, pin_memory: bool = False,
+           seed: int = 0) -> DataLoader:
+    """The one DataLoader of training (and of the reader benchmark): whole batches of positions
+    go to ``data.__getitems__``; its own generator, so making an iterator does not draw from the
+    global RNG (exact resume)."""
+    return DataLoader(data, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 from stores import FeatureStore
-from xmei.data import EpochSampler, StoreSamples, feature_facts
+from xmei.data import EpochSampler, StoreSamples, feature_facts, loader
 from xmei.model import CHECKPOINT_FILES, XMEIQwen, XMEISettings
 from xmei.prompt import PromptBuilder, collate
 from xmei.schedule import linear_warmup_cosine_lr
@@ -56,14 +56,14 @@ class Position:
 
 class Trainer:
     def __init__(self, cfg, stores: list[Path], val_store: Path | None, output_dir: Path, engine: str = "torch",
-                 resume: bool = False, progress=None):
+                 resume: bool = False, rebatch: bool = False, progress=None):
         """Check the inputs; nothing heavy happens before :meth:`setup`."""
         if engine not in ("torch", "deepspeed"):
             raise TrainError(f"--engine must be 'torch' or 'deepspeed', got {engine!r}")
         for path in [*stores, *([val_store] if val_store else [])]:
             FeatureStore(path)  # raises StoreError naming the path
         self.cfg, self.stores, self.val_store = cfg, [Path(p) for p in stores], val_store
-        self.output_dir, self.engine_name, self.resume = Path(output_dir), engine, resume
+        self.output_dir, self.engine_name, self.resume, self.rebatch = Path(output_dir), engine, resume, rebatch
         self.progress = progress  # callable(step, total, record) or None
         done = checkpoints(self.output_dir)
         if done and not resume:
@@ -178,12 +178,9 @@ class Trainer:
             dist_init_required=True)
 
     def loader(self, data: StoreSamples, sampler, batch_size: int) -> DataLoader:
-        run = self.cfg.run
-        # its own generator: making an iterator must not draw from the global RNG (exact resume)
-        return DataLoader(data, batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
-                          num_workers=run.num_workers, pin_memory=self.device.type == "cuda",
-                          collate_fn=partial(collate, pad_id=self.model.tokenizer.pad_token_id),
-                          generator=torch.Generator().manual_seed(run.seed))
+        return loader(data, BatchSampler(sampler, batch_size, drop_last=False),
+                      partial(collate, pad_id=self.model.tokenizer.pad_token_id), self.cfg.run.num_workers,
+                      pin_memory=self.device.type == "cuda", seed=self.cfg.run.seed)
 
     # ------------------------------------------------------------------ training
 
