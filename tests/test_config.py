@@ -86,7 +86,7 @@ def test_overrides_are_typed_like_the_file():
     assert cfg.run.init_lr == 1e-4 and cfg.run.warmup_steps == 7 and cfg.run.amp is False
     assert cfg.run.iters_per_epoch is None and cfg.datasets["d"].media_root == Path("/tmp")
     assert cfg.model.llama_model_path == Path("/x/y")
-    with pytest.raises(ConfigError, match=r"run.warmup_steps: expected int, got str 'many'"):
+    with pytest.raises(ConfigError, match=r"run.warmup_steps: expected int or float, got str 'many'"):
         load_config(None, ["run.warmup_steps=many"])
     with pytest.raises(ConfigError, match=r"expected section.key=value"):
         load_config(None, ["warmup_steps=3"])

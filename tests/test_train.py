@@ -102,8 +102,8 @@ def test_a_nan_loss_stops_with_the_last_good_checkpoint_kept(tiny_models, patch_
     t = trainer(tiny_models, [patch_store], out, "run.max_epoch=2", "run.save_every_steps=2")
     real_forward = t.model.forward
 
-    def poisoned(batch):
-        result = real_forward(batch)
+    def poisoned(batch, **kwargs):
+        result = real_forward(batch, **kwargs)
         if t.position.step >= 3:
             result.loss = result.loss * float("nan")
         return result

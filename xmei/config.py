@@ -107,7 +107,7 @@ class RunConfig:
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
     weight_decay: float = 0.05
-    warmup_steps: int = 5000
+    warmup_steps: int | float = 5000  # a count of optimizer steps, or a fraction of the run below 1 (e.g. 0.03)
     max_epoch: int = 60
     iters_per_epoch: int | None = None  # None: one pass over the store
     batch_size_train: int = 16
@@ -325,6 +325,11 @@ def _coerce(value: Any, tp: Any, name: str, problems: list[str], ignored: list[s
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if set(args) == {int, float}:  # a count or a fraction: kept as written
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return value
+            problems.append(f"{name}: expected int or float, got {type(value).__name__} {value!r}")
+            return None
         (tp,) = [a for a in args if a is not type(None)]
         return _coerce(value, tp, name, problems, ignored)
     if dataclasses.is_dataclass(tp):
@@ -384,6 +389,9 @@ def _check_values(cfg: Config) -> list[str]:
     for key in ("warmup_steps", "num_workers", "max_grad_norm"):
         if getattr(r, key) < 0:
             problems.append(f"run.{key}: must be >= 0, got {getattr(r, key)}")
+    if r.warmup_steps >= 1 and r.warmup_steps != int(r.warmup_steps):
+        problems.append(f"run.warmup_steps: a count of steps (an integer) or a fraction of the run below 1, "
+                        f"got {r.warmup_steps}")
     if r.iters_per_epoch is not None and r.iters_per_epoch < 1:
         problems.append(f"run.iters_per_epoch: must be >= 1 or null, got {r.iters_per_epoch}")
     for key in ("init_lr", "min_lr", "warmup_lr", "weight_decay"):

@@ -158,10 +158,13 @@ class XMEIQwen(nn.Module):
             embeds = embeds.masked_scatter(where[..., None], values)  # row-major: query order kept
         return embeds
 
-    def forward(self, batch: dict[str, torch.Tensor]):
-        """Causal-LM output; ``loss`` over the target tokens when ``batch`` has ``labels``."""
+    def forward(self, batch: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None):
+        """Causal-LM output; ``loss`` over the target tokens when ``batch`` has ``labels``: their mean,
+        or their sum divided by ``num_items_in_batch`` when given (the target tokens of a whole
+        optimizer step, all micro-batches and ranks, so each token weighs the same)."""
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         return self.llm(inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"],
-                        labels=batch.get("labels"))
+                        labels=batch.get("labels"), **extra)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
