@@ -88,6 +88,12 @@ def test_overrides_are_typed_like_the_file():
     assert cfg.model.llama_model_path == Path("/x/y")
     with pytest.raises(ConfigError, match=r"run.warmup_steps: expected int or float, got str 'many'"):
         load_config(None, ["run.warmup_steps=many"])
+    assert load_config(None, ["run.warmup_steps=0.03"]).run.warmup_steps == 0.03  # a fraction of the run
+    with pytest.raises(ConfigError, match=r"run.warmup_steps: a count of steps \(an integer\) or a fraction"):
+        load_config(None, ["run.warmup_steps=2.5"])
+    assert load_config(None, ["run.device=cuda:1"]).run.device == "cuda:1"
+    with pytest.raises(ConfigError, match=r"run.device: 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"):
+        load_config(None, ["run.device=gpu0"])
     with pytest.raises(ConfigError, match=r"expected section.key=value"):
         load_config(None, ["warmup_steps=3"])
     with pytest.raises(ConfigError, match=r"run.nope: unknown key"):

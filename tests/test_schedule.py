@@ -27,3 +27,13 @@ def test_no_warmup_and_the_published_flat_case():
     # the published values (init_lr == min_lr == 1e-5) give a flat rate after warm-up: that is the config, not us
     assert linear_warmup_cosine_lr(5000, 9000, 1e-5, 1e-5, 1e-6, 5000) == pytest.approx(1e-5)
     assert linear_warmup_cosine_lr(2500, 9000, 1e-5, 1e-5, 1e-6, 5000) == pytest.approx(5.5e-6)
+
+
+def test_warmup_as_a_fraction_of_the_run_and_a_warning_for_a_long_fixed_one():
+    from xmei.schedule import resolve_warmup
+
+    assert resolve_warmup(0.03, 1000) == (30, None)
+    assert resolve_warmup(0, 1000) == (0, None)
+    assert resolve_warmup(20, 1000) == (20, None)
+    steps, warning = resolve_warmup(5000, 8000)  # the published count on 8 GPUs with the published batch
+    assert steps == 5000 and "covers 62% of the run's 8000 optimizer steps" in warning and "0.03" in warning

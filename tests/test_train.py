@@ -19,7 +19,7 @@ from conftest import config
 from stores import FAILED, FeatureStore
 from xmei.data import EpochSampler, StoreSamples
 from xmei.schedule import linear_warmup_cosine_lr
-from xmei.train import Trainer, TrainError
+from xmei.train import Trainer, TrainError, target_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 XMEI = Path(sys.executable).parent / "xmei"
@@ -135,9 +135,13 @@ def test_output_dir_with_checkpoints_needs_resume(tiny_models, patch_store, tmp_
 
 # ----------------------------------------------------------------------------- exact resume, engines
 
-def cli_train(tiny_models: Path, store: Path, out: Path, *extra: str, env=None, **popen):
-    args = [str(XMEI), "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--models", str(tiny_models),
+def train_program(tiny_models: Path, store: Path, out: Path, *extra: str) -> list[str]:
+    return [str(XMEI), "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--models", str(tiny_models),
             "--store", str(store), "--output-dir", str(out), *[a for s in SMALL for a in ("--set", s)], *extra]
+
+
+def cli_train(tiny_models: Path, store: Path, out: Path, *extra: str, env=None, **popen):
+    args = train_program(tiny_models, store, out, *extra)
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, **popen)
 
@@ -196,17 +200,143 @@ def test_deepspeed_zero2_on_cpu_in_one_process_and_resume(tiny_models, patch_sto
     assert "done: 18 steps" in output and sorted(losses_by_step(out)) == list(range(1, 19))
 
 
-def test_deepspeed_zero2_with_torchrun_on_two_processes(tiny_models, patch_store, tmp_path):
-    out = tmp_path / "ddp"
-    torchrun = Path(sys.executable).parent / "torchrun"
-    args = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(XMEI), "train", "--engine", "deepspeed", "--config", str(ROOT / "configs" / "tiny.yaml"),
-            "--models", str(tiny_models), "--store", str(patch_store), "--output-dir", str(out),
-            *[a for s in (*SMALL, "run.max_epoch=2", "run.save_every_steps=100") for a in ("--set", s)]]
-    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **DS_ENV}, timeout=600)
+# ----------------------------------------------------------------------------- many processes
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+NO_DROPOUT = ("model.lora_dropout=0",)  # tiny.yaml has no LQ-Former dropout: runs differ only by their data split
+
+
+def sets_args(*sets: str) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def torchrun(nproc: int, program: list[str], timeout: int = 600):
+    """(finished process, wall seconds) of ``program`` on ``nproc`` gloo processes."""
+    args = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
+            str(free_port()), *program]
+    start = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **DS_ENV}, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def trained_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights (LQ-Formers, projections, adapter) of a run's last checkpoint."""
+    from safetensors.torch import load_file
+
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    return {**load_file(last / "trainable.safetensors"), **load_file(last / "adapter" / "adapter_model.safetensors")}
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_two_processes_train_exactly_as_one_with_twice_the_batch(engine, tiny_models, patch_store, tmp_path):
+    sets = ("run.max_epoch=1", "run.save_every_steps=100", "run.warmup_steps=1", *NO_DROPOUT)
+    # one process, no launcher (DeepSpeed included: it sets the rank variables itself), batch 8
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(cli_train(tiny_models, patch_store, one, "--engine", engine, *sets_args(*sets, "run.batch_size_train=8"),
+                     env={"DS_ACCELERATOR": "cpu"}))
+    proc, _ = torchrun(2, train_program(tiny_models, patch_store, two, "--engine", engine, *sets_args(*sets)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    losses = losses_by_step(out)
-    assert sorted(losses) == list(range(1, 7))  # 24 clips / (4 per process x 2 processes) = 3 steps an epoch
-    assert all(np.isfinite(list(losses.values())))
-    assert (out / "checkpoints" / "step_0000006" / "trainable.safetensors").is_file()
-    assert len(list((out / "checkpoints" / "step_0000006" / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
+    a, b = [r for r in read_log(one) if "loss" in r], [r for r in read_log(two) if "loss" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]  # 24 clips / 8 a step
+    for key in ("loss", "grad_norm"):  # AdamW hides a gradient's scale; its norm does not
+        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5, err_msg=key)
+    assert [r["target_tokens"] for r in b] == [r["target_tokens"] for r in a]
+    wa, wb = trained_weights(one), trained_weights(two)
+    assert wa.keys() == wb.keys()
+    for key in wa:  # float noise only: a step moves weights by up to lr = 2e-3
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=3e-5, msg=key)
+    state = torch.load(two / "checkpoints" / "step_0000003" / "trainer_state.pt", weights_only=True)
+    assert state["shape"] == {"world": 2, "batch_size_train": 4, "gradient_accumulation_steps": 1}
+    assert len(state["rng"]) == 2  # each rank's RNG
+    if engine == "deepspeed":  # each rank wrote its share of the ZeRO-2 optimizer state
+        assert len(list((two / "checkpoints" / "step_0000003" / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
+
+
+def test_micro_batches_weigh_each_target_token_as_one_batch_does(tiny_models, patch_store, tmp_path):
+    """Accumulating 2 x 4 gives the gradient of one batch of 8, though the two micro-batches hold
+    different numbers of target tokens (a mean of their means would weigh tokens unequally)."""
+    grads, losses = {}, {}
+    for name, sets in (("one", ("run.batch_size_train=8",)),
+                       ("accumulated", ("run.batch_size_train=4", "run.gradient_accumulation_steps=2"))):
+        t = trainer(tiny_models, [patch_store], tmp_path / name, "run.max_epoch=1", "run.max_grad_norm=0",
+                    "run.warmup_steps=0.5", *NO_DROPOUT, *sets)
+        assert t.warmup_steps == 2  # half of the run's 3 steps, rounded
+        t.optimizer.step = t.optimizer.zero_grad = lambda *a, **k: None  # keep the first step's gradients
+        t.sampler.set_epoch(0)
+        batches = list(t.loader(t.train_data, t.sampler, t.cfg.run.batch_size_train))
+        losses[name] = t._step(t.model, iter(batches))["loss"]
+        params = {n: p for n, p in t.model.named_parameters() if p.requires_grad}
+        grads[name] = {n: p.grad for n, p in params.items()}
+        if name == "accumulated":  # what a mean of the micro-batches' means would give
+            counts = [target_tokens(b["labels"]) for b in batches[:2]]
+            means = torch.autograd.grad(sum(t.model(b).loss for b in batches[:2]) / 2, list(params.values()),
+                                        allow_unused=True)
+    assert counts[0] != counts[1]
+    assert losses["accumulated"] == pytest.approx(losses["one"], rel=1e-5)
+    assert grads["one"].keys() == grads["accumulated"].keys()
+    for key in grads["one"]:
+        torch.testing.assert_close(grads["accumulated"][key], grads["one"][key], rtol=1e-4, atol=1e-7, msg=key)
+    naive = torch.cat([g.flatten() for g in means if g is not None])
+    exact = torch.cat([g.flatten() for g, m in zip(grads["one"].values(), means) if m is not None])
+    assert not torch.allclose(naive, exact, rtol=1e-3, atol=1e-7)  # the test tells the two apart
+
+
+NAN_ON_RANK_ONE = """
+import sys
+from pathlib import Path
+from xmei.config import load_config
+from xmei.train import Trainer, TrainError, target_tokens
+
+config, models, store, out, *sets = sys.argv[1:]
+t = Trainer(load_config(config, sets, models_dir=models), [Path(store)], None, Path(out))
+t.setup()
+if t.rank == 1:  # a non-finite loss on this rank only, from the third step on
+    forward = t.model.forward
+    def poisoned(batch, **kwargs):
+        result = forward(batch, **kwargs)
+        if t.position.step >= 2:
+            result.loss = result.loss * float("nan")
+        return result
+    t.model.forward = poisoned
+try:
+    t.train()
+except TrainError as e:
+    print(f"rank {t.rank} stopped: {e}", flush=True)
+    sys.exit(3)
+finally:
+    t.cleanup()
+"""
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_once(tiny_models, patch_store, tmp_path):
+    script, out = tmp_path / "nan_on_rank_one.py", tmp_path / "run"
+    script.write_text(NAN_ON_RANK_ONE)
+    proc, seconds = torchrun(2, [str(script), str(ROOT / "configs" / "tiny.yaml"), str(tiny_models),
+                                 str(patch_store), str(out), *SMALL, "run.max_epoch=2", "run.save_every_steps=1"])
+    assert proc.returncode != 0
+    for rank in (0, 1):  # both ranks stop on the same step with the same error, none waits for the other
+        assert f"rank {rank} stopped: loss is nan at step 3 (epoch 0)" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert seconds < 240  # start-up included; a rank left waiting would hang until gloo's 30-minute timeout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]  # the good ones
+
+
+def test_resume_with_another_batch_is_refused_or_goes_on_from_the_same_sample(tiny_models, patch_store, tmp_path):
+    out = tmp_path / "run"
+    t = trainer(tiny_models, [patch_store], out, "run.max_epoch=1", "run.save_every_steps=3")
+    t.train()  # batch 4: 6 steps of 4, a checkpoint at step 3 (12 samples) and at the end
+    t.cleanup()
+    shutil.rmtree(out / "checkpoints" / "step_0000006")  # as if killed after step 5
+    logged = len(read_log(out))
+    cfg = config(tiny_models, *SMALL, "run.max_epoch=1", "run.batch_size_train=6")
+    with pytest.raises(TrainError, match=r"1 process\(es\) x batch 4 x accumulation 1 = 4 samples a step; this run "
+                                         r"has 1 process\(es\) x batch 6 .* \(batch_size_train 4 -> 6\)\. .*--rebatch"):
+        Trainer(cfg, [patch_store], None, out, resume=True).setup()
+    t = Trainer(cfg, [patch_store], None, out, resume=True, rebatch=True)
+    t.setup()
+    assert (t.position.samples, t.position.samples_in_epoch, t.position.step) == (12, 12, 2)  # 12 samples = 2 steps of 6
+    t.train()
+    t.cleanup()
+    resumed = [r for r in read_log(out)[logged:] if "loss" in r]
+    assert [(r["step"], r["samples"]) for r in resumed] == [(3, 18), (4, 24)]  # samples 12-23 of the epoch, once
+    for r in resumed:  # the schedule of a 4-step run, at the step the samples seen make
+        assert r["lr"] == pytest.approx(linear_warmup_cosine_lr(r["step"] - 1, 4, 2e-3, 1e-4, 1e-5, 3))

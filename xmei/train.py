@@ -288,10 +288,10 @@ class Trainer:
                              f"the last good checkpoint is kept in {self.output_dir}")
         if self.engine:
             self.engine.step()  # clips, steps the optimizer and the scheduler at the accumulation boundary
+            grad_norm = float(self.engine.get_global_grad_norm())
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            if self.cfg.run.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.run.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.run.max_grad_norm or float("inf")).item()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -300,6 +300,7 @@ class Trainer:
         self.position.samples += self.shape.samples_per_step
         seconds = time.perf_counter() - start
         record = {"step": self.position.step, "epoch": self.position.epoch, "loss": step_loss, "lr": lr,
+                  "grad_norm": grad_norm,  # before clipping
                   "samples": self.position.samples, "clips_per_s": counts[1].item() / seconds,
                   "tokens": int(counts[2].item()), "target_tokens": int(counts[0].item()),
                   "data_wait": counts[3].item() / self.world / seconds, "seconds": seconds}

@@ -1,0 +1,78 @@
+"""The device policy and the launcher's variables (the collectives are exercised by the
+2-process training and evaluation tests)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from xmei.distributed import DeviceError, llm_dtype, resolve_device, single_process_env
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_device_policy_with_gpus(monkeypatch):
+    gpus(monkeypatch, 4)
+    assert resolve_device("auto", local_rank=2) == torch.device("cuda:2")  # the local rank's GPU
+    assert resolve_device("cuda", local_rank=3) == torch.device("cuda:3")
+    assert resolve_device("cuda:1", local_rank=3) == torch.device("cuda:1")
+    assert resolve_device("cpu", local_rank=2) == torch.device("cpu")
+    with pytest.raises(DeviceError, match=r"'cuda:4': this machine has 4 GPU\(s\) visible"):
+        resolve_device("cuda:4")
+    with pytest.raises(DeviceError, match="this is local rank 5"):
+        resolve_device("cuda", local_rank=5)
+    assert resolve_device("auto", local_rank=5) == torch.device("cpu")  # more ranks than GPUs: auto falls back
+    with pytest.raises(DeviceError, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    with pytest.raises(DeviceError, match="expected cuda:N"):
+        resolve_device("cuda:x")
+
+
+def test_device_policy_without_gpus(monkeypatch):
+    gpus(monkeypatch, 0)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(DeviceError, match=r"0 GPU\(s\)"):
+        resolve_device("cuda")
+    assert llm_dtype(torch.device("cpu")) == torch.float32 and llm_dtype(torch.device("cuda:0")) == torch.bfloat16
+
+
+def test_single_process_env_sets_only_what_no_launcher_set(monkeypatch):
+    for key in LAUNCHER:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.2")
+    values = single_process_env()
+    assert set(values) == {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"}
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.2")
+    assert single_process_env() == {}  # a launcher's (or an earlier call's) variables are kept
+
+
+def test_the_model_is_built_on_its_device(tiny_models):
+    from conftest import config
+    from xmei.model import XMEIQwen, XMEISettings
+
+    cfg = config(tiny_models)
+    facts = dict(visual_size=64, audio_size=64, num_frames=8, num_audio_clips=8, caption_tokens=16)
+    model = XMEIQwen(XMEISettings.from_config(cfg, caption_vocab_size=30522, **facts), device="cpu")
+    assert {p.device for p in model.parameters()} == {torch.device("cpu")}
+    assert model.llm.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(tiny_models, patch_store, tmp_path):
+    xmei = Path(sys.executable).parent / "xmei"
+    for device, expected in (("cuda:3", "device 'cuda:3': this machine has 0 GPU(s) visible"),
+                             ("gpu", "run.device: 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'")):
+        proc = subprocess.run([str(xmei), "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--models",
+                               str(tiny_models), "--store", str(patch_store), "--output-dir", str(tmp_path / device),
+                               "--set", f"run.device={device}"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and expected in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr + proc.stdout
