@@ -246,7 +246,7 @@ def train(
     """
     from stores import StoreError
     from xmei.distributed import DeviceError
-    from xmei.train import Trainer, TrainError
+    from xmei.train import Trainer, TrainError, TrainWarning
 
     cfg = _config(config, set_, models)
     try:
@@ -266,14 +266,21 @@ def train(
             elif record.get("val_loss") is not None:
                 bar.console.print(f"epoch {record['epoch']}: val loss {record['val_loss']:.4f}")
 
+        trainer = None
         try:
             trainer = Trainer(cfg, store, val_store, output_dir, engine=engine, resume=resume, rebatch=rebatch,
                               progress=advanced)
-            trainer.setup()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", TrainWarning)
+                trainer.setup()
+            for w in caught:
+                bar.console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
             last = trainer.train()
-            trainer.cleanup()
         except (TrainError, StoreError, DeviceError) as e:
             _fail(str(e), 1)
+        finally:
+            if trainer is not None:
+                trainer.cleanup()
     if rank0:
         console.print(f"done: {trainer.position.step} steps, last loss {last.get('loss', float('nan')):.4f}; "
                       f"checkpoints in {output_dir / 'checkpoints'}, log {output_dir / 'logs' / 'train.jsonl'}")
@@ -297,23 +304,34 @@ def eval_cmd(
     """Generate for every ok clip of a store, then score: classification and the six explanation metrics.
 
     Greedy decoding by default (eval.num_beams > 1: beam search). The config defaults to the one
-    saved with the checkpoint; eval.* keys name the local BERTScore / BLEURT models.
+    saved with the checkpoint; eval.* keys name the local BERTScore / BLEURT models. On run.device;
+    under `torchrun --nproc_per_node N $(which xmei) eval ...` the ranks share the batches and
+    rank 0 scores and writes (the same predictions as one process).
     """
-    from stores import OK, FeatureStore
+    from xmei.distributed import DeviceError, Distributed
     from xmei.evaluate import score, write_predictions, write_report
-    from xmei.generate import GenerationSettings, generate_store
+    from xmei.generate import GenerationSettings, generate_store, generation_config
     from xmei.model import XMEIQwen
 
     cfg = _checkpoint_config(checkpoint, config, set_, models)
-    model = XMEIQwen.from_checkpoint(checkpoint)
-    generation = GenerationSettings(cfg.eval.max_new_tokens, cfg.eval.num_beams, cfg.run.batch_size_eval)
-    with _progress() as bar:
-        task = bar.add_task("generating", total=int((FeatureStore(store).status() == OK).sum()))
-        rows, rate = generate_store(model, store, cfg.emotions, cfg.intents, generation,
-                                    progress=lambda n: bar.advance(task, n))
+    _open_store(store)  # a wrong path: an error naming it, before the model loads
+    try:
+        dist = Distributed.start(cfg.run.device)
+    except DeviceError as e:
+        _fail(str(e), 1)
+    model = XMEIQwen.from_checkpoint(checkpoint, device=dist.device)
+    generation = GenerationSettings.from_config(cfg)
+    with _progress(disable=not dist.main) as bar:
+        task = bar.add_task(f"generating ({dist.world} processes)" if dist.world > 1 else "generating", total=None)
+        rows, rate = generate_store(model, store, cfg.emotions, cfg.intents, generation, dist=dist,
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+    dist.close()
+    if not dist.main:  # rank 0 scores and writes
+        return
     write_predictions(rows, out / "predictions.jsonl")
     results = score(rows, cfg.emotions, cfg.intents, cfg.eval)
-    results.update({"clips_per_s": rate, "checkpoint": str(checkpoint), "store": str(store), "model": "XMEI-Qwen"})
+    results.update({"clips_per_s": rate, "checkpoint": str(checkpoint), "store": str(store), "model": "XMEI-Qwen",
+                    "generation": generation_config(model, generation).to_diff_dict()})
     report = write_report(results, out, cfg.emotions, cfg.intents, f"xmei eval: {store.name}")
     _print_results(results)
     console.print(f"predictions {out / 'predictions.jsonl'}, results {out / 'results.json'}, report {report}")
@@ -351,6 +369,8 @@ def _print_results(results: dict) -> None:
     for name, value in results["explanation"].items():
         metrics.add_row(name, f"{value['value']:.4f}" if "value" in value else f"unavailable: {value['unavailable']}")
     console.print(metrics)
+    if "cut_off" in results:
+        console.print(f"cut off at max_new_tokens: {results['cut_off']} of {results['count']} answers")
 
 
 @app.command()
@@ -366,18 +386,23 @@ def predict(
 ):
     """Emotion, intent and explanation of one raw clip: stage 1's own decoding and encoders, then the model."""
     from pipeline.decode import MediaError
+    from xmei.distributed import DeviceError, Distributed
     from xmei.predict import predict_clip
 
     cfg = _checkpoint_config(checkpoint, config, set_, models)
     try:
-        result = predict_clip(cfg, checkpoint, video, audio, subtitle, video_description, audio_description)
+        device = Distributed.start(cfg.run.device).device
+        result = predict_clip(cfg, checkpoint, video, audio, subtitle, video_description, audio_description, device)
+    except DeviceError as e:
+        _fail(str(e), 1)
     except MediaError as e:
         _fail(f"cannot read the clip: {e}", 1)
     if as_json:
         console.print_json(data=result)
         return
     console.print(f"emotion: {result['emotion'] or 'invalid (unparsed)'}\nintent: {result['intent'] or 'invalid (unparsed)'}"
-                  f"\nexplanation: {result['explanation']}")
+                  f"\nexplanation: {result['explanation']}"
+                  + ("\n(the answer was cut off at eval.max_new_tokens)" if result["cut_off"] else ""))
 
 
 @app.command()
@@ -395,14 +420,19 @@ def attention(
     from pipeline.decode import MediaError
     from stores import FeatureStore
     from xmei.attention import draw_attention
+    from xmei.distributed import DeviceError, Distributed
 
     cfg = _checkpoint_config(checkpoint[0], config, set_, models)
+    try:
+        device = Distributed.start(cfg.run.device).device
+    except DeviceError as e:
+        _fail(str(e), 1)
     root = _media_root(cfg, media_root, Path(FeatureStore(store).attrs.get("annotations", ".")))
     if root is None:
         _fail("no media root: give --media-root")
     for video_id in clip:
         try:
-            path = draw_attention(checkpoint, store, video_id, root, out)
+            path = draw_attention(checkpoint, store, video_id, root, out, device)
         except (KeyError, ValueError, MediaError) as e:
             _fail(str(e), 1)
         console.print(f"wrote {path}")

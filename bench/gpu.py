@@ -1,7 +1,7 @@
 """Full-size XMEI-Qwen on one GPU with random weights: extraction clips/s, LoRA training tokens/s
-under DeepSpeed ZeRO-2, and peak GPU memory, printed as one table. Nothing is downloaded: the
-architectures come from their published configs (CLIP ViT-L/14, HuBERT-Large, Qwen2.5-7B),
-initialised at random in bf16.
+under DeepSpeed ZeRO-2, peak GPU memory and evaluation (generation) clips/s, printed as one table.
+Nothing is downloaded: the architectures come from their published configs (CLIP ViT-L/14,
+HuBERT-Large, Qwen2.5-7B), initialised at random in bf16, on ``run.device``.
 
     bash bench/gpu.sh                       # on a GPU machine, within 8 minutes
     python bench/gpu.py --scale tiny        # the same code path on CPU with the tiny models (a check)
@@ -9,7 +9,6 @@ initialised at random in bf16.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -62,26 +61,26 @@ def bench_train(cfg, store: Path, scale: str, steps: int) -> dict:
 
     from stores import FeatureStore
     from xmei.data import StoreSamples, feature_facts
+    from xmei.distributed import Distributed, single_process_env
     from xmei.model import XMEIQwen, XMEISettings
     from xmei.prompt import PromptBuilder, collate
 
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29517")):
-        os.environ.setdefault(key, value)  # one process, no launcher
-    cuda = torch.cuda.is_available()
+    single_process_env()  # one process, no launcher
+    device = Distributed.start(cfg.run.device).device
+    cuda = device.type == "cuda"
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.model.llama_model_path))
     caption_vocab = len(AutoTokenizer.from_pretrained(str(cfg.model.caption_tokenizer_path)))
     settings = XMEISettings.from_config(cfg, caption_vocab_size=caption_vocab, **feature_facts(FeatureStore(store)))
     if scale == "full":  # built in bf16 on the GPU directly: no 30 GB fp32 copy first
         torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
+        with device:
             llm = Qwen2ForCausalLM(Qwen2Config(**QWEN25_7B))
         torch.set_default_dtype(torch.float32)
     else:
         from transformers import AutoModelForCausalLM
 
-        llm = AutoModelForCausalLM.from_pretrained(str(cfg.model.llama_model_path))
-    model = XMEIQwen(settings, llm, tokenizer).to("cuda" if cuda else "cpu")
+        llm = AutoModelForCausalLM.from_pretrained(str(cfg.model.llama_model_path), device_map={"": device})
+    model = XMEIQwen(settings, llm, tokenizer)  # the LQ-Formers and projections follow the LLM's device
     trainable = [p for p in model.parameters() if p.requires_grad]
     config = {"train_micro_batch_size_per_gpu": cfg.run.batch_size_train, "gradient_accumulation_steps": 1,
               "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "bf16": {"enabled": cuda},
@@ -92,7 +91,6 @@ def bench_train(cfg, store: Path, scale: str, steps: int) -> dict:
     batches = [collate(data.__getitems__([(i * cfg.run.batch_size_train + j) % len(data)
                                           for j in range(cfg.run.batch_size_train)]), tokenizer.pad_token_id)
                for i in range(steps + 1)]
-    device = engine.device
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     tokens, start = 0, None
@@ -111,9 +109,22 @@ def bench_train(cfg, store: Path, scale: str, steps: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    eval_clips_per_s = bench_eval(cfg, engine.module, store, cuda)
     return {"steps": steps, "tokens_per_s": tokens / seconds, "seconds": seconds, "loss": float(loss),
+            "eval_clips_per_s": eval_clips_per_s,
             "trainable": sum(p.numel() for p in trainable),
-            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")}
+            "peak_gb": peak_gb}
+
+
+def bench_eval(cfg, model, store: Path, cuda: bool) -> float:
+    """`xmei eval`'s generation over the store (greedy, KV cache, batch_size_eval): clips/s."""
+    from xmei.generate import GenerationSettings, generate_store
+
+    settings = GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens, num_beams=1, batch_size=cfg.run.batch_size_eval)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # ZeRO's bf16 made the LQ-Formers bf16 too
+        _, clips_per_s = generate_store(model, store, cfg.emotions, cfg.intents, settings)
+    return clips_per_s
 
 
 def main() -> None:
@@ -146,7 +157,9 @@ def main() -> None:
             ("LoRA training tokens/s (ZeRO-2, bf16)", f"{training['tokens_per_s']:.0f}"),
             ("training step s", f"{training['seconds'] / training['steps']:.2f}"),
             ("trainable parameters", f"{training['trainable']:,}"),
-            ("peak GPU memory GiB", f"{training['peak_gb']:.1f}"), ("last loss", f"{training['loss']:.3f}")]
+            ("peak GPU memory GiB (training)", f"{training['peak_gb']:.1f}"),
+            ("eval clips/s (greedy generation, KV cache)", f"{training['eval_clips_per_s']:.2f}"),
+            ("last loss", f"{training['loss']:.3f}")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -47,3 +47,4 @@ def test_gpu_benchmark_code_path_on_cpu():
     table = {k.strip(): v.strip() for k, v in table.items()}
     assert table["scale"] == "tiny" and float(table["extraction clips/s (CLIP + HuBERT, decode included)"]) > 0
     assert float(table["LoRA training tokens/s (ZeRO-2, bf16)"]) > 0
+    assert float(table["eval clips/s (greedy generation, KV cache)"]) > 0

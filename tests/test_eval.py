@@ -57,8 +57,8 @@ def xmei(*args, check: bool = True) -> subprocess.CompletedProcess:
 def test_eval_writes_every_metric_and_score_reproduces_it(checkpoint, patch_store, metric_models, tmp_path):
     xmei("eval", "--checkpoint", checkpoint, "--store", patch_store, "--out", tmp_path / "eval", *metric_models)
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 24 and {"video_id", "text", "emotion", "intent", "explanation", "ref_emotion", "ref_intent",
-                                "ref_explanation"} <= rows[0].keys()
+    assert len(rows) == 24 and {"video_id", "text", "cut_off", "emotion", "intent", "explanation", "ref_emotion",
+                                "ref_intent", "ref_explanation"} <= rows[0].keys()
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     for kind in ("emotion", "intent"):
         r = results[kind]
@@ -67,6 +67,7 @@ def test_eval_writes_every_metric_and_score_reproduces_it(checkpoint, patch_stor
         assert r["invalid"] == invalid  # unparsed answers are counted, never mapped to a label
         assert (tmp_path / "eval" / f"confusion_{kind}.png").stat().st_size > 1000
     assert {"both_correct", "hm_weighted_f1"} <= results["joint"].keys() and results["clips_per_s"] > 0
+    assert results["cut_off"] == sum(row["cut_off"] for row in rows) and results["generation"]["max_new_tokens"] == 48
     assert list(results["explanation"]) == ["bleu4", "meteor", "rouge_l", "cider_d", "bertscore", "bleurt"]
     for name, value in results["explanation"].items():
         assert isinstance(value.get("value"), float), (name, value)  # all six computed here
@@ -75,7 +76,7 @@ def test_eval_writes_every_metric_and_score_reproduces_it(checkpoint, patch_stor
 
     xmei("score", tmp_path / "eval" / "predictions.jsonl", "--out", tmp_path / "score", *metric_models)
     again = json.loads((tmp_path / "score" / "results.json").read_text())
-    for key in ("emotion", "intent", "joint", "explanation", "count"):
+    for key in ("emotion", "intent", "joint", "explanation", "count", "cut_off"):
         assert again[key] == results[key], key
 
 
@@ -88,6 +89,7 @@ def test_score_reports_unavailable_metrics_and_still_completes(checkpoint, patch
     xmei("score", path, "--out", tmp_path / "out", "--set", f"eval.bleurt_checkpoint={tmp_path / 'nowhere'}")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["emotion"]["accuracy"] == 0.5 and results["emotion"]["invalid"] == 2
+    assert "cut_off" not in results  # a baseline's rows do not say
     assert "not set" in results["explanation"]["bertscore"]["unavailable"]
     assert "does not exist" in results["explanation"]["bleurt"]["unavailable"]
     assert isinstance(results["explanation"]["bleu4"]["value"], float)
@@ -108,6 +110,7 @@ def test_predict_on_a_raw_mp4(checkpoint, corpus):
                   "--video-description", "A face.", "--checkpoint", checkpoint, "--json")
     out = json.loads(result.stdout)
     assert {"emotion", "intent", "explanation", "text"} <= out.keys() and out["has_audio"] is True
+    assert isinstance(out["cut_off"], bool)
     assert out["emotion"] is None or out["emotion"] in config_labels("emotions")
     missing = xmei("predict", corpus / "videos" / "nothing.mp4", "--subtitle", "hi", "--checkpoint", checkpoint,
                    check=False)

@@ -24,15 +24,16 @@ __all__ = ["attention_maps", "draw_attention"]
 
 def attention_maps(model: XMEIQwen, clip: dict) -> dict[str, np.ndarray]:
     """{group name: (F, P, P) attention over each frame's patches} for one store clip."""
-    video = torch.as_tensor(np.asarray(clip["visual"]))[None].float()  # (1, F, T, D)
+    device = next(model.video_lqformer.parameters()).device
+    video = torch.as_tensor(np.asarray(clip["visual"]))[None].float().to(device)  # (1, F, T, D)
     if video.dim() != 4:
         raise ValueError("attention maps need patch features (extract.visual_tokens: patch), "
                          f"this store holds {tuple(video.shape[1:])} per clip")
-    ids = torch.as_tensor(np.asarray(clip["video_caption_ids"]))[None].long()
-    mask = torch.as_tensor(np.asarray(clip["video_caption_mask"]))[None].long()
+    ids = torch.as_tensor(np.asarray(clip["video_caption_ids"]))[None].long().to(device)
+    mask = torch.as_tensor(np.asarray(clip["video_caption_mask"]))[None].long().to(device)
     with torch.no_grad():
         out = model.video_lqformer.eval()(video, ids, mask, output_attentions=True)
-    weights = torch.stack(out.cross_attentions).mean((0, 2))[0]  # (layers, B, heads, Q, K) -> (Q, K)
+    weights = torch.stack(out.cross_attentions).mean((0, 2))[0].float().cpu()  # (layers, B, heads, Q, K) -> (Q, K)
     frames, tokens = video.shape[1], video.shape[2]
     side = int(round((tokens - 1) ** 0.5))
     if side * side != tokens - 1:
@@ -54,8 +55,9 @@ def _crop(frame: np.ndarray, size: int = 224) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
-def draw_attention(checkpoints: list[Path], store_path: Path, video_id: str, media_root: Path, out: Path) -> Path:
-    """One PNG: the sampled frames, then for each checkpoint a row per query group."""
+def draw_attention(checkpoints: list[Path], store_path: Path, video_id: str, media_root: Path, out: Path,
+                   device: torch.device | str = "cpu") -> Path:
+    """One PNG: the sampled frames, then for each checkpoint (loaded onto ``device``) a row per query group."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +71,7 @@ def draw_attention(checkpoints: list[Path], store_path: Path, video_id: str, med
     frames = read_frames(media_root / str(clip["video_path"]), np.asarray(clip["visual"]).shape[0])
     rows: list[tuple[str, np.ndarray | None]] = [("frames", None)]
     for checkpoint in checkpoints:
-        model = XMEIQwen.from_checkpoint(checkpoint)
+        model = XMEIQwen.from_checkpoint(checkpoint, device=device)
         for group, maps in attention_maps(model, clip).items():
             rows.append((f"{Path(checkpoint).name} ({model.settings.query_mode})\n{group}", maps))
     cols = len(frames)

@@ -43,8 +43,9 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
     from pipeline.synth import synth_corpus, text_corpus
     from pipeline.tiny_models import build_tiny_models
     from xmei.attention import draw_attention
+    from xmei.distributed import Distributed
     from xmei.evaluate import score, write_predictions, write_report
-    from xmei.generate import GenerationSettings, generate_store
+    from xmei.generate import GenerationSettings, generate_store, generation_config
     from xmei.model import XMEIQwen
     from xmei.train import Trainer, checkpoints
 
@@ -88,24 +89,25 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
         finished[mode] = checkpoints(run_dir)[-1]
 
     results = {}
-    generation = GenerationSettings(cfg.eval.max_new_tokens, cfg.eval.num_beams, cfg.run.batch_size_eval)
+    generation, device = GenerationSettings.from_config(cfg), Distributed.start(cfg.run.device).device
     for name, mode, zero in (("language", "language", False), ("features zeroed", "language", True),
                              ("learned queries", "learned", False)):
         _step(say, f"eval: {name}")
-        model = XMEIQwen.from_checkpoint(finished[mode])
+        model = XMEIQwen.from_checkpoint(finished[mode], device=device)
         rows, rate = generate_store(model, stores / "test", cfg.emotions, cfg.intents, generation,
                                     zero_features=zero)
         folder = out / "eval" / name.replace(" ", "_")
         write_predictions(rows, folder / "predictions.jsonl")
         result = score(rows, cfg.emotions, cfg.intents, cfg.eval)
-        result.update({"clips_per_s": rate, "checkpoint": str(finished[mode]), "model": f"XMEI-Qwen tiny ({name})"})
+        result.update({"clips_per_s": rate, "checkpoint": str(finished[mode]), "model": f"XMEI-Qwen tiny ({name})",
+                       "generation": generation_config(model, generation).to_diff_dict()})
         write_report(result, folder, cfg.emotions, cfg.intents, f"xmei demo: {name}")
         results[name] = result
 
     _step(say, "attention map")
     clip = _ok_ids(stores / "test")[0]
     attention = draw_attention([finished["language"], finished["learned"]], stores / "test", clip, data,
-                               out / "eval")
+                               out / "eval", device)
     summary = {"results": {k: {"emotion_accuracy": v["emotion"]["accuracy"], "intent_accuracy": v["intent"]["accuracy"],
                                "emotion_weighted_f1": v["emotion"]["weighted_f1"],
                                "intent_weighted_f1": v["intent"]["weighted_f1"],

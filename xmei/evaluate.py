@@ -2,8 +2,10 @@
 the report. `xmei eval` generates then scores; `xmei score` scores an existing predictions file
 (a baseline's, say) with the very same function, so both give the same numbers.
 
-predictions.jsonl, one JSON a line: video_id, text (raw), emotion, intent, explanation (parsed;
-emotion / intent null when the answer could not be parsed), ref_emotion, ref_intent, ref_explanation.
+predictions.jsonl, one JSON a line: video_id, text (raw), cut_off (true: generation reached
+max_new_tokens before the end-of-turn token; absent from older files and baselines), emotion,
+intent, explanation (parsed; emotion / intent null when the answer could not be parsed),
+ref_emotion, ref_intent, ref_explanation.
 """
 from __future__ import annotations
 
@@ -47,8 +49,11 @@ def read_predictions(path: Path) -> list[dict]:
 
 
 def score(rows: list[dict], emotions, intents, eval_cfg) -> dict[str, Any]:
-    """Every classification and explanation metric of ``rows``."""
+    """Every classification and explanation metric of ``rows`` (and how many answers were cut off,
+    when the rows say)."""
     results: dict[str, Any] = {"count": len(rows)}
+    if any("cut_off" in r for r in rows):
+        results["cut_off"] = sum(bool(r.get("cut_off")) for r in rows)
     correct = {}
     for kind, labels in (("emotion", emotions), ("intent", intents)):
         refs = [labels.normalize(r[f"ref_{kind}"]) or r[f"ref_{kind}"] for r in rows]
@@ -68,7 +73,8 @@ def write_report(results: dict[str, Any], out: Path, emotions, intents, title: s
     for kind, labels in (("emotion", emotions), ("intent", intents)):
         plot_confusion(results[kind], labels.labels, out / f"confusion_{kind}.png", f"{title}: {kind}")
     lines = [f"# {title}", "", f"{results['count']} clips" +
-             (f", {results['clips_per_s']:.2f} clips/s" if "clips_per_s" in results else ""), "",
+             (f", {results['clips_per_s']:.2f} clips/s" if "clips_per_s" in results else "") +
+             (f", {results['cut_off']} answers cut off at max_new_tokens" if "cut_off" in results else ""), "",
              "## Explanation", "", "| Model | " + " | ".join(TITLES[m] for m in PUBLISHED_ORDER) + " |",
              "|---" * (len(PUBLISHED_ORDER) + 1) + "|",
              f"| {results.get('model', 'this run')} | " + " | ".join(_cell(results["explanation"][m])

@@ -1,32 +1,69 @@
 """Generation from a checkpoint: over a store split (`xmei eval`) or one raw clip (`xmei predict`).
 
 Prompts are left-padded into batches and decoded with the KV cache, greedily (``num_beams`` 1)
-or by beam search; the answer is parsed into emotion / intent / explanation.
+or by beam search, under a generation config built here in full (never the LLM folder's
+generation_config.json); the answer is parsed into emotion / intent / explanation. An answer
+with no end-of-turn token among its ``max_new_tokens`` is flagged ``cut_off``.
+
+Under ``torchrun`` the store's batches (the very batches of one process) are dealt out, batch j
+to rank j % world, and rank 0 puts every rank's rows back in store order: the same predictions
+as one process.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader
+from transformers import GenerationConfig
 
-from xmei.data import EpochSampler, StoreSamples
+from xmei.data import StoreSamples
+from xmei.distributed import Distributed
 from xmei.model import XMEIQwen
 from xmei.parse import parse_answer
 from xmei.prompt import PromptBuilder
 
-__all__ = ["GenerationSettings", "answer", "generate_store", "prompt_batch"]
+__all__ = ["Answer", "GenerationSettings", "answer", "generate_store", "generation_config", "prompt_batch"]
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """What the generation config is built from (eval.* of the run config), and the batch size."""
+
     max_new_tokens: int = 128
     num_beams: int = 1  # 1: greedy
     batch_size: int = 16
+
+    @classmethod
+    def from_config(cls, cfg, batch_size: int | None = None) -> "GenerationSettings":
+        """eval.max_new_tokens, eval.num_beams and (unless given) run.batch_size_eval."""
+        return cls(cfg.eval.max_new_tokens, cfg.eval.num_beams,
+                   cfg.run.batch_size_eval if batch_size is None else batch_size)
+
+
+class Answer(NamedTuple):
+    text: str  # special tokens dropped
+    cut_off: bool  # max_new_tokens reached without an end-of-turn token
+
+
+def generation_config(model: XMEIQwen, settings: GenerationSettings) -> GenerationConfig:
+    """Greedy or beam search with every field that shapes the answer set here, and installed as the
+    base LLM's own ``generation_config`` as well: ``generate()`` fills each field left unset in
+    the config it is given from the model's, which comes from the LLM folder's file."""
+    tokenizer = model.tokenizer
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False,
+        temperature=1.0, top_k=50, top_p=1.0,  # sampling only: the library's neutral defaults
+        repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0, num_return_sequences=1,
+        eos_token_id=tokenizer.eos_token_id,  # the end of the assistant's turn (<|im_end|> for Qwen chat)
+        pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm  # under peft
+    llm.generation_config = config
+    return config
 
 
 def prompt_batch(model: XMEIQwen, samples: list[dict], builder: PromptBuilder) -> dict[str, torch.Tensor]:
@@ -46,39 +83,54 @@ def prompt_batch(model: XMEIQwen, samples: list[dict], builder: PromptBuilder) -
 
 
 @torch.no_grad()
-def answer(model: XMEIQwen, batch: dict[str, torch.Tensor], settings: GenerationSettings) -> list[str]:
-    """The generated answer text of each sample (special tokens dropped)."""
+def answer(model: XMEIQwen, batch: dict[str, torch.Tensor], settings: GenerationSettings) -> list[Answer]:
+    """The generated answer of each sample, on the model's device."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    out = model.generate(batch, max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
-                         do_sample=False, use_cache=True,
-                         eos_token_id=model.tokenizer.eos_token_id)
-    return model.tokenizer.batch_decode(out, skip_special_tokens=True)
+    config = generation_config(model, settings)
+    ids = model.generate(batch, config)  # (B, new tokens); rows that ended are padded
+    texts = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    ended = (ids == config.eos_token_id).any(1).tolist()
+    return [Answer(text, not end) for text, end in zip(texts, ended)]
 
 
 def generate_store(model: XMEIQwen, store: Path, emotions, intents, settings: GenerationSettings,
-                   progress: Callable[[int], None] | None = None,
-                   zero_features: bool = False) -> tuple[list[dict], float]:
-    """Predictions for every ok clip of ``store`` (in store order) and clips/s. ``zero_features``
-    replaces the video and audio features by zeros (the ablation: what do the media carry?)."""
+                   progress: Callable[[int, int], None] | None = None, zero_features: bool = False,
+                   dist: Distributed | None = None) -> tuple[list[dict] | None, float]:
+    """Predictions for every ok clip of ``store`` in store order, and clips/s over all ranks.
+    ``progress(done, total)`` counts this rank's clips. ``zero_features`` replaces the video and
+    audio features by zeros (the ablation: what do the media carry?). With ``dist`` of several
+    ranks, rank 0 gets every rank's rows; the others get None."""
+    dist = dist or Distributed(0, 1, 0, next(model.parameters()).device)
     model.eval()
     s = model.settings
     builder = PromptBuilder(model.tokenizer, s.num_video_query_token, s.num_audio_query_token, s.prompt_format,
                             s.max_length)
     data = StoreSamples([store])
-    loader = DataLoader(data, batch_sampler=BatchSampler(EpochSampler(data, 0, shuffle=False), settings.batch_size,
-                                                         drop_last=False), collate_fn=list)
-    rows, start = [], time.perf_counter()
-    for samples in loader:
+    batches = list(BatchSampler(range(len(data)), settings.batch_size, drop_last=False))  # as one process has them
+    mine = list(range(dist.rank, len(batches), dist.world))
+    loader = DataLoader(data, batch_sampler=[batches[j] for j in mine], collate_fn=list)
+    parts, done, total = [], 0, sum(len(batches[j]) for j in mine)
+    dist.barrier()
+    start = time.perf_counter()
+    for j, samples in zip(mine, loader):
         batch = prompt_batch(model, samples, builder)
         if zero_features:
             batch["video"], batch["audio"] = torch.zeros_like(batch["video"]), torch.zeros_like(batch["audio"])
-        for sample, text in zip(samples, answer(model, batch, settings)):
+        rows = []
+        for sample, (text, cut_off) in zip(samples, answer(model, batch, settings)):
             parsed = parse_answer(text, emotions, intents)
             t = sample["texts"]
-            rows.append({"video_id": t["video_id"], "text": text, "emotion": parsed.emotion, "intent": parsed.intent,
-                         "explanation": parsed.explanation, "ref_emotion": t["emotion"], "ref_intent": t["intent"],
-                         "ref_explanation": t["explanation"]})
+            rows.append({"video_id": t["video_id"], "text": text, "cut_off": cut_off, "emotion": parsed.emotion,
+                         "intent": parsed.intent, "explanation": parsed.explanation, "ref_emotion": t["emotion"],
+                         "ref_intent": t["intent"], "ref_explanation": t["explanation"]})
+        parts.append((j, rows))
+        done += len(rows)
         if progress:
-            progress(len(samples))
+            progress(done, total)
+    gathered = dist.gather(parts)  # rank 0: every rank's [(batch index, rows), ...]
+    if not dist.main:
+        return None, 0.0
+    ordered = sorted((part for rank_parts in gathered for part in rank_parts), key=lambda part: part[0])
+    rows = [row for _, batch_rows in ordered for row in batch_rows]
     return rows, len(rows) / max(time.perf_counter() - start, 1e-9)

@@ -167,10 +167,11 @@ class XMEIQwen(nn.Module):
                         labels=batch.get("labels"), **extra)
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
-        """Generated token ids (B, new tokens) after the prompts in ``batch`` (left-padded)."""
+    def generate(self, batch: dict[str, torch.Tensor], generation_config) -> torch.Tensor:
+        """Generated token ids (B, new tokens) after the prompts in ``batch`` (left-padded), under
+        ``generation_config`` (a transformers GenerationConfig, see xmei.generate)."""
         return self.llm.generate(inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"],
-                                 pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+                                 generation_config=generation_config)
 
     # ------------------------------------------------------------------ checkpoints
 

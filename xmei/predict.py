@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.decode import audio_windows, read_audio, read_frames
 from pipeline.encoders import EncoderSettings, Encoders, tokenize_captions
@@ -34,16 +35,16 @@ def clip_features(cfg, video: Path, audio: Path | None, video_description: str, 
 
 
 def predict_clip(cfg, checkpoint: Path, video: Path, audio: Path | None, subtitle: str, video_description: str = "",
-                 audio_description: str = "") -> dict:
-    """Emotion, intent and explanation of one clip."""
+                 audio_description: str = "", device: torch.device | str = "cpu") -> dict:
+    """Emotion, intent and explanation of one clip; the model on ``device`` (the encoders on
+    extract.device)."""
     sample = clip_features(cfg, video, audio, video_description, audio_description)
     sample["texts"] = {"subtitle": subtitle}
-    model = XMEIQwen.from_checkpoint(checkpoint).eval()
+    model = XMEIQwen.from_checkpoint(checkpoint, device=device).eval()
     s = model.settings
     builder = PromptBuilder(model.tokenizer, s.num_video_query_token, s.num_audio_query_token, s.prompt_format,
                             s.max_length)
-    generation = GenerationSettings(cfg.eval.max_new_tokens, cfg.eval.num_beams, 1)
-    text = answer(model, prompt_batch(model, [sample], builder), generation)[0]
+    text, cut_off = answer(model, prompt_batch(model, [sample], builder), GenerationSettings.from_config(cfg, 1))[0]
     parsed = parse_answer(text, cfg.emotions, cfg.intents)
     return {"video": str(video), "emotion": parsed.emotion, "intent": parsed.intent,
-            "explanation": parsed.explanation, "text": text, "has_audio": bool(sample["has_audio"])}
+            "explanation": parsed.explanation, "text": text, "cut_off": cut_off, "has_audio": bool(sample["has_audio"])}
