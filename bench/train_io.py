@@ -15,9 +15,20 @@ extract(workers=0) and shard_size 16, so there are several shards), then measure
     Each path is warmed up by one untimed forward + backward; loading the encoders is excluded.
 (c) tokens per sample fed to the LLM: collate's per-batch padding over the epoch's batches,
     against the published fixed padding to 1024 tokens.
+(d) real-size reads: --real-clips clips (256) of ViT-L/14 patch features, (8, 257, 1024) float16
+    visual + (8, 1024) float16 audio (random values), in three layouts of the same bytes: a store
+    written by create_store / write_shard (shards of 64, uncompressed) read by StoreSamples; one
+    .npy file per clip and feature read with np.load (Emotion-LLaMA's and MERTools' layout); one raw
+    file per clip read with one pread into a fresh array. Each goes through the training path:
+    xmei.data.loader over EpochSampler batches of 16, the same collate (stack the features), page
+    cache warm (one untimed pass each); the best of 5 interleaved passes is kept, by wall clock and,
+    with num_workers=0, by this process's CPU time (steadier when other processes share the cores).
+    ~1.1 GB of disk per layout, in a temporary folder removed at the end.
+(e) EpochSampler.order() over 1M clip positions in shards of 64.
 
-Run:  .venv/bin/python bench/train_io.py [--clips 64] [--out DIR]
-(--out keeps the corpus, models and store; by default a temporary folder is removed.)
+Run:  .venv/bin/python bench/train_io.py [--clips 64] [--out DIR] [--real-clips 256] [--workers 0 2]
+      .venv/bin/python bench/train_io.py --real-size-only       (d) and (e) alone, under a minute
+(--out keeps the corpus, models and stores; by default a temporary folder is removed.)
 """
 from __future__ import annotations
 
@@ -37,13 +48,13 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler, Dataset
 
 from pipeline.annotations import read_annotations, write_annotations
 from pipeline.decode import audio_windows, read_audio, read_frames
 from pipeline.encoders import Encoders, EncoderSettings
-from stores import FeatureStore
-from xmei.data import EpochSampler, StoreSamples, feature_facts
+from stores import OK, FeatureSpec, FeatureStore, create_store
+from xmei.data import CAPTIONS, TEXTS, EpochSampler, StoreSamples, feature_facts, loader
 from xmei.model import XMEIQwen, XMEISettings
 from xmei.prompt import PromptBuilder, collate
 
@@ -164,18 +175,18 @@ class EncodedBatches:
         self.pool = ThreadPoolExecutor(max_workers=2)
 
     def make(self, positions: list[int]) -> dict:
-        items = [self.data.items[p] for p in positions]
-        prepared = list(self.pool.map(lambda item: prepare(self.enc, self.records[item[1]], self.root), items))
+        clips = self.data.clips[positions]
+        prepared = list(self.pool.map(lambda clip: prepare(self.enc, self.records[clip], self.root), clips))
         visual = self.enc.encode_frames(torch.cat([p["pixels"] for p in prepared]))
-        audio = np.zeros((len(items), self.data.facts["num_audio_clips"], self.data.facts["audio_size"]), np.float16)
-        has_audio = np.zeros(len(items), np.uint8)
+        audio = np.zeros((len(clips), self.data.facts["num_audio_clips"], self.data.facts["audio_size"]), np.float16)
+        has_audio = np.zeros(len(clips), np.uint8)
         heard = [i for i, p in enumerate(prepared) if p["audio"] is not None]
         if heard:
             audio[heard] = self.enc.encode_audio(torch.cat([prepared[i]["audio"][0] for i in heard]),
                                                  torch.cat([prepared[i]["audio"][1] for i in heard]))
             has_audio[heard] = 1
-        samples = [self.data._sample(item, {"visual": visual[i], "audio": audio[i], "has_audio": has_audio[i]})
-                   for i, item in enumerate(items)]
+        samples = [self.data._sample(p, {"video": visual[i], "audio": audio[i], "has_audio": has_audio[i]})
+                   for i, p in enumerate(positions)]
         return collate(samples, self.pad_id)
 
     def __iter__(self):
@@ -194,19 +205,16 @@ def bench_epochs(cfg, store_path: Path, corpus: Path, records, repeats: int = 2)
     builder = PromptBuilder(tokenizer, settings.num_video_query_token, settings.num_audio_query_token,
                             settings.prompt_format, settings.max_length)
     data, batch = StoreSamples([store_path], builder), cfg.run.batch_size_train
-    if [str(v) for v in data.memory[0]["video_id"]] != [r.video_id for r in records]:
+    if list(data.strings["video_id"]) != [r.video_id for r in records]:
         raise SystemExit("the store's clips are not the annotation records in order")
     steps = len(data) // batch
     plan = list(BatchSampler(EpochSampler(data, cfg.run.seed, cfg.run.shuffle_shards, steps * batch), batch, False))
-    # as Trainer.loader: its own generator, so making an iterator does not draw from the global RNG
-    loader = DataLoader(data, batch_sampler=plan, num_workers=cfg.run.num_workers,
-                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
-                        generator=torch.Generator().manual_seed(cfg.run.seed))
+    cached = loader(data, plan, partial(collate, pad_id=tokenizer.pad_token_id), cfg.run.num_workers, seed=cfg.run.seed)
     encoded = EncodedBatches(data, plan, Encoders(EncoderSettings.from_config(cfg)), records, corpus,
                              tokenizer.pad_token_id)
     walls, losses, seen = {"cached": [], "in_loop": []}, {}, None
     for _ in range(repeats):
-        for name, batches in (("cached", loader), ("in_loop", encoded)):
+        for name, batches in (("cached", cached), ("in_loop", encoded)):
             wall, step_losses, batches_seen = run_epoch(cfg, *new_model(cfg, settings), batches)
             walls[name].append(wall)
             losses.setdefault(name, step_losses)
@@ -215,6 +223,156 @@ def bench_epochs(cfg, store_path: Path, corpus: Path, records, repeats: int = 2)
     gap = max(abs(a - b) for a, b in zip(losses["cached"], losses["in_loop"]))
     return {"steps": steps, "repeats": repeats, "seen": seen, "loss_gap": gap,
             **{name: min(w) for name, w in walls.items()}}
+
+
+# --------------------------------------------------------------------------- (d) real-size reads
+
+VISUAL, AUDIO = (8, 257, 1024), (8, 1024)  # ViT-L/14 patch tokens of 8 frames; 8 audio windows
+REAL_SHARD, REAL_BATCH = 64, 16
+
+
+def write_layouts(folder: Path, clips: int) -> dict[str, Path]:
+    """The same random features as a store, as .npy files and as raw files; {layout: folder}."""
+    store_path, npy, raw = folder / "store", folder / "npy", folder / "raw"
+    for d in (npy / "visual", npy / "audio", raw):
+        d.mkdir(parents=True)
+    texts = {name: [f"{name} {i}" for i in range(clips)] for name in TEXTS}
+    ints = {name: np.ones((clips, 32), np.int32) for name in CAPTIONS}
+    attrs = {"encoders": {}, "labels": {"emotions": [], "intents": []}, "extract": {"caption_tokens": 32}}
+    features = {"visual": FeatureSpec(VISUAL, "float16"), "audio": FeatureSpec(AUDIO, "float16"),
+                "has_audio": FeatureSpec((), "uint8")}
+    store = create_store(store_path, clips, REAL_SHARD, features, texts, ints, attrs)
+    rng = np.random.default_rng(0)
+    for shard in range(store.num_shards):
+        rows = store.shard_range(shard)
+        # uint16 below 0x3C00 are the float16 values in [0, 1): random, finite, never all zero
+        visual = rng.integers(0, 0x3C00, (len(rows), *VISUAL), np.uint16).view(np.float16)  # (n, 8, 257, 1024)
+        audio = rng.integers(0, 0x3C00, (len(rows), *AUDIO), np.uint16).view(np.float16)  # (n, 8, 1024)
+        store.write_shard(shard, {"visual": visual, "audio": audio, "has_audio": np.ones(len(rows), np.uint8)},
+                          np.full(len(rows), OK, np.uint8), [])
+        for j, clip in enumerate(rows):
+            np.save(npy / "visual" / f"{clip}.npy", visual[j])
+            np.save(npy / "audio" / f"{clip}.npy", audio[j])
+            (raw / f"{clip}.bin").write_bytes(visual[j].tobytes() + audio[j].tobytes())
+    return {"store": store_path, "npy": npy, "raw": raw}
+
+
+class NpyClips(Dataset):
+    """One .npy file per clip and feature, read with np.load."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __getitems__(self, clips: list[int]) -> list[dict]:
+        return [{"video": np.load(self.folder / "visual" / f"{c}.npy"),
+                 "audio": np.load(self.folder / "audio" / f"{c}.npy")} for c in clips]
+
+
+class PreadClips(Dataset):
+    """One raw file per clip (visual bytes, then audio bytes), read with one pread into a fresh array."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.split = int(np.prod(VISUAL)) * 2  # bytes of the visual part
+
+    def __getitems__(self, clips: list[int]) -> list[dict]:
+        samples = []
+        for c in clips:
+            buffer = np.empty(self.split + int(np.prod(AUDIO)) * 2, np.uint8)
+            fd = os.open(self.folder / f"{c}.bin", os.O_RDONLY)
+            try:
+                if os.preadv(fd, [buffer], 0) != len(buffer):
+                    raise OSError(f"{self.folder / f'{c}.bin'}: short read")
+            finally:
+                os.close(fd)
+            samples.append({"video": buffer[:self.split].view(np.float16).reshape(VISUAL),
+                            "audio": buffer[self.split:].view(np.float16).reshape(AUDIO)})
+        return samples
+
+
+def stack_features(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """The collate of every layout: stack the features into tensors. np.stack, not torch.stack as
+    xmei.prompt.collate: on CPU, torch.stack of float16 runs ~10x slower (see stack_seconds)."""
+    return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in ("video", "audio")}
+
+
+def stack_seconds(data: Dataset, positions: list[int]) -> dict[str, float]:
+    """Seconds to stack one batch's features: np.stack (stack_features) and torch.stack (collate)."""
+    samples = data.__getitems__(positions)
+    ways = {"np.stack": lambda: stack_features(samples),
+            "torch.stack": lambda: [torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("video", "audio")]}
+    return {name: best_of(way) for name, way in ways.items()}
+
+
+def bench_real_size(folder: Path, clips: int, workers: list[int], repeats: int = 5) -> dict:
+    """(d): {(layout, workers): {"wall": clips/s, "cpu": clips per CPU second of this process}}, best
+    of ``repeats`` interleaved passes after a warm-up pass each. CPU seconds count all the work only
+    with num_workers=0; they do not grow when other processes share the cores, wall seconds do."""
+    began = time.perf_counter()
+    paths = write_layouts(folder, clips)
+    os.sync()  # no write-back of the new files while reading them
+    written = time.perf_counter() - began
+    store = StoreSamples([paths["store"]])
+    if not FeatureStore(paths["store"]).clip_reader("visual").direct:
+        raise SystemExit("the store is read through Zarr: the direct path did not apply")
+    sampler = EpochSampler(store, seed=42, shuffle_shards=4)
+    if store.clips.tolist() != list(range(clips)):
+        raise SystemExit("positions are not clips: the layouts would read different clips")
+    plan = list(BatchSampler(sampler, REAL_BATCH, drop_last=False))  # positions = clip numbers here
+    layouts = {"store (StoreSamples)": store, ".npy per clip and feature (np.load)": NpyClips(paths["npy"]),
+               "raw per clip (one pread)": PreadClips(paths["raw"])}
+    rates: dict[tuple[str, int], dict[str, float]] = {}
+    for n in workers:
+        loaders = {name: loader(data, plan, stack_features, num_workers=n) for name, data in layouts.items()}
+        for batches in loaders.values():  # warm-up: page cache, worker start-up paths, allocator
+            for _ in batches:
+                pass
+        for _ in range(repeats):
+            for name, batches in loaders.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in batches:
+                    pass
+                best = rates.setdefault((name, n), {"wall": 0.0, "cpu": 0.0})
+                best["wall"] = max(best["wall"], clips / (time.perf_counter() - wall))
+                best["cpu"] = max(best["cpu"], clips / (time.process_time() - cpu))
+    size = sum(f.stat().st_size for f in (paths["store"] / "visual").rglob("*") if f.is_file())
+    return {"rates": rates, "written": written, "gb": size * 1e-9, "clips": clips, "repeats": repeats,
+            "stack": stack_seconds(store, plan[0])}
+
+
+def time_order(positions: int = 1_000_000, shard_size: int = 64) -> float:
+    """(e): seconds of EpochSampler.order() over ``positions`` positions in shards of ``shard_size``."""
+
+    class Positions:  # what EpochSampler reads of a dataset
+        shard_ids = np.arange(positions) // shard_size
+
+        def __len__(self) -> int:
+            return positions
+
+    sampler = EpochSampler(Positions(), seed=0, shuffle_shards=4)
+    start = time.perf_counter()
+    sampler.order(0)
+    return time.perf_counter() - start
+
+
+def report_real_size(real: dict, order_seconds: float) -> None:
+    rates, names = real["rates"], list(dict.fromkeys(name for name, _ in real["rates"]))
+    print(f"\n(d) real-size reads: {real['clips']} clips of {VISUAL} + {AUDIO} float16 ({real['gb']:.2f} GB of "
+          f"visual shards), EpochSampler order, batches of {REAL_BATCH} through xmei.data.loader, page cache warm, "
+          f"best of {real['repeats']}; cores {os.cpu_count()}, 1-min load average {os.getloadavg()[0]:.2f} "
+          f"(layouts written in {real['written']:.0f} s)")
+    for n in sorted({w for _, w in rates}):
+        for name in names:
+            cpu = f"  {rates[(name, n)]['cpu']:6.0f} clips per CPU s" if n == 0 else ""
+            print(f"    {name:<38} num_workers={n}  {rates[(name, n)]['wall']:6.0f} clips/s{cpu}")
+        for clock in ("wall", "cpu") if n == 0 else ("wall",):
+            store, npy, raw = (rates[(name, n)][clock] for name in names)
+            print(f"    => num_workers={n}, {clock:>4}: store / .npy = {store / npy:.2f}, store / raw pread = "
+                  f"{store / raw:.2f}")
+    stack = real["stack"]
+    print(f"    stacking one batch of {REAL_BATCH}: np.stack {stack['np.stack'] * 1e3:.0f} ms, torch.stack (as "
+          f"xmei.prompt.collate) {stack['torch.stack'] * 1e3:.0f} ms = {REAL_BATCH / stack['torch.stack']:.0f} clips/s")
+    print(f"(e) EpochSampler.order() over 1,000,000 positions in shards of 64: {order_seconds:.2f} s (goal < 2 s)")
 
 
 def pct(fraction: float) -> str:
@@ -268,17 +426,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=64, help="train clips to measure (default 64)")
     parser.add_argument("--out", type=Path, help="keep inputs and the store here (default: a temp folder)")
+    parser.add_argument("--real-clips", type=int, default=256, help="clips of the real-size reads (default 256)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                        help="DataLoader num_workers of the real-size reads (default 0 2)")
+    parser.add_argument("--real-size-only", action="store_true", help="only (d) and (e): real-size reads, order()")
     args = parser.parse_args()
     began, load = time.perf_counter(), os.getloadavg()[0]
     folder = (args.out or Path(tempfile.mkdtemp(prefix="xmei-bench-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    real_folder = Path(tempfile.mkdtemp(prefix="xmei-bench-real-"))  # ~3.3 GB: never kept
     try:
-        cfg, corpus, records, store = build_inputs(folder, args.clips)
-        print(f"inputs ready in {time.perf_counter() - began:.1f} s ({folder})", flush=True)
-        reads, size = bench_readers(cfg, store)
-        epochs = bench_epochs(cfg, store, corpus, records)
-        report(cfg, len(records), FeatureStore(store).num_shards, load, reads, size, epochs)
+        if not args.real_size_only:
+            cfg, corpus, records, store = build_inputs(folder, args.clips)
+            print(f"inputs ready in {time.perf_counter() - began:.1f} s ({folder})", flush=True)
+            reads, size = bench_readers(cfg, store)
+            epochs = bench_epochs(cfg, store, corpus, records)
+            report(cfg, len(records), FeatureStore(store).num_shards, load, reads, size, epochs)
+        real = bench_real_size(real_folder, args.real_clips, args.workers)
+        report_real_size(real, time_order())
     finally:
+        shutil.rmtree(real_folder, ignore_errors=True)
         if args.out is None:
             shutil.rmtree(folder, ignore_errors=True)
     print(f"total run time {time.perf_counter() - began:.1f} s")

@@ -64,6 +64,7 @@ def test_training_learns_logs_and_checkpoints(tiny_models, patch_store, tmp_path
     log = read_log(out)
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 31))  # 24 clips / 4 = 6 steps, 5 epochs
+    assert all(0 <= r["data_wait"] <= 1 and r["grad_norm"] > 0 for r in steps)  # share of the step spent waiting for data
     assert np.mean([r["loss"] for r in steps[-3:]]) < 0.6 * np.mean([r["loss"] for r in steps[:3]])
     vals = [r["val_loss"] for r in log if "val_loss" in r]
     assert len(vals) == 5 and vals[4] < vals[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["IGNORE", "PromptBuilder", "answer_text", "collate", "user_text"]
@@ -100,6 +101,6 @@ def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attention[i, :n] = 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
     for key in samples[0]:
-        if key not in batch:
-            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
+        if key not in batch:  # np.stack: torch.stack of float16 arrays is ~10x slower at real feature size
+            batch[key] = torch.from_numpy(np.stack([np.asarray(s[key]) for s in samples]))
     return batch

@@ -369,6 +369,10 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = torch.load(folder / STATE_FILE, weights_only=True)  # tensors and plain values only
+        if "shape" not in state:
+            raise TrainError(f"{folder} was written by an earlier xmei whose trainer state lacks the run's shape and "
+                             "the samples seen: it cannot be resumed; start a new --output-dir (its weights load "
+                             "with `xmei eval --checkpoint`)")
         saved = Shape(**state["shape"])
         if saved != self.shape:
             self._check_rebatch(folder, saved)
