@@ -47,13 +47,16 @@ def test_device_policy_without_gpus(monkeypatch):
 
 
 def test_single_process_env_sets_only_what_no_launcher_set(monkeypatch):
-    for key in LAUNCHER:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.2")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER}
+    monkeypatch.setattr(os, "environ", {**env, "MASTER_ADDR": "127.0.0.2"})  # nothing leaks into later tests
     values = single_process_env()
     assert set(values) == {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"}
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.2")
-    assert single_process_env() == {}  # a launcher's (or an earlier call's) variables are kept
+    assert single_process_env() == {}  # an earlier call's (or a launcher's) variables are kept
+    del os.environ["MASTER_PORT"]
+    assert set(single_process_env()) == {"MASTER_PORT"}  # one process: whatever is missing is filled in
+    monkeypatch.setattr(os, "environ", {**env, "RANK": "1", "WORLD_SIZE": "2"})
+    assert single_process_env() == {} and "MASTER_ADDR" not in os.environ  # several processes: the launcher's business
 
 
 def test_the_model_is_built_on_its_device(tiny_models):

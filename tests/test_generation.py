@@ -18,14 +18,10 @@ import torch
 
 from conftest import config
 from test_eval import TRAIN, XMEI, xmei
-from test_train import free_port
+from test_train import free_port, sets_args
 from xmei.train import Trainer
 
 EVAL = ("run.batch_size_eval=4", "eval.max_new_tokens=8", "run.device=cpu")  # 24 clips: 6 batches
-
-
-def sets(*values: str) -> list[str]:
-    return [a for v in values for a in ("--set", v)]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,7 @@ def untrained(tiny_models, patch_store, tmp_path_factory) -> Path:
 def one_process(untrained, patch_store, tmp_path_factory) -> tuple[Path, str]:
     """`xmei eval` in one process: its output folder and console."""
     out = tmp_path_factory.mktemp("one_process")
-    return out, xmei("eval", "--checkpoint", untrained, "--store", patch_store, "--out", out, *sets(*EVAL)).stdout
+    return out, xmei("eval", "--checkpoint", untrained, "--store", patch_store, "--out", out, *sets_args(*EVAL)).stdout
 
 
 def test_a_device_this_machine_lacks_or_a_wrong_store_is_a_clear_error(untrained, patch_store, corpus, tmp_path):
@@ -49,7 +45,7 @@ def test_a_device_this_machine_lacks_or_a_wrong_store_is_a_clear_error(untrained
     assert wrong.returncode == 1 and "nowhere is not a feature store" in wrong.stderr and "Traceback" not in wrong.stderr
     if torch.cuda.device_count() > 3:
         pytest.skip("this machine has a cuda:3")
-    bad = sets("run.device=cuda:3")
+    bad = sets_args("run.device=cuda:3")
     for args in (("eval", "--checkpoint", untrained, "--store", patch_store, "--out", tmp_path),
                  ("predict", corpus / "videos" / "synth_00000.mp4", "--subtitle", "hi", "--checkpoint", untrained),
                  ("attention", "--checkpoint", untrained, "--store", patch_store, "--clip", "synth_00004",
@@ -64,7 +60,7 @@ def test_torchrun_evaluation_equals_one_process(untrained, patch_store, one_proc
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
                            str(free_port()), str(XMEI), "eval", "--checkpoint", str(untrained), "--store",
-                           str(patch_store), "--out", str(tmp_path), *sets(*EVAL)],
+                           str(patch_store), "--out", str(tmp_path), *sets_args(*EVAL)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one, console = one_process
@@ -79,7 +75,7 @@ def test_torchrun_evaluation_equals_one_process(untrained, patch_store, one_proc
 
 def test_answers_cut_off_at_max_new_tokens_are_counted(untrained, patch_store, one_process, tmp_path):
     short = xmei("eval", "--checkpoint", untrained, "--store", patch_store, "--out", tmp_path,
-                 *sets(*EVAL, "eval.max_new_tokens=1")).stdout
+                 *sets_args(*EVAL, "eval.max_new_tokens=1")).stdout
     long_out, long_console = one_process
     rows = {d: [json.loads(line) for line in (d / "predictions.jsonl").read_text().splitlines()]
             for d in (tmp_path, long_out)}

@@ -61,9 +61,10 @@ def llm_dtype(device: torch.device) -> torch.dtype:
 
 
 def single_process_env() -> dict[str, str]:
-    """Set the launcher's variables for one process when no launcher set them (DeepSpeed needs
-    them; without them it falls back to MPI discovery). Returns what it set."""
-    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+    """Set the launcher's variables that a run of one process lacks (DeepSpeed needs all five;
+    without them it falls back to MPI discovery). A launcher's run of several processes is left
+    as it is. Returns what it set."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         return {}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
