@@ -225,15 +225,18 @@ def test_two_processes_train_exactly_as_one_with_twice_the_batch(engine, tiny_mo
     sets = ("run.max_epoch=1", "run.save_every_steps=100", "run.warmup_steps=1", *NO_DROPOUT)
     # one process, no launcher (DeepSpeed included: it sets the rank variables itself), batch 8
     one, two = tmp_path / "one", tmp_path / "two"
-    finish(cli_train(tiny_models, patch_store, one, "--engine", engine, *sets_args(*sets, "run.batch_size_train=8"),
-                     env={"DS_ACCELERATOR": "cpu"}))
-    proc, _ = torchrun(2, train_program(tiny_models, patch_store, two, "--engine", engine, *sets_args(*sets)))
+    val = ("--val-store", str(patch_store))
+    finish(cli_train(tiny_models, patch_store, one, "--engine", engine, *val,
+                     *sets_args(*sets, "run.batch_size_train=8"), env={"DS_ACCELERATOR": "cpu"}))
+    proc, _ = torchrun(2, train_program(tiny_models, patch_store, two, "--engine", engine, *val, *sets_args(*sets)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = [r for r in read_log(one) if "loss" in r], [r for r in read_log(two) if "loss" in r]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]  # 24 clips / 8 a step
     for key in ("loss", "grad_norm"):  # AdamW hides a gradient's scale; its norm does not
         np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5, err_msg=key)
     assert [r["target_tokens"] for r in b] == [r["target_tokens"] for r in a]
+    val = [[r["val_loss"] for r in read_log(out) if "val_loss" in r] for out in (one, two)]
+    assert len(val[0]) == 1 and val[1] == pytest.approx(val[0], rel=1e-5)  # each rank 12 clips, token-weighted sums
     wa, wb = trained_weights(one), trained_weights(two)
     assert wa.keys() == wb.keys()
     for key in wa:  # float noise only: a step moves weights by up to lr = 2e-3
