@@ -1,6 +1,9 @@
-"""Decoding a clip: sampled frames (decord) and 16 kHz mono audio (soundfile / PyAV + librosa).
+"""Decoding a clip: sampled frames (decord, else PyAV) and 16 kHz mono audio (soundfile / PyAV +
+librosa).
 
-No ffmpeg binary is needed: decord and PyAV carry their own decoders. Every failure is a
+No ffmpeg binary is needed: decord and PyAV carry their own decoders. decord is fast at random
+access but rejects some valid videos (odd sizes such as 48x320 or 16x16); PyAV then decodes the
+same frame indices sequentially, so a clip fails only when both decoders fail. Every failure is a
 :class:`MediaError` naming the file and what went wrong; nothing is ever replaced by zeros or
 by another clip. A clip with no audio at all (an empty ``audio_path`` and no track in the
 video) is not an error: :func:`read_audio` returns None and the store flags it.
@@ -30,24 +33,69 @@ def frame_indices(total: int, n: int) -> np.ndarray:
 
 
 def read_frames(path: Path, n: int) -> np.ndarray:
-    """(n, H, W, 3) uint8 RGB frames sampled uniformly over the video."""
-    import decord
-
+    """(n, H, W, 3) uint8 RGB frames sampled uniformly over the video: decord, else PyAV."""
     if not path.is_file():
         raise MediaError(path, "video", "missing video file")
     try:
-        reader = decord.VideoReader(str(path), num_threads=1)
-        total = len(reader)
-        if total == 0:
-            raise MediaError(path, "video", "the video has no frames")
-        frames = reader.get_batch(frame_indices(total, n).tolist()).asnumpy()
-    except MediaError:
-        raise
-    except Exception as err:  # decord raises its own DECORDError, RuntimeError, ...
-        raise MediaError(path, "video", f"cannot decode video: {_first_line(err)}") from None
+        frames = _decord_frames(path, n)
+    except Exception as decord_err:  # decord raises its own DECORDError, RuntimeError, ...
+        try:
+            frames = _pyav_frames(path, n)
+        except Exception as pyav_err:
+            reason = f"decord: {_first_line(decord_err)}; PyAV: {_first_line(pyav_err)}"
+            raise MediaError(path, "video", f"cannot decode video ({reason})") from None
     if frames.ndim != 4 or frames.shape[0] != n or frames.shape[-1] != 3:
         raise MediaError(path, "video", f"decoded frames have shape {frames.shape}, expected ({n}, H, W, 3)")
     return frames
+
+
+def _decord_frames(path: Path, n: int) -> np.ndarray:
+    import decord
+
+    reader = decord.VideoReader(str(path), num_threads=1)
+    total = len(reader)
+    if total == 0:
+        raise ValueError("the video has no frames")
+    return reader.get_batch(frame_indices(total, n).tolist()).asnumpy()  # (n, H, W, 3)
+
+
+def _pyav_frames(path: Path, n: int) -> np.ndarray:
+    """The frames decord would give, by decoding in order: the same :func:`frame_indices` over
+    the container's frame count (the packet count where the container does not store it)."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    if total == 0:
+        raise ValueError("the video has no frames")
+    picked, decoded = _pyav_decode(path, frame_indices(total, n))
+    if len(picked) < n:  # fewer frames decode than the container said: sample what there is
+        if decoded == 0:
+            raise ValueError("the video has no frames")
+        picked, _ = _pyav_decode(path, frame_indices(decoded, n))
+    return np.stack(picked)  # (n, H, W, 3)
+
+
+def _pyav_decode(path: Path, indices: np.ndarray) -> tuple[list[np.ndarray], int]:
+    """RGB frames at ``indices`` (sorted, may repeat) and how many frames were decoded."""
+    import av
+
+    picked: list[np.ndarray] = []
+    decoded = 0
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # as decord: decode threads run one per clip
+        for frame in container.decode(stream):
+            hits = int((indices == decoded).sum())
+            if hits:
+                picked += [frame.to_ndarray(format="rgb24")] * hits
+            decoded += 1
+            if decoded > indices[-1]:
+                break
+    return picked, decoded
 
 
 def read_audio(audio_path: Path | None, video_path: Path) -> np.ndarray | None:
