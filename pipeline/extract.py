@@ -128,7 +128,6 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
                     annotations: Path) -> FeatureStore:
     fingerprint = {
         "clips": _sha([[getattr(r, f) for f in FIELDS] for r in records]),
-        "extract": _sha(asdict(cfg.extract)),
         # names and config hashes, not folders: moving the checkpoints does not change them
         "encoders": _sha({k: {kk: vv for kk, vv in v.items() if kk != "path"}
                           for k, v in encoder_identity(settings, str(cfg.model.caption_tokenizer_path)).items()}),
@@ -136,9 +135,12 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
     }
     if out.exists():
         store = FeatureStore(out, mode="r+")
-        differs = [k for k, v in fingerprint.items() if store.attrs.get("fingerprint", {}).get(k) != v]
+        differs = [f"other {k} than this run's" for k, v in fingerprint.items()
+                   if store.attrs.get("fingerprint", {}).get(k) != v]
+        made, now = store.attrs.get("extract", {}), _stored_settings(cfg)
+        differs += [f"extract.{k} {made.get(k)!r}, this run {v!r}" for k, v in now.items() if made.get(k) != v]
         if differs:
-            raise StoreError(f"{out} was made from other {', '.join(differs)} than this run's; "
+            raise StoreError(f"{out} cannot be resumed by this run, it was made with {'; '.join(differs)}; "
                              "choose another --out (or delete it to start over)")
         return store
     ids = [r.video_id for r in records]
@@ -162,6 +164,17 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
     texts = {f: [getattr(r, f) for r in records] for f in FIELDS}
     return create_store(out, len(records), cfg.extract.shard_size, feature_specs(settings), texts, ints, attrs,
                         compression=cfg.extract.compression)
+
+
+# how a run goes, not what it stores: a rerun may change them (a smaller batch after running out of memory)
+RUN_ONLY = ("batch_size", "device")
+
+
+def _stored_settings(cfg) -> dict[str, Any]:
+    """The extract settings that decide the stored values and layout (all but RUN_ONLY), as JSON
+    gives them back from the store's attributes."""
+    settings = {k: v for k, v in asdict(cfg.extract).items() if k not in RUN_ONLY}
+    return json.loads(json.dumps(settings, default=str))
 
 
 def _sha(obj: Any) -> str:

@@ -11,14 +11,18 @@ Layout (N clips, S clips per shard):
     STORE/failures/shard_00003.json the failed clips of a shard (video_id, stage, reason)
     STORE/failures.jsonl            all of them, one JSON a line (rebuilt by the writer at the end of a run)
 
-Texts and ints are written once, when the store is created. Features are written a whole shard
-at a time by whoever extracts that shard, and its ``status`` last: a shard whose status is not
-all done is redone on the next run, so no lock is ever needed and a killed run resumes cleanly
-(Zarr's local store writes each file atomically).
+The store is created whole in ``STORE.partial-<pid>`` beside it and renamed into place once its
+arrays, texts, ints and attributes are written, so ``STORE`` never exists half-made; a partial
+folder left by a killed creation is removed by the next one. Texts and ints are written once,
+then. Features are written a whole shard at a time by whoever extracts that shard, and its
+``status`` last: a shard whose status is not all done is redone on the next run, so no lock is
+ever needed and a killed run resumes cleanly (Zarr's local store writes each file atomically).
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -52,10 +56,56 @@ class FeatureSpec:
 def create_store(path: str | Path, n: int, shard_size: int, features: dict[str, FeatureSpec],
                  texts: dict[str, list[str]], ints: dict[str, np.ndarray], attrs: dict[str, Any],
                  compression: str = "none") -> "FeatureStore":
-    """Create an empty store for ``n`` clips (all pending) holding ``texts`` and ``ints``."""
+    """Create an empty store for ``n`` clips (all pending) holding ``texts`` and ``ints``.
+
+    It is built in ``PATH.partial-<pid>`` and renamed to ``path`` when complete (same parent,
+    so the rename is atomic): a kill leaves no half-made store, only a partial folder that the
+    next creation removes."""
     path = Path(path)
     if path.exists():
         raise StoreError(f"{path} exists already")
+    _remove_dead_partials(path)
+    partial = path.with_name(f"{path.name}{PARTIAL}{os.getpid()}")
+    try:
+        _write_store(partial, n, shard_size, features, texts, ints, attrs, compression)
+        os.rename(partial, path)  # fails if another process created ``path`` meanwhile
+    except BaseException as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError) and path.exists():
+            raise StoreError(f"{path} was created by another process meanwhile") from err
+        raise
+    return FeatureStore(path, mode="r+")
+
+
+PARTIAL = ".partial-"  # PATH.partial-<pid>: a store being created by process <pid>
+
+
+def _remove_dead_partials(path: Path) -> None:
+    """Remove ``PATH.partial-<pid>`` folders whose process is gone (a creation that was killed)."""
+    if not path.parent.is_dir():
+        return
+    for folder in path.parent.iterdir():
+        pid = folder.name[len(path.name) + len(PARTIAL):]
+        if not (folder.name.startswith(path.name + PARTIAL) and pid.isdigit()) or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, from an earlier create_store that died in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _write_store(path: Path, n: int, shard_size: int, features: dict[str, FeatureSpec],
+                 texts: dict[str, list[str]], ints: dict[str, np.ndarray], attrs: dict[str, Any],
+                 compression: str) -> None:
     group = zarr.open_group(path, mode="w-", zarr_format=3)
     compressors = [ZstdCodec(level=1)] if compression == "zstd" else None
     shard = min(shard_size, n)
@@ -73,7 +123,6 @@ def create_store(path: str | Path, n: int, shard_size: int, features: dict[str, 
                         "features": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in features.items()},
                         "texts": list(texts), "ints": list(ints)})
     (path / "failures").mkdir()
-    return FeatureStore(path, mode="r+")
 
 
 class FeatureStore:

@@ -181,10 +181,78 @@ def test_strict_stops_at_the_first_failure(tiny_models, broken_corpus, tmp_path)
 def test_a_store_made_otherwise_is_not_resumed(patch_store, tiny_models, corpus, annotations, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(patch_store, copy)
-    with pytest.raises(StoreError, match="other extract than this run's"):
+    with pytest.raises(StoreError, match="made with extract.audio_layers 4, this run 2; choose another --out"):
         extract(config(tiny_models, "extract.audio_layers=2"), annotations, corpus, copy, workers=0)
+    with pytest.raises(StoreError, match="extract.num_frames 8, this run 4"):
+        extract(config(tiny_models, "extract.num_frames=4"), annotations, corpus, copy, workers=0)
     summary = extract(config(tiny_models), annotations, corpus, copy, workers=0)  # same inputs: all skipped
     assert summary.shards_skipped == 3 and summary.ok == 24
+
+
+def test_a_partial_store_resumes_with_another_batch_size_and_device(patch_store, tiny_models, corpus, annotations,
+                                                                    tmp_path):
+    """Lowering the batch size after running out of memory (or pinning the device) is no other store."""
+    copy = tmp_path / "copy"
+    shutil.copytree(patch_store, copy)
+    store = FeatureStore(copy, mode="r+")
+    rows = store.shard_range(1)
+    store.write_shard(1, {name: np.zeros((len(rows), *store.array(name).shape[1:]), store.array(name).dtype)
+                          for name in store.features}, np.full(len(rows), PENDING, np.uint8), [])  # as if killed
+    summary = extract(config(tiny_models, "extract.batch_size=3", "extract.device=cpu"), annotations, corpus, copy,
+                      workers=0)
+    assert summary.shards_skipped == 2 and summary.ok == 24
+    assert verify_store(FeatureStore(copy)) == []
+    redone, whole = contents(copy), contents(patch_store)
+    for name in ("visual", "audio"):  # equal on a cpu-only machine; allow for the fixture's cuda run elsewhere
+        np.testing.assert_allclose(redone[name].astype(np.float32), whole[name].astype(np.float32), atol=1e-2,
+                                   err_msg=name)
+    for name in ("status", "has_audio", "audio_lengths", "video_caption_ids"):
+        np.testing.assert_array_equal(redone[name], whole[name], err_msg=name)
+
+
+KILLED_CREATION = """
+import os, signal, sys
+from pathlib import Path
+sys.path[:0] = [{root!r}, {tests!r}]
+from zarr.core.attributes import Attributes
+from conftest import config
+from pipeline.extract import extract
+
+Attributes.update = lambda self, *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # arrays written, no attributes
+extract(config(Path({models!r})), Path({annotations!r}), Path({corpus!r}), Path({out!r}), workers=0)
+"""
+
+
+def test_a_kill_while_creating_the_store_leaves_nothing_half_made(patch_store, tiny_models, corpus, annotations,
+                                                                  tmp_path):
+    out = tmp_path / "store"
+    script = KILLED_CREATION.format(root=str(ROOT), tests=str(ROOT / "tests"), models=str(tiny_models),
+                                    annotations=str(annotations), corpus=str(corpus), out=str(out))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert not out.exists()  # never half-made under its own name
+    leftovers = list(tmp_path.glob("store.partial-*"))
+    assert len(leftovers) == 1 and (leftovers[0] / "visual" / "zarr.json").is_file()
+    with pytest.raises(StoreError, match="not a feature store|schema version"):
+        FeatureStore(leftovers[0])  # what a rerun would have found in ``out`` before
+    summary = extract(config(tiny_models), annotations, corpus, out, workers=0)
+    assert summary.shards_skipped == 0 and summary.ok == 24
+    assert not list(tmp_path.glob("store.partial-*"))  # the killed creation's folder is gone
+    assert verify_store(FeatureStore(out)) == []
+    assert_same(contents(out), contents(patch_store))
+
+
+def test_a_failed_creation_removes_its_partial_folder(tmp_path, monkeypatch):
+    from stores import FeatureSpec, create_store
+
+    args = (tmp_path / "s", 2, 2, {"visual": FeatureSpec((3,), "float16")}, {"video_id": ["a", "b"]},
+            {"label": np.array([0, 1])}, {"split": "x"})
+    with pytest.raises(StoreError, match="text array 'video_id' has 1 values for 2 clips"):
+        create_store(*args[:4], {"video_id": ["a"]}, *args[5:])
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / f"s.partial-{os.getpid() + 10_000_000}").mkdir()  # a dead creator's leftover
+    store = create_store(*args)
+    assert len(store) == 2 and [p.name for p in tmp_path.iterdir()] == ["s"]
 
 
 def cli_extract(tiny_models: Path, annotations: Path, corpus: Path, out: Path, workers: int, **popen):
@@ -288,8 +356,10 @@ def test_stores_cli_info_export_import(patch_store, tmp_path):
     assert result.returncode == 0 and "verify: no problem(s)" in result.stdout
 
 
-def write_camera_like_mp4(path: Path, width: int, height: int, fps, seconds: float, rate: int) -> None:
-    """An mp4 as cameras and phones write them: H.264 + stereo AAC at 44.1/48 kHz."""
+def write_camera_like_mp4(path: Path, width: int, height: int, fps, seconds: float, rate: int,
+                          volume: float = 0.2) -> None:
+    """An mp4 as cameras and phones write them: H.264 + stereo AAC at 44.1/48 kHz (a 300 Hz tone
+    at ``volume``; 0: digital silence)."""
     import av
 
     rng = np.random.default_rng(width)
@@ -306,7 +376,7 @@ def write_camera_like_mp4(path: Path, width: int, height: int, fps, seconds: flo
             out.mux(video.encode(picture))
         out.mux(video.encode())
         t = np.arange(int(seconds * rate)) / rate
-        tone = (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+        tone = (volume * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
         chunk = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
         chunk.sample_rate, chunk.pts = rate, 0
         out.mux(audio.encode(chunk))
@@ -333,3 +403,28 @@ def test_camera_like_mp4s_extract(tiny_models, tmp_path):
     # every window is the whole clip, padded
     assert len(set(lengths[0])) == 1 and 24000 <= lengths[0][0] < 24000 + 1024
     assert lengths[1].tolist() == [32000] * 8  # 15 s: eight full 2 s windows spread over it
+
+
+def test_silent_audio_extracts_and_verifies(tiny_models, tmp_path):
+    """Digital silence is audio: flagged as such, whatever features the encoder gives it, even all zero."""
+    import soundfile
+
+    media = tmp_path / "media"
+    media.mkdir()
+    write_camera_like_mp4(media / "mute.mp4", 320, 240, 25, 2.0, 48000, volume=0.0)  # a silent AAC track
+    soundfile.write(media / "mute.wav", np.zeros(16000 * 3, np.float32), 16000)      # a silent wav
+    rows = [dict(video_id=name, video_path="mute.mp4", audio_path=audio, subtitle="Hi.", emotion="neutral",
+                 intent="neutral", video_description="", audio_description="", emotion_reason="",
+                 intent_reason="", explanation="") for name, audio in (("track", ""), ("wav", "mute.wav"))]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    summary = extract(config(tiny_models), tmp_path / "a.json", media, tmp_path / "store", workers=0)
+    assert summary.ok == 2 and not summary.failed
+    store = FeatureStore(tmp_path / "store", mode="r+")
+    assert store.array("has_audio")[:].tolist() == [1, 1] and (store.array("audio_lengths")[:] > 0).all()
+    assert verify_store(store) == []
+    audio = store.array("audio")
+    audio[1] = np.zeros(audio.shape[1:], np.float16)  # an encoder that maps silence to exact zeros
+    assert verify_store(FeatureStore(store.path)) == []
+    lengths = store.array("audio_lengths")
+    lengths[1] = np.zeros(lengths.shape[1:], lengths.dtype)  # flagged with audio, yet no window: still caught
+    assert verify_store(FeatureStore(store.path)) == ["audio: clip 1 ('wav') has audio but zero window lengths"]
