@@ -232,12 +232,21 @@ def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = N
     failures: list[dict[str, str]] = []
     batch: list[tuple[int, dict[str, Any]]] = []
 
-    def flush() -> None:
-        if not batch:
-            return
-        rows = [i for i, _ in batch]
-        arrays["visual"][rows] = encoders.encode_frames(torch.cat([p["pixels"] for _, p in batch]))
-        heard = [(i, p) for i, p in batch if p["audio"] is not None]
+    def fail(i: int, stage: str, reason: str) -> None:
+        """Clip i failed: its rows stay zero (never stored as data), its reason is kept."""
+        video_id = job.clips[i][0]
+        if job.strict:
+            raise ExtractionError(f"clip {video_id!r} failed ({stage}): {reason}")
+        for values in arrays.values():
+            values[i] = 0
+        status[i] = FAILED
+        failures.append({"video_id": video_id, "stage": stage, "reason": reason})
+        _report(progress, 1, 1)
+
+    def encode(items: list[tuple[int, dict[str, Any]]]) -> None:
+        rows = [i for i, _ in items]
+        arrays["visual"][rows] = encoders.encode_frames(torch.cat([p["pixels"] for _, p in items]))
+        heard = [(i, p) for i, p in items if p["audio"] is not None]
         if heard:
             values = torch.cat([p["audio"][0] for _, p in heard])
             masks = torch.cat([p["audio"][1] for _, p in heard])
@@ -245,32 +254,57 @@ def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = N
             arrays["audio"][rows_heard] = encoders.encode_audio(values, masks)
             arrays["audio_lengths"][rows_heard] = np.stack([p["lengths"] for _, p in heard])
             arrays["has_audio"][rows_heard] = 1
-        _report(progress, len(batch), 0)
+
+    def flush() -> None:
+        """Encode the batch; when it fails, clip by clip, so that only a bad clip fails."""
+        if not batch:
+            return
+        try:
+            encode(batch)
+            _report(progress, len(batch), 0)
+        except Exception as err:  # noqa: BLE001 - one clip's error must not end the shard
+            if len(batch) == 1:
+                fail(batch[0][0], "encode", _reason(err))
+            else:
+                for item in batch:
+                    try:
+                        encode([item])
+                        _report(progress, 1, 0)
+                    except Exception as one:  # noqa: BLE001
+                        fail(item[0], "encode", _reason(one))
         batch.clear()
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        ahead = job.settings.batch_size  # clips decoded ahead of the encoders, bounds memory
-        pending = [pool.submit(_prepare, encoders, video, audio) for _, video, audio in job.clips[:ahead]]
-        for i, (video_id, _, _) in enumerate(job.clips):
+    def take_clips(pool: ThreadPoolExecutor, pending: list) -> None:
+        """Take the clips in order as they are decoded, batch them, encode."""
+        ahead = len(pending)
+        for i in range(n):
             if i + ahead < n:
                 _, video, audio = job.clips[i + ahead]
                 pending.append(pool.submit(_prepare, encoders, video, audio))
             try:
-                prepared = pending[i].result()
+                batch.append((i, pending[i].result()))
                 pending[i] = None  # the batch holds the tensors from here; memory stays ~2 batches
             except MediaError as err:
-                if job.strict:
-                    for f in pending[i:]:
-                        f.cancel()
-                    raise ExtractionError(f"clip {video_id!r} failed ({err.stage}): {err}") from None
-                status[i] = FAILED
-                failures.append({"video_id": video_id, "stage": err.stage, "reason": str(err)})
-                _report(progress, 1, 1)
-                continue
-            batch.append((i, prepared))
+                fail(i, err.stage, str(err))
+            except Exception as err:  # noqa: BLE001 - a decoder or preprocessing bug fails its clip only
+                fail(i, "prepare", _reason(err))
             if len(batch) == job.settings.batch_size:
                 flush()
         flush()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ahead = job.settings.batch_size  # clips decoded ahead of the encoders, bounds memory
+        pending = [pool.submit(_prepare, encoders, video, audio) for _, video, audio in job.clips[:ahead]]
+        try:
+            take_clips(pool, pending)
+        except ExtractionError:  # --strict: stop now, not after the clips decoding ahead
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     store.write_shard(job.shard, arrays, status, failures)
     return {"shard": job.shard, "ok": int((status == OK).sum()), "failed": failures,
             "seconds": time.perf_counter() - start}
+
+
+def _reason(err: BaseException) -> str:
+    """An unexpected error as a failure reason: its type and message."""
+    return f"{type(err).__name__}: {err}"

@@ -178,6 +178,47 @@ def test_strict_stops_at_the_first_failure(tiny_models, broken_corpus, tmp_path)
         extract(config(tiny_models), path, root, tmp_path / "store", workers=0, strict=True)
 
 
+def test_an_unexpected_error_fails_only_its_clip(tiny_models, corpus, annotations, patch_store, tmp_path,
+                                                 monkeypatch):
+    """Not a MediaError: a bug while preparing one clip, and an encoder error on a batch holding a
+    bad clip (retried clip by clip), each fail that clip alone with its type and message."""
+    import torch
+
+    import pipeline.extract as stage1
+    from pipeline.encoders import Encoders
+
+    prepare, encode_frames = stage1._prepare, Encoders.encode_frames
+
+    def flawed_prepare(encoders, video, audio):
+        if video.endswith("synth_00003.mp4"):
+            raise RuntimeError("a decoder bug")
+        prepared = prepare(encoders, video, audio)
+        if video.endswith("synth_00005.mp4"):
+            prepared["pixels"] = prepared["pixels"] * float("nan")
+        return prepared
+
+    def picky_encode_frames(self, pixels):
+        if torch.isnan(pixels).any():
+            raise ValueError("NaN pixels in the batch")
+        return encode_frames(self, pixels)
+
+    monkeypatch.setattr(stage1, "_prepare", flawed_prepare)
+    monkeypatch.setattr(Encoders, "encode_frames", picky_encode_frames)
+    summary = extract(config(tiny_models), annotations, corpus, tmp_path / "store", workers=0)
+    got = {row["video_id"]: (row["stage"], row["reason"]) for row in summary.failed}
+    assert got == {"synth_00003": ("prepare", "RuntimeError: a decoder bug"),
+                   "synth_00005": ("encode", "ValueError: NaN pixels in the batch")}
+    store, whole = FeatureStore(tmp_path / "store"), FeatureStore(patch_store)
+    assert summary.ok == 22 and verify_store(store) == []
+    ok, visual = store.status() == OK, store.array("visual")[:]
+    assert not visual[~ok].any()  # nothing made up for the failed clips
+    # the bad clip's batch mates (4, 6, 7) were encoded one by one: the same features
+    np.testing.assert_allclose(visual[ok].astype(np.float32), whole.array("visual")[:][ok].astype(np.float32),
+                               rtol=1e-2, atol=1e-2)
+    with pytest.raises(ExtractionError, match=r"clip 'synth_00003' failed \(prepare\): RuntimeError: a decoder bug"):
+        extract(config(tiny_models), annotations, corpus, tmp_path / "strict", workers=0, strict=True)
+
+
 def test_a_store_made_otherwise_is_not_resumed(patch_store, tiny_models, corpus, annotations, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(patch_store, copy)
