@@ -294,6 +294,16 @@ def _checkpoint_config(checkpoint: Path, config: Path | None, sets: list[str] | 
     return _config(config if config is not None or not saved.is_file() else saved, sets, models)
 
 
+def _distributed(cfg: Config):
+    """This process's rank and device (run.device); a device the machine lacks exits with its error."""
+    from xmei.distributed import DeviceError, Distributed
+
+    try:
+        return Distributed.start(cfg.run.device)
+    except DeviceError as e:
+        _fail(str(e), 1)
+
+
 @app.command("eval")
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder (DIR/checkpoints/step_N of `xmei train`).")],
@@ -308,17 +318,13 @@ def eval_cmd(
     under `torchrun --nproc_per_node N $(which xmei) eval ...` the ranks share the batches and
     rank 0 scores and writes (the same predictions as one process).
     """
-    from xmei.distributed import DeviceError, Distributed
     from xmei.evaluate import score, write_predictions, write_report
     from xmei.generate import GenerationSettings, generate_store, generation_config
     from xmei.model import XMEIQwen
 
     cfg = _checkpoint_config(checkpoint, config, set_, models)
     _open_store(store)  # a wrong path: an error naming it, before the model loads
-    try:
-        dist = Distributed.start(cfg.run.device)
-    except DeviceError as e:
-        _fail(str(e), 1)
+    dist = _distributed(cfg)
     model = XMEIQwen.from_checkpoint(checkpoint, device=dist.device)
     generation = GenerationSettings.from_config(cfg)
     with _progress(disable=not dist.main) as bar:
@@ -386,15 +392,12 @@ def predict(
 ):
     """Emotion, intent and explanation of one raw clip: stage 1's own decoding and encoders, then the model."""
     from pipeline.decode import MediaError
-    from xmei.distributed import DeviceError, Distributed
     from xmei.predict import predict_clip
 
     cfg = _checkpoint_config(checkpoint, config, set_, models)
+    device = _distributed(cfg).device
     try:
-        device = Distributed.start(cfg.run.device).device
         result = predict_clip(cfg, checkpoint, video, audio, subtitle, video_description, audio_description, device)
-    except DeviceError as e:
-        _fail(str(e), 1)
     except MediaError as e:
         _fail(f"cannot read the clip: {e}", 1)
     if as_json:
@@ -420,13 +423,9 @@ def attention(
     from pipeline.decode import MediaError
     from stores import FeatureStore
     from xmei.attention import draw_attention
-    from xmei.distributed import DeviceError, Distributed
 
     cfg = _checkpoint_config(checkpoint[0], config, set_, models)
-    try:
-        device = Distributed.start(cfg.run.device).device
-    except DeviceError as e:
-        _fail(str(e), 1)
+    device = _distributed(cfg).device
     root = _media_root(cfg, media_root, Path(FeatureStore(store).attrs.get("annotations", ".")))
     if root is None:
         _fail("no media root: give --media-root")
