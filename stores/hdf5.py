@@ -30,9 +30,9 @@ def export_hdf5(store: FeatureStore, out: Path) -> None:
                 rows = store.shard_range(shard)
                 dst[rows.start:rows.stop] = src[rows.start:rows.stop]
         for name in store.texts:
-            h5.create_dataset(name, data=np.asarray(store.array(name)[:], dtype=object), dtype=strings)
+            h5.create_dataset(name, data=np.asarray(store.read_whole(name), dtype=object), dtype=strings)
         for name in store.ints:
-            h5.create_dataset(name, data=store.array(name)[...])
+            h5.create_dataset(name, data=store.read_whole(name))
 
 
 def import_hdf5(path: Path, out: Path) -> FeatureStore:

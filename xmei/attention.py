@@ -64,7 +64,7 @@ def draw_attention(checkpoints: list[Path], store_path: Path, video_id: str, med
     import matplotlib.pyplot as plt
 
     store = FeatureStore(store_path)
-    ids = [str(v) for v in store.array("video_id")[:]]
+    ids = [str(v) for v in store.read_whole("video_id")]
     if video_id not in ids:
         raise KeyError(f"{video_id!r} is not in {store_path}")
     clip = store[ids.index(video_id)]

@@ -89,8 +89,8 @@ class StoreSamples(Dataset):
         first_shard = np.cumsum([0] + [s.num_shards for s in stores])[:-1]
         self.shard_ids = np.concatenate([first + c // s.shard_size for first, s, c in zip(first_shard, stores, ok)])
         self.has_audio = np.concatenate([s.clip_reader("has_audio").read(c) for s, c in zip(stores, ok)])  # (N,) uint8
-        self.captions = {n: np.concatenate([s.array(n)[...][c] for s, c in zip(stores, ok)]) for n in CAPTIONS}
-        self.strings = {n: PackedStrings(str(v) for s, c in zip(stores, ok) for v in s.array(n)[...][c])
+        self.captions = {n: np.concatenate([s.read_whole(n)[c] for s, c in zip(stores, ok)]) for n in CAPTIONS}
+        self.strings = {n: PackedStrings(str(v) for s, c in zip(stores, ok) for v in s.read_whole(n)[c])
                         for n in TEXTS}
         self._readers: dict[int, list[dict[str, ClipReader]]] = {}
 

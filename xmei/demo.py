@@ -151,4 +151,4 @@ def _ok_ids(path: Path) -> list[str]:
 
     store = FeatureStore(path)
     status = store.status()
-    return [str(v) for v, s in zip(store.array("video_id")[:], status) if s == OK]
+    return [str(v) for v, s in zip(store.read_whole("video_id"), status) if s == OK]
