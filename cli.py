@@ -173,7 +173,8 @@ def extract(
     scheduler: Annotated[Optional[str], typer.Option(
         help="Address of a running dask scheduler (a GPU farm); default: a LocalCluster here.")] = None,
     workers: Annotated[Optional[int], typer.Option(
-        help="LocalCluster workers (default: one per GPU, else 1); 0 runs in this process without dask.")] = None,
+        help="LocalCluster workers, each pinned to its own GPU (default: one per GPU, times "
+             "extract.workers_per_gpu; 1 without a GPU); 0 runs in this process without dask.")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first clip that fails, instead of recording it.")] = False,
     unlabeled: Annotated[bool, typer.Option(help="Allow empty emotion/intent (a prediction-only split).")] = False,
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
@@ -182,19 +183,18 @@ def extract(
 
     Each dask task extracts and writes whole shards; a rerun skips finished shards. A clip whose
     media are missing or corrupt is marked failed (reason in STORE/failures.jsonl) and the run goes on.
+    Each worker decodes in extract.decode_workers processes (default: its share of the cores).
     """
     from pipeline.annotations import AnnotationError
+    from pipeline.decode_pool import PoolError
     from pipeline.extract import ExtractionError, extract as run_extract
+    from pipeline.farm import FarmError
     from stores import StoreError
 
     cfg = _config(config, set_, models)
     root = _media_root(cfg, media_root, annotations)
     if root is None:
         _fail("no media root: give --media-root (or a config dataset media_root)")
-    if workers is None:
-        import torch
-
-        workers = max(1, torch.cuda.device_count())
     with _progress(TextColumn("{task.fields[failed]} failed")) as bar:
         task = bar.add_task("extracting", total=None, failed=0)
 
@@ -212,7 +212,7 @@ def extract(
         try:
             summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,
                                   strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started)
-        except (AnnotationError, ConfigError, StoreError, ExtractionError) as e:
+        except (AnnotationError, ConfigError, StoreError, ExtractionError, FarmError, PoolError) as e:
             _fail(str(e), 1)
     rate = (summary.clips - summary.shards_skipped * cfg.extract.shard_size) / max(summary.seconds, 1e-9)
     out_text = (f"{out}: {summary.ok} ok, {len(summary.failed)} failed of {summary.clips} clips "

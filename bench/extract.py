@@ -1,19 +1,26 @@
 """Benchmark of stage 1 (feature extraction): where the time goes, as ratios from one run.
 
-Builds its own inputs (a synthetic corpus and the tiny models), then measures on the same
-train clips, in one process, each after one warm-up clip (excluded from the timing):
+Builds its own inputs (the tiny models, a synthetic corpus, camera-like clips) and measures, in
+one run, each after a warm-up that is not timed:
 
-- decode only: read_frames + read_audio + audio_windows + the checkpoint processors, one thread;
-- encode only: encode_frames + encode_audio on the prepared tensors, batched like extract();
-- whole pipeline: pipeline.extract.extract(workers=0) into a fresh store (decode threads
-  overlapping the encoders), and with a dask LocalCluster of 2 workers (cluster start-up and
-  the workers' model loading included: they cannot be warmed up);
+small clips (the synthetic corpus: 1-6 s, up to 256x192; the tiny encoders dominate)
+- decode only: pipeline.decode_pool with 1 process (decode, resize/crop, audio windows);
+- encode only: Encoders.encode on the prepared clips, batched like extract();
+- the pipeline: extract(workers=0) into a fresh store (its decode pool overlapping the
+  encoders), and on a dask LocalCluster of 2 workers (start-up and model loading included);
 - decord sampled reads (what read_frames does) against PyAV decoding every frame.
 
-Prints clips/s per stage, their ratios, and one computed line of interpretation.
+camera-like clips (1080p and 720p H.264 + AAC, 5-15 s: decoding dominates, as on a GPU farm)
+- decode + preprocess clips/s with 1 and with 2 decode processes (goal: 2 processes >= 1.8x on
+  2 cores), and the decode seconds of one core per clip (1080p and 720p apart);
+- the pipeline with its decode pool against the ideal for this machine: cores / (decode seconds
+  + encode CPU seconds per clip) (goal >= 0.8).
 
-Run:  .venv/bin/python bench/extract.py [--clips 48] [--out DIR]
-(--out keeps the corpus, models and stores; by default a temporary folder is removed.)
+Last it prints how many decode processes a GPU needs, from the decode seconds per camera clip
+and a GPU encode rate: --gpu-clips-per-s, by default an estimate from FLOPs (not measured).
+
+Run:  .venv/bin/python bench/extract.py [--clips 48] [--camera 8] [--rounds 4] [--out DIR]
+(--out keeps the corpus, models, camera clips and stores; by default a temporary folder is removed.)
 """
 from __future__ import annotations
 
@@ -32,16 +39,22 @@ sys.path.insert(0, str(REPO))  # dask workers inherit it (spawned with the paren
 import numpy as np
 
 from pipeline.annotations import read_annotations, write_annotations
-from pipeline.decode import audio_windows, frame_indices, read_audio, read_frames
+from pipeline.decode import frame_indices
+from pipeline.decode_pool import Clip, DecodePool, Failure, Prepared, available_cores
 from pipeline.encoders import Encoders, EncoderSettings
+from pipeline.synth import CAMERA, CAMERA_SECONDS, camera_corpus
+from xmei.config import load_config
+
+# ViT-L/14 at 224 (~81 GFLOPs a frame, 8 frames) + HuBERT-Large on 8 windows of 2 s (~0.6 TFLOPs),
+# at ~40% of an H100's ~990 dense bf16 TFLOP/s: an estimate to size the decode pool, not a measurement
+GPU_CLIPS_PER_S_ESTIMATE = 0.4 * 990e12 / (8 * 81e9 + 0.6e12)
+CAMERA_BATCH = 4
 
 
 def build_inputs(folder: Path, clips: int):
     """Tiny models, a corpus with at least clips + 1 train clips, the config, and the records."""
     from pipeline.synth import SPLITS, synth_corpus
     from pipeline.tiny_models import build_tiny_models
-    from xmei.config import load_config
-
     models = folder / "models"
     if not (models / "tiny_models.json").is_file():
         build_tiny_models(models, seed=0)
@@ -52,10 +65,7 @@ def build_inputs(folder: Path, clips: int):
     if not train_file.is_file() or len(read_annotations(train_file, cfg.emotions, cfg.intents)) < clips + 1:
         synth_corpus(corpus, n, 0, cfg.emotions, cfg.intents, overwrite=True)
     records = read_annotations(train_file, cfg.emotions, cfg.intents)
-    warm, measured = records[clips], records[:clips]  # the warm-up clip is not a measured one
-    write_annotations(folder / "bench_warmup.json", [warm])
-    write_annotations(folder / "bench_clips.json", measured)
-    return cfg, corpus, warm, measured
+    return cfg, corpus, records[clips], records[:clips]  # the warm-up clip is not a measured one
 
 
 def timed(fn):
@@ -66,52 +76,48 @@ def timed(fn):
     return result, wall, cpu / wall
 
 
-def prepare(enc: Encoders, record, root: Path) -> dict:
-    """What extract_shard's decode threads do for one clip."""
-    s, video, audio = enc.settings, record.video_file(root), record.audio_file(root)
-    pixels = enc.preprocess_frames(read_frames(video, s.num_frames))
-    wave = read_audio(audio, video)
-    if wave is None:
-        return {"pixels": pixels, "audio": None}
-    windows, lengths = audio_windows(wave, s.num_audio_clips, s.audio_clip_seconds)
-    return {"pixels": pixels, "audio": enc.preprocess_audio(windows, lengths)}
+def clips_of(enc: Encoders, records, root: Path) -> list[Clip]:
+    return [Clip(str(r.video_file(root)), str(r.audio_file(root) or ""), enc.preparation) for r in records]
 
 
-def bench_decode(enc: Encoders, root: Path, warm, records):
-    """Everything before the encoders, one clip after another: (prepared clips, wall, cores)."""
-    prepare(enc, warm, root)
-    return timed(lambda: [prepare(enc, r, root) for r in records])
+def bench_decode(clips: list[Clip], warm: Clip, processes: int) -> tuple[list[Prepared], float]:
+    """Decode + preprocess in a pool of ``processes``: (prepared clips, wall seconds). Every
+    process decodes the warm-up clip first (imports, codec set-up), untimed."""
+    pool = DecodePool(processes)
+    try:
+        list(pool.map([warm] * processes, ahead=processes))
+        results, wall, _ = timed(lambda: [r for _, r in pool.map(clips, ahead=2 * processes)])
+    finally:
+        pool.close()
+    failed = [(c.video, r.reason) for c, r in zip(clips, results) if isinstance(r, Failure)]
+    if failed:
+        raise SystemExit(f"clips failed to decode: {failed}")
+    return results, wall
 
 
-def encode(enc: Encoders, batch: list[dict]) -> None:
-    import torch
-
-    enc.encode_frames(torch.cat([p["pixels"] for p in batch]))
-    heard = [p["audio"] for p in batch if p["audio"] is not None]
-    if heard:
-        enc.encode_audio(torch.cat([a[0] for a in heard]), torch.cat([a[1] for a in heard]))
-
-
-def bench_encode(enc: Encoders, prepared: list[dict]):
-    """The prepared clips through the encoders in batches of extract.batch_size: (wall, cores)."""
-    encode(enc, prepared[:1])
+def bench_encode(enc: Encoders, prepared: list[Prepared]) -> tuple[float, float]:
+    """The prepared clips through the encoders in batches of extract.batch_size: (wall, CPU seconds)."""
+    enc.encode(prepared[:1])
     size = enc.settings.batch_size
-    _, wall, cores = timed(lambda: [encode(enc, prepared[i:i + size]) for i in range(0, len(prepared), size)])
-    return wall, cores
+    _, wall, cores = timed(lambda: [enc.encode(prepared[i:i + size]) for i in range(0, len(prepared), size)])
+    return wall, wall * cores
 
 
-def bench_pipeline(cfg, folder: Path, corpus: Path, workers: int):
-    """extract() into a fresh store: (shard count, wall, cores of this process). workers=0 is
-    warmed up on one clip first (loads the encoders into this process); a cluster cannot be."""
+def bench_pipeline(cfg, folder: Path, root: Path, name: str, warm, records, workers: int):
+    """extract() of ``records`` into a fresh store: (shard count, wall, cores of this process).
+    workers=0 is warmed up on one clip first (the encoders and decode pool of this process); a
+    cluster cannot be."""
     from pipeline.extract import extract
 
     stores = folder / "stores"
+    write_annotations(folder / f"{name}_warmup.json", [warm])
+    write_annotations(folder / f"{name}.json", records)
     if workers == 0:
-        shutil.rmtree(stores / "warmup", ignore_errors=True)
-        extract(cfg, folder / "bench_warmup.json", corpus, stores / "warmup", workers=0)
-    out = stores / f"workers{workers}"
+        shutil.rmtree(stores / f"{name}_warmup", ignore_errors=True)
+        extract(cfg, folder / f"{name}_warmup.json", root, stores / f"{name}_warmup", workers=0)
+    out = stores / f"{name}_workers{workers}"
     shutil.rmtree(out, ignore_errors=True)
-    summary, wall, cores = timed(lambda: extract(cfg, folder / "bench_clips.json", corpus, out, workers=workers))
+    summary, wall, cores = timed(lambda: extract(cfg, folder / f"{name}.json", root, out, workers=workers))
     if summary.ok != summary.clips:
         raise SystemExit(f"extract() failed clips: {summary.failed}")
     return summary.shards, wall, cores
@@ -132,79 +138,110 @@ def pyav_decode_all(video: Path, n: int) -> np.ndarray:
     return np.stack([frames[i] for i in frame_indices(len(frames), n)])
 
 
-def bench_reader(read, root: Path, warm, records, n: int):
-    """One reader over every video: (wall, cores)."""
+def bench_reader(read, root: Path, warm, records, n: int) -> float:
+    """One reader over every video: wall seconds."""
     read(warm.video_file(root), n)
-    _, wall, cores = timed(lambda: [read(r.video_file(root), n) for r in records])
-    return wall, cores
+    _, wall, _ = timed(lambda: [read(r.video_file(root), n) for r in records])
+    return wall
 
 
-def report(clips: int, cfg, shards: int, load: float, stages: dict[str, tuple[float, float | None]]) -> None:
-    """stages: name -> (clips/s, cores busy in this process or None)."""
-    import torch
-
-    print(f"\ncores {os.cpu_count()}, torch threads {torch.get_num_threads()}, clips {clips} "
-          f"(batch_size {cfg.extract.batch_size}, shard_size {cfg.extract.shard_size}: {shards} shard(s)); "
-          f"load average {load:.2f} at start (other processes skew every number)")
-    rate = {name: value for name, (value, _) in stages.items()}
-    p = rate["pipeline, in-process"]
-    ratios = {
-        "pipeline / decode-only": p / rate["decode only"],
-        "pipeline / encode-only": p / rate["encode only"],
-        "decode-only / encode-only": rate["decode only"] / rate["encode only"],
-        "decord-sampled / pyav-decode-all": rate["decord sampled reads"] / rate["pyav decode-all"],
-        "LocalCluster-2 / in-process": rate["pipeline, LocalCluster 2 (incl. start-up)"] / p,
-    }
-    rows = [(name, f"{value:.2f}", "clips/s", "-" if cores is None else f"{cores:.2f}")
-            for name, (value, cores) in stages.items()]
-    rows += [(name, f"{value:.2f}", "x", "") for name, value in ratios.items()]
+def table(rows: list[tuple[str, str, str]]) -> None:
     width, digits = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    print(f"{'stage / ratio':<{width}}  {'value':>{digits}}          cpu/wall")
-    for i, (name, value, unit, cores) in enumerate(rows):
-        if i == len(stages):
-            print("-" * (width + digits + 20))
-        print(f"{name:<{width}}  {value:>{digits}} {unit:<8} {cores:>8}")
-    (d, d_cores), (e, e_cores) = stages["decode only"], stages["encode only"]
-    slower = "decode" if d < e else "encode"
-    serial = 1 / (1 / d + 1 / e)  # no overlap at all: decode then encode, clip after clip
-    cpu_bound = os.cpu_count() / (d_cores / d + e_cores / e)  # all cores busy with both stages' CPU seconds
-    print(f"=> the pipeline runs at {100 * p / min(d, e):.0f}% of the slower of decode and encode "
-          f"({slower}, {min(d, e):.2f} clips/s), {100 * p / serial:.0f}% of a fully serial decode-then-encode "
-          f"({serial:.2f}) and {100 * p / cpu_bound:.0f}% of what {os.cpu_count()} cores allow for both "
-          f"stages' CPU time ({cpu_bound:.2f})")
+    for name, value, unit in rows:
+        print(f"{name:<{width}}  {value:>{digits}} {unit}")
+
+
+def goal(value: float, target: float) -> str:
+    return f"(goal >= {target}: {'met' if value >= target else 'NOT met'})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=48, help="train clips to measure (default 48)")
+    parser.add_argument("--clips", type=int, default=48, help="small train clips to measure (default 48)")
+    parser.add_argument("--camera", type=int, default=8, help="camera-like files to write (default 8)")
+    parser.add_argument("--rounds", type=int, default=4, help="clips per camera-like file (default 4)")
+    parser.add_argument("--gpu-clips-per-s", type=float, default=GPU_CLIPS_PER_S_ESTIMATE,
+                        help="clips/s one GPU encodes with full-size encoders (default: an estimate from FLOPs, "
+                             f"{GPU_CLIPS_PER_S_ESTIMATE:.0f})")
     parser.add_argument("--out", type=Path, help="keep inputs and stores here (default: a temp folder)")
     args = parser.parse_args()
     began, load = time.perf_counter(), os.getloadavg()[0]
     folder = (args.out or Path(tempfile.mkdtemp(prefix="xmei-bench-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    cores = available_cores()
     try:
         cfg, corpus, warm, records = build_inputs(folder, args.clips)
+        camera_warm, camera = camera_corpus(folder / "camera", args.camera, args.rounds)
         print(f"inputs ready in {time.perf_counter() - began:.1f} s ({folder})", flush=True)
         enc = Encoders(EncoderSettings.from_config(cfg))
-        n, frames = len(records), cfg.extract.num_frames
-        stages: dict[str, tuple[float, float | None]] = {}
-        prepared, wall, cores = bench_decode(enc, corpus, warm, records)
-        stages["decode only"] = n / wall, cores
-        wall, cores = bench_encode(enc, prepared)
-        stages["encode only"] = n / wall, cores
+        frames, n, m = cfg.extract.num_frames, len(records), len(camera)
+
+        # small clips
+        small = clips_of(enc, records, corpus)
+        prepared, decode_wall = bench_decode(small, clips_of(enc, [warm], corpus)[0], 1)
+        encode_wall, _ = bench_encode(enc, prepared)
         del prepared
-        shards, wall, cores = bench_pipeline(cfg, folder, corpus, workers=0)
-        stages["pipeline, in-process"] = n / wall, cores
-        _, wall, _ = bench_pipeline(cfg, folder, corpus, workers=2)
-        stages["pipeline, LocalCluster 2 (incl. start-up)"] = n / wall, None  # the work is in other processes
-        wall, cores = bench_reader(decord_sampled, corpus, warm, records, frames)
-        stages["decord sampled reads"] = n / wall, cores
-        wall, cores = bench_reader(pyav_decode_all, corpus, warm, records, frames)
-        stages["pyav decode-all"] = n / wall, cores
-        report(n, cfg, shards, load, stages)
+        shards, pipe_wall, _ = bench_pipeline(cfg, folder, corpus, "small", warm, records, workers=0)
+        _, cluster_wall, _ = bench_pipeline(cfg, folder, corpus, "small", warm, records, workers=2)
+        decord_wall = bench_reader(decord_sampled, corpus, warm, records, frames)
+        pyav_wall = bench_reader(pyav_decode_all, corpus, warm, records, frames)
+
+        # camera-like clips
+        root = folder / "camera"
+        cam, cam_warm = clips_of(enc, camera, root), clips_of(enc, [camera_warm], root)[0]
+        prepared, one_wall = bench_decode(cam, cam_warm, 1)
+        _, two_wall = bench_decode(cam, cam_warm, 2)
+        _, cam_encode_cpu = bench_encode(enc, prepared)
+        del prepared
+        # small batches: with a few dozen clips, batches of 16 would leave little to overlap
+        small_batches = load_config(REPO / "configs" / "tiny.yaml", [f"extract.batch_size={CAMERA_BATCH}"],
+                                    models_dir=folder / "models")
+        _, cam_pipe_wall, _ = bench_pipeline(small_batches, folder, root, "camera", camera_warm, camera, workers=0)
+        per_res = {}
+        for height in sorted({h for _, h, _, _ in CAMERA}, reverse=True):
+            chosen = [c for c in cam[:args.camera] if f"_{height}p_" in c.video]
+            _, wall = bench_decode(chosen, cam_warm, 1)
+            per_res[height] = wall / len(chosen)
     finally:
         if args.out is None:
             shutil.rmtree(folder, ignore_errors=True)
+
+    import torch
+
+    print(f"\ncores {cores}, torch threads {torch.get_num_threads()}, load average {load:.2f} at start "
+          f"(other processes skew every number); extract.batch_size {cfg.extract.batch_size}")
+    print(f"\nsmall clips: {n} synthetic train clips, {shards} shard(s)")
+    rate = {"decode": n / decode_wall, "encode": n / encode_wall, "pipe": n / pipe_wall}
+    table([("decode + preprocess, 1 decode process", f"{rate['decode']:.2f}", "clips/s"),
+           ("encode only (tiny CLIP + HuBERT, batched)", f"{rate['encode']:.2f}", "clips/s"),
+           (f"pipeline, in-process ({cores} decode processes)", f"{rate['pipe']:.2f}", "clips/s"),
+           ("pipeline, LocalCluster 2 (start-up included)", f"{n / cluster_wall:.2f}", "clips/s"),
+           ("decord sampled reads", f"{n / decord_wall:.2f}", "clips/s"),
+           ("pyav decode-all", f"{n / pyav_wall:.2f}", "clips/s"),
+           ("pipeline / encode-only", f"{rate['pipe'] / rate['encode']:.2f}", "x"),
+           ("decord-sampled / pyav-decode-all", f"{pyav_wall / decord_wall:.2f}", "x")])
+
+    decode_s, encode_s = one_wall / m, cam_encode_cpu / m
+    ideal = cores / (decode_s + encode_s)  # every core busy with one of the two stages' CPU seconds
+    speedup, pipe = one_wall / two_wall, m / cam_pipe_wall
+    print(f"\ncamera-like clips: {m} ({args.rounds} of each of {args.camera} files: "
+          f"{', '.join(f'{w}x{h} {fps} fps' for w, h, fps, _ in CAMERA)}; {'/'.join(f'{s:.0f}' for s in CAMERA_SECONDS)} "
+          f"s; H.264 + AAC); the pipeline with extract.batch_size {CAMERA_BATCH}")
+    table([("decode + preprocess, 1 decode process", f"{m / one_wall:.2f}", "clips/s"),
+           ("decode + preprocess, 2 decode processes", f"{m / two_wall:.2f}", "clips/s"),
+           *[(f"decode seconds of one core per {h}p clip", f"{s:.3f}", "s") for h, s in per_res.items()],
+           ("decode seconds per clip, all", f"{decode_s:.3f}", "s"),
+           ("encode CPU seconds per clip (tiny encoders)", f"{encode_s:.3f}", "s"),
+           (f"pipeline, in-process ({cores} decode processes)", f"{pipe:.2f}", "clips/s"),
+           (f"ideal for {cores} cores: cores / (decode + encode s)", f"{ideal:.2f}", "clips/s"),
+           ("2 decode processes / 1", f"{speedup:.2f}", f"x {goal(speedup, 1.8)}"),
+           ("pipeline / ideal", f"{pipe / ideal:.2f}", f"x {goal(pipe / ideal, 0.8)}")])
+    need = args.gpu_clips_per_s * decode_s
+    source = "an estimate from FLOPs, not measured" if args.gpu_clips_per_s == GPU_CLIPS_PER_S_ESTIMATE \
+        else "given by --gpu-clips-per-s"
+    print(f"\n=> a GPU encoding {args.gpu_clips_per_s:.0f} clips/s ({source}) needs {need:.0f} decode processes "
+          f"busy at {decode_s:.3f} s per camera-like clip to stay busy: set extract.decode_workers to the cores "
+          f"a worker has, and give each GPU worker as many cores as the node allows")
     print(f"total run time {time.perf_counter() - began:.1f} s")
 
 

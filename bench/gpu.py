@@ -1,5 +1,6 @@
-"""Full-size XMEI-Qwen on one GPU with random weights: extraction clips/s, LoRA training tokens/s
-under DeepSpeed ZeRO-2, peak GPU memory and evaluation (generation) clips/s, printed as one table.
+"""Full-size XMEI-Qwen on one GPU with random weights: extraction clips/s (the synthetic corpus, and
+camera-like 1080p/720p clips with 16 decode processes, with the GPU's utilisation), LoRA training
+tokens/s under DeepSpeed ZeRO-2, peak GPU memory and evaluation (generation) clips/s, as one table.
 Nothing is downloaded: the architectures come from their published configs (CLIP ViT-L/14,
 HuBERT-Large, Qwen2.5-7B), initialised at random in bf16, on ``run.device``.
 
@@ -44,14 +45,47 @@ def build_models(folder: Path, scale: str) -> Path:
     return folder
 
 
-def bench_extract(cfg, corpus: Path, out: Path) -> dict:
+def bench_extract(cfg, annotations: Path, root: Path, out: Path) -> dict:
+    """extract() in this process (the encoders on run.device, the decode processes of
+    extract.decode_workers): clips/s and the GPU's mean utilisation while it ran."""
     from pipeline.extract import extract
 
-    annotations = corpus / "annotations" / "train.json"
-    start = time.perf_counter()
-    summary = extract(cfg, annotations, corpus, out, workers=0)
-    seconds = time.perf_counter() - start
-    return {"clips": summary.ok, "seconds": seconds, "clips_per_s": summary.ok / seconds}
+    with GpuUtilisation() as busy:
+        start = time.perf_counter()
+        summary = extract(cfg, annotations, root, out, workers=0)
+        seconds = time.perf_counter() - start
+    return {"clips": summary.ok, "seconds": seconds, "clips_per_s": summary.ok / seconds, "gpu_busy": busy.mean}
+
+
+class GpuUtilisation:
+    """Samples GPU 0's utilisation (nvidia-smi, every 0.2 s) while the block runs; ``mean`` is
+    a percentage, or None where there is no nvidia-smi (on CPU)."""
+
+    def __enter__(self):
+        import shutil
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True) if shutil.which("nvidia-smi") else None
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        import subprocess
+
+        while not self._stop.wait(0.2):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                  "-i", "0"], capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.strip():
+                self.samples.append(float(out.stdout.split()[0]))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.mean = sum(self.samples) / len(self.samples) if self.samples else None
 
 
 def bench_train(cfg, store: Path, scale: str, steps: int) -> dict:
@@ -127,15 +161,24 @@ def bench_eval(cfg, model, store: Path, cuda: bool) -> float:
     return clips_per_s
 
 
+def percent(value: float | None) -> str:
+    return "unavailable (no nvidia-smi)" if value is None else f"{value:.0f}%"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=("full", "tiny"), default="full")
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--decode-workers", type=int, default=16, help="decode processes for the camera-like clips "
+                        "(0: the cores available)")
+    parser.add_argument("--camera-rounds", type=int, default=8, help="clips per camera-like file")
     args = parser.parse_args()
     if args.scale == "full" and not torch.cuda.is_available():
         sys.exit("bench/gpu.py --scale full needs a GPU; use --scale tiny to check the code path on CPU")
-    from pipeline.synth import synth_corpus
+    from pipeline.annotations import write_annotations
+    from pipeline.decode_pool import available_cores
+    from pipeline.synth import camera_corpus, synth_corpus
     from xmei.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="xmei-gpu-") as tmp:
@@ -149,11 +192,21 @@ def main() -> None:
         cfg = load_config(REPO / "configs" / "tiny.yaml", sets, models_dir=models)
         corpus = tmp / "corpus"
         synth_corpus(corpus, max(3, int(args.clips / 0.7) + 1), 0, cfg.emotions, cfg.intents)
-        extraction = bench_extract(cfg, corpus, tmp / "store")
+        extraction = bench_extract(cfg, corpus / "annotations" / "train.json", corpus, tmp / "store")
+        # camera-like clips (1080p / 720p H.264, 5-15 s), decoding in decode_workers processes
+        decoders = args.decode_workers or available_cores()
+        _, camera = camera_corpus(tmp / "camera", 8 if args.scale == "full" else 2, args.camera_rounds)
+        write_annotations(tmp / "camera.json", camera)
+        camera_cfg = load_config(REPO / "configs" / "tiny.yaml", [*sets, f"extract.decode_workers={decoders}"],
+                                 models_dir=models)
+        filmed = bench_extract(camera_cfg, tmp / "camera.json", tmp / "camera", tmp / "camera_store")
         training = bench_train(cfg, tmp / "store", args.scale, args.steps)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     rows = [("device", device), ("scale", args.scale),
             ("extraction clips/s (CLIP + HuBERT, decode included)", f"{extraction['clips_per_s']:.1f}"),
+            (f"camera-like extraction clips/s ({decoders} decode processes, {filmed['clips']} clips)",
+             f"{filmed['clips_per_s']:.1f}"),
+            ("GPU utilisation during camera-like extraction", percent(filmed["gpu_busy"])),
             ("LoRA training tokens/s (ZeRO-2, bf16)", f"{training['tokens_per_s']:.0f}"),
             ("training step s", f"{training['seconds'] / training['steps']:.2f}"),
             ("trainable parameters", f"{training['trainable']:,}"),

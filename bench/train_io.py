@@ -11,7 +11,8 @@ extract(workers=0) and shard_size 16, so there are several shards), then measure
 (b) one epoch of training steps (forward, backward, clip, AdamW; model in train mode, the same
     seed, batches and step count) fed from the store (DataLoader + StoreSamples + collate, as
     Trainer does) against fed by decoding each batch's media and running the frozen encoders
-    in the loop (2 decode threads, as extract() uses): training without a feature cache.
+    in the loop (2 decode threads: a process pool would not change the tiny encoders' share): training
+    without a feature cache.
     Each path is warmed up by one untimed forward + backward; loading the encoders is excluded.
 (c) tokens per sample fed to the LLM: collate's per-batch padding over the epoch's batches,
     against the published fixed padding to 1024 tokens.
@@ -51,7 +52,7 @@ import torch
 from torch.utils.data import BatchSampler, Dataset
 
 from pipeline.annotations import read_annotations, write_annotations
-from pipeline.decode import audio_windows, read_audio, read_frames
+from pipeline.decode_pool import Clip, Prepared, prepare
 from pipeline.encoders import Encoders, EncoderSettings
 from stores import OK, FeatureSpec, FeatureStore, create_store
 from xmei.data import CAPTIONS, TEXTS, EpochSampler, StoreSamples, feature_facts, loader
@@ -156,15 +157,10 @@ def run_epoch(cfg, model, optimizer, trainable, batches) -> tuple[float, list[fl
     return time.perf_counter() - start, losses, seen
 
 
-def prepare(enc: Encoders, record, root: Path) -> dict:
-    """Decode and preprocess one clip, as extract()'s decode threads do."""
-    s, video = enc.settings, record.video_file(root)
-    pixels = enc.preprocess_frames(read_frames(video, s.num_frames))
-    wave = read_audio(record.audio_file(root), video)
-    if wave is None:
-        return {"pixels": pixels, "audio": None}
-    windows = audio_windows(wave, s.num_audio_clips, s.audio_clip_seconds)
-    return {"pixels": pixels, "audio": enc.preprocess_audio(*windows)}
+def prepare_record(enc: Encoders, record, root: Path) -> Prepared:
+    """Decode and preprocess one clip, as extract()'s decode processes do."""
+    audio = record.audio_file(root)
+    return prepare(Clip(str(record.video_file(root)), str(audio or ""), enc.preparation))
 
 
 class EncodedBatches:
@@ -176,16 +172,10 @@ class EncodedBatches:
 
     def make(self, positions: list[int]) -> dict:
         clips = self.data.clips[positions]
-        prepared = list(self.pool.map(lambda clip: prepare(self.enc, self.records[clip], self.root), clips))
-        visual = self.enc.encode_frames(torch.cat([p["pixels"] for p in prepared]))
-        audio = np.zeros((len(clips), self.data.facts["num_audio_clips"], self.data.facts["audio_size"]), np.float16)
-        has_audio = np.zeros(len(clips), np.uint8)
-        heard = [i for i, p in enumerate(prepared) if p["audio"] is not None]
-        if heard:
-            audio[heard] = self.enc.encode_audio(torch.cat([prepared[i]["audio"][0] for i in heard]),
-                                                 torch.cat([prepared[i]["audio"][1] for i in heard]))
-            has_audio[heard] = 1
-        samples = [self.data._sample(p, {"video": visual[i], "audio": audio[i], "has_audio": has_audio[i]})
+        prepared = list(self.pool.map(lambda clip: prepare_record(self.enc, self.records[clip], self.root), clips))
+        features = self.enc.encode(prepared)
+        samples = [self.data._sample(p, {"video": features["visual"][i], "audio": features["audio"][i],
+                                         "has_audio": features["has_audio"][i]})
                    for i, p in enumerate(positions)]
         return collate(samples, self.pad_id)
 

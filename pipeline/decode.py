@@ -87,7 +87,7 @@ def _pyav_decode(path: Path, indices: np.ndarray) -> tuple[list[np.ndarray], int
     decoded = 0
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1  # as decord: decode threads run one per clip
+        stream.codec_context.thread_count = 1  # as decord: one decode process per core, one clip each
         for frame in container.decode(stream):
             hits = int((indices == decoded).sum())
             if hits:

@@ -2,21 +2,27 @@
 
 Real checkpoints (openai/clip-vit-large-patch14, facebook/hubert-large-ls960-ft,
 bert-base-uncased) and the tiny ones of `xmei models tiny` load through the same
-``from_pretrained(dir)`` calls. Preprocessing is the checkpoint's own (its image processor and
-feature extractor), so it cannot drift from the weights.
+``from_pretrained(dir)`` calls. Preprocessing is resolved from the checkpoint's own processor
+configs (:func:`preparation`), so it cannot drift from the weights; the decode processes do the
+heavy part, the encoders rescale and normalize on their device.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.farm import assigned_device
+from pipeline.preprocess import AudioPreprocess, FramePreprocess, Preparation
 from stores import FeatureSpec
 
-__all__ = ["EncoderSettings", "Encoders", "encoder_identity", "feature_specs", "tokenize_captions"]
+if TYPE_CHECKING:
+    from pipeline.decode_pool import Prepared
+
+__all__ = ["EncoderSettings", "Encoders", "encoder_identity", "feature_specs", "preparation", "tokenize_captions"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,8 @@ class EncoderSettings:
     audio_clip_seconds: float
     audio_layers: int
     batch_size: int
-    device: str  # "auto" | "cpu" | "cuda"
+    device: str  # "auto" | "cpu" | "cuda" | "cuda:N"; a worker given its own GPU uses that one
+    decode_workers: int = 0  # decode processes; 0: the cores available to the worker
 
     @classmethod
     def from_config(cls, cfg) -> "EncoderSettings":
@@ -43,7 +50,7 @@ class EncoderSettings:
                    visual_name=cfg.model.visual_encoder, audio_name=cfg.model.acoustic_encoder,
                    visual_tokens=x.visual_tokens, num_frames=x.num_frames, num_audio_clips=x.num_audio_clips,
                    audio_clip_seconds=x.audio_clip_seconds, audio_layers=x.audio_layers,
-                   batch_size=x.batch_size, device=x.device)
+                   batch_size=x.batch_size, device=x.device, decode_workers=x.decode_workers)
 
     def key(self) -> str:
         return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:16]
@@ -125,6 +132,18 @@ def tokenize_captions(tokenizer_path: str, captions: dict[str, list[str]], lengt
     return arrays
 
 
+def preparation(settings: EncoderSettings) -> Preparation:
+    """What the decode processes do to a clip, from the checkpoints' own processor configs."""
+    from transformers import AutoFeatureExtractor, AutoImageProcessor
+
+    # only the processor's settings are read: the PIL backend holds them without torchvision
+    image_processor = AutoImageProcessor.from_pretrained(settings.visual_path, backend="pil")
+    return Preparation(frames=FramePreprocess.from_processor(image_processor),
+                       audio=AudioPreprocess.from_processor(AutoFeatureExtractor.from_pretrained(settings.audio_path)),
+                       num_frames=settings.num_frames, num_audio_clips=settings.num_audio_clips,
+                       audio_clip_seconds=settings.audio_clip_seconds)
+
+
 class Encoders:
     """The frozen CLIP and HuBERT of one worker, loaded once, eval mode, no gradients.
 
@@ -133,59 +152,64 @@ class Encoders:
 
     def __init__(self, settings: EncoderSettings):
         import torch
-        from transformers import (AutoFeatureExtractor, AutoImageProcessor, CLIPVisionModelWithProjection,
-                                  HubertModel)
-
+        from transformers import CLIPVisionModelWithProjection, HubertModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a worker's log is no place for "Loading weights" bars
         self.settings = settings
-        cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if cuda else "cpu")
+        device = assigned_device() or settings.device  # a worker pinned to its GPU uses that one
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
         if not cuda:
             self.dtype = torch.float32
         else:
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.image_processor = AutoImageProcessor.from_pretrained(settings.visual_path)
-        self.feature_extractor = AutoFeatureExtractor.from_pretrained(settings.audio_path)
+        self.preparation = preparation(settings)
         self.visual = _load_checked(CLIPVisionModelWithProjection, settings.visual_path,
                                     config=_vision_config(settings.visual_path), dtype=self.dtype)
         self.audio = _load_checked(HubertModel, settings.audio_path, dtype=self.dtype)
         for model in (self.visual, self.audio):
             model.to(self.device).eval().requires_grad_(False)
 
-    def preprocess_frames(self, frames: np.ndarray):
-        """(F, H, W, 3) uint8 -> (F, 3, 224, 224) float32 tensor, by the checkpoint's processor."""
-        return self.image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
+    def encode(self, clips: list[Prepared]) -> dict[str, np.ndarray]:
+        """Prepared clips (see pipeline.decode_pool) -> what the store holds for them, by array:
+        visual (B, F, ...), audio (B, W, D) and audio_lengths (B, W), zeros for a clip without
+        audio, has_audio (B,)."""
+        n, windows = len(clips), self.settings.num_audio_clips
+        out = {"visual": self.encode_frames(np.concatenate([c.pixels for c in clips])),
+               "audio": np.zeros((n, windows, self.audio.config.hidden_size), np.float16),
+               "audio_lengths": np.zeros((n, windows), np.int32),
+               "has_audio": np.array([c.audio is not None for c in clips], np.uint8)}
+        heard = np.flatnonzero(out["has_audio"])
+        if len(heard):
+            out["audio"][heard] = self.encode_audio(np.concatenate([clips[i].audio for i in heard]),
+                                                    np.concatenate([clips[i].audio_mask for i in heard]))
+            out["audio_lengths"][heard] = np.stack([clips[i].audio_lengths for i in heard])
+        return out
 
-    def preprocess_audio(self, windows: np.ndarray, lengths: np.ndarray):
-        """(W, samples) windows -> input_values (and attention_mask) for HuBERT, each window
-        normalized over its real samples only."""
-        size = windows.shape[1]
-        out = self.feature_extractor([w[:max(int(n), 1)] for w, n in zip(windows, lengths)],
-                                     sampling_rate=self.feature_extractor.sampling_rate, padding="max_length",
-                                     max_length=size, return_attention_mask=True, return_tensors="pt")
-        return out["input_values"], out["attention_mask"]
-
-    def encode_frames(self, pixels) -> np.ndarray:
-        """(B * F, 3, 224, 224) -> (B, F, 257, D) patch tokens or (B, F, P) pooled embeddings."""
+    def encode_frames(self, pixels: np.ndarray) -> np.ndarray:
+        """(B * F, 3, h, w) uint8, resized and cropped -> (B, F, 257, D) patch tokens or (B, F, P)
+        pooled embeddings; rescaled and normalized here, on the encoder's device."""
         import torch
 
         with torch.inference_mode():
-            out = self.visual(pixel_values=pixels.to(self.device, self.dtype))
+            pixels = self.preparation.frames.normalize(torch.from_numpy(pixels).to(self.device))
+            out = self.visual(pixel_values=pixels.to(self.dtype))
             features = out.last_hidden_state if self.settings.visual_tokens == "patch" else out.image_embeds
         features = features.float().cpu().numpy().astype(np.float16)
         return features.reshape(-1, self.settings.num_frames, *features.shape[1:])  # (B, F, ...)
 
-    def encode_audio(self, input_values, attention_mask) -> np.ndarray:
-        """(B * W, samples) -> (B, W, D): per window, the mean of the last ``audio_layers``
-        hidden states, then the mean over the window's real frames."""
+    def encode_audio(self, input_values: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(B * W, samples) normalized windows and their mask -> (B, W, D): per window, the mean
+        of the last ``audio_layers`` hidden states, then the mean over the window's real frames."""
         import torch
 
         with torch.inference_mode():
-            mask = attention_mask.to(self.device)
-            use_mask = getattr(self.feature_extractor, "return_attention_mask", True)
-            out = self.audio(input_values.to(self.device, self.dtype), attention_mask=mask if use_mask else None,
+            mask = torch.from_numpy(attention_mask).to(self.device)
+            values = torch.from_numpy(input_values).to(self.device, self.dtype)
+            out = self.audio(values, attention_mask=mask if self.preparation.audio.use_mask else None,
                              output_hidden_states=True)
             hidden = torch.stack(out.hidden_states[-self.settings.audio_layers:]).float().mean(0)  # (N, T, D)
             frames = self.audio._get_feat_extract_output_lengths(mask.sum(-1)).clamp(min=1)  # (N,) real frames

@@ -1,32 +1,35 @@
 """Stage 1 driver: annotations + media -> a feature store, shard by shard, on a dask cluster.
 
 A task extracts and writes one whole shard, so no two workers ever write the same files and
-no lock is needed. A worker loads the encoders once (per process) and keeps them. Within a
-task, decoding and preprocessing run ahead in threads while the encoders work on the previous
-batch. A rerun skips finished shards; a clip whose media are missing or corrupt is marked
-failed with its reason, never replaced.
+no lock is needed. A worker loads the encoders and starts its decode processes once and keeps
+them (pipeline.decode_pool). Within a task, the decode processes prepare clips a bounded number
+ahead while the encoders work on the previous batch. A rerun skips finished shards; a clip whose
+media are missing or corrupt, or whose decoder crashes, is marked failed with its reason, never
+replaced.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.annotations import FIELDS, Record, read_annotations
-from pipeline.decode import MediaError, audio_windows, read_audio, read_frames
-from pipeline.encoders import EncoderSettings, Encoders, encoder_identity, feature_specs, tokenize_captions
+from pipeline.decode_pool import Clip, DecodePool, Failure, Prepared, available_cores
+from pipeline.encoders import (EncoderSettings, Encoders, encoder_identity, feature_specs, preparation,
+                               tokenize_captions)
+from pipeline.farm import check_farm, start_cluster, worker_devices, worker_gpu_info
 from stores import FAILED, OK, FeatureStore, StoreError, create_store
 
 __all__ = ["ExtractionError", "ExtractSummary", "extract", "extract_shard"]
 
 PROGRESS_TOPIC = "xmei-extract-progress"
 MODEL_KEYS = ("model.visual_encoder_path", "model.acoustic_encoder_path", "model.caption_tokenizer_path")
+AHEAD_BATCHES = 2
 
 
 class ExtractionError(RuntimeError):
@@ -55,13 +58,16 @@ class ExtractSummary:
 
 
 def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | None = None,
-            scheduler: str | None = None, workers: int = 1, strict: bool = False, unlabeled: bool = False,
+            scheduler: str | None = None, workers: int | None = None, strict: bool = False, unlabeled: bool = False,
             progress: Callable[[int, int], None] | None = None,
             on_start: Callable[[ExtractSummary], None] | None = None) -> ExtractSummary:
     """Extract every clip of ``annotations`` into the store ``out`` (created, or resumed).
 
-    ``workers`` = 0 runs in this process without dask; otherwise a LocalCluster of that many
-    workers on 127.0.0.1 unless ``scheduler`` names an existing cluster.
+    ``workers`` = 0 runs in this process without dask; otherwise a LocalCluster on 127.0.0.1 of
+    that many workers (None: one per GPU slot, see pipeline.farm; 1 on a CPU machine), each
+    pinned to its own GPU, unless ``scheduler`` names an existing cluster (whose workers must
+    each declare their GPU). Local workers share the cores for decoding unless
+    extract.decode_workers says how many each one starts.
     ``progress(clips, failed)`` is called after each encoder batch and each failed clip;
     ``on_start(summary)`` once the work is known (and the dashboard address, on a cluster).
     """
@@ -70,6 +76,11 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
     out, media_root = Path(out).resolve(), Path(media_root).resolve()
     records = read_annotations(annotations, cfg.emotions, cfg.intents, media_root=None, labeled=not unlabeled)
     settings = EncoderSettings.from_config(cfg)
+    devices, x = None, cfg.extract
+    if scheduler is None:  # a GPU this machine lacks is one error here, not one in every worker
+        devices = worker_devices(x.device, 1 if workers == 0 else workers, x.workers_per_gpu, _gpu_count())
+        if workers != 0 and not x.decode_workers:  # the cores of this machine, dealt among its workers
+            settings = replace(settings, decode_workers=max(1, available_cores() // len(devices)))
     store = _open_or_create(cfg, out, records, settings, split or Path(annotations).stem, annotations)
     done = store.done_shards()
     jobs = [ShardJob(str(out), k, [_clip_files(records[i], media_root) for i in store.shard_range(k)], settings, strict)
@@ -82,7 +93,7 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
         for job in jobs:
             extract_shard(job, progress)
     else:
-        _run_on_cluster(jobs, summary, scheduler, workers, progress, on_start)
+        _run_on_cluster(jobs, summary, scheduler, devices, cfg, progress, on_start)
     summary.seconds = time.perf_counter() - start
     store.write_failures_log()
     status = store.status()
@@ -91,16 +102,22 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
     return summary
 
 
-def _run_on_cluster(jobs: list[ShardJob], summary: ExtractSummary, scheduler: str | None, workers: int,
-                    progress, on_start) -> None:
-    from distributed import Client, LocalCluster, as_completed
+def _gpu_count() -> int:
+    import torch
 
-    cluster = None
-    if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address="127.0.0.1:0")
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _run_on_cluster(jobs: list[ShardJob], summary: ExtractSummary, scheduler: str | None, devices: list[str] | None,
+                    cfg, progress, on_start) -> None:
+    """The shard tasks on a LocalCluster of one worker per device, or on the farm at ``scheduler``."""
+    from distributed import Client, as_completed
+
+    cluster = start_cluster(devices) if scheduler is None else None
     try:
         with Client(scheduler or cluster) as client:
+            if scheduler is not None:  # never two workers on one GPU unless asked
+                check_farm(client.run(worker_gpu_info), cfg.extract.device, cfg.extract.workers_per_gpu)
             summary.dashboard = client.dashboard_link
             if on_start:
                 on_start(summary)
@@ -154,6 +171,7 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
         "split": split,
         "annotations": str(Path(annotations).resolve()),
         "encoders": encoder_identity(settings, str(cfg.model.caption_tokenizer_path)),
+        "preprocess": asdict(preparation(settings)),  # what the decode processes do, from the processors
         "extract": asdict(cfg.extract),
         "labels": {"emotions": list(cfg.emotions.labels), "intents": list(cfg.intents.labels)},
         "fingerprint": fingerprint,
@@ -167,7 +185,7 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
 
 
 # how a run goes, not what it stores: a rerun may change them (a smaller batch after running out of memory)
-RUN_ONLY = ("batch_size", "device")
+RUN_ONLY = ("batch_size", "device", "workers_per_gpu", "decode_workers")
 
 
 def _stored_settings(cfg) -> dict[str, Any]:
@@ -192,15 +210,14 @@ def _encoders(settings: EncoderSettings) -> Encoders:
     return _ENCODERS[settings.key()]
 
 
-def _prepare(encoders: Encoders, video: str, audio: str) -> dict[str, Any]:
-    """Decode and preprocess one clip (runs in a decode thread)."""
-    s = encoders.settings
-    pixels = encoders.preprocess_frames(read_frames(Path(video), s.num_frames))
-    wave = read_audio(Path(audio) if audio else None, Path(video))
-    if wave is None:
-        return {"pixels": pixels, "audio": None}
-    windows, lengths = audio_windows(wave, s.num_audio_clips, s.audio_clip_seconds)
-    return {"pixels": pixels, "audio": encoders.preprocess_audio(windows, lengths), "lengths": lengths}
+_POOLS: dict[int, DecodePool] = {}  # per process: decode processes started once, kept across shards
+
+
+def _pool(settings: EncoderSettings) -> DecodePool:
+    processes = settings.decode_workers or available_cores()
+    if processes not in _POOLS:
+        _POOLS[processes] = DecodePool(processes)
+    return _POOLS[processes]
 
 
 def _report(progress: Callable[[int, int], None] | None, clips: int, failed: int) -> None:
@@ -220,8 +237,6 @@ def _report(progress: Callable[[int, int], None] | None, clips: int, failed: int
 def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Extract and write one whole shard; returns {"shard", "ok", "failed", "seconds"}.
     ``progress(clips, failed)`` is called after each batch (on a dask worker: an event)."""
-    import torch
-
     start = time.perf_counter()
     encoders = _encoders(job.settings)
     store = FeatureStore(job.store, mode="r+")
@@ -230,7 +245,7 @@ def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = N
     arrays = {name: np.zeros((n, *shape), dtype) for name, (shape, dtype) in specs.items()}
     status = np.full(n, OK, np.uint8)
     failures: list[dict[str, str]] = []
-    batch: list[tuple[int, dict[str, Any]]] = []
+    batch: list[tuple[int, Prepared]] = []
 
     def fail(i: int, stage: str, reason: str) -> None:
         """Clip i failed: its rows stay zero (never stored as data), its reason is kept."""
@@ -243,17 +258,10 @@ def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = N
         failures.append({"video_id": video_id, "stage": stage, "reason": reason})
         _report(progress, 1, 1)
 
-    def encode(items: list[tuple[int, dict[str, Any]]]) -> None:
+    def encode(items: list[tuple[int, Prepared]]) -> None:
         rows = [i for i, _ in items]
-        arrays["visual"][rows] = encoders.encode_frames(torch.cat([p["pixels"] for _, p in items]))
-        heard = [(i, p) for i, p in items if p["audio"] is not None]
-        if heard:
-            values = torch.cat([p["audio"][0] for _, p in heard])
-            masks = torch.cat([p["audio"][1] for _, p in heard])
-            rows_heard = [i for i, _ in heard]
-            arrays["audio"][rows_heard] = encoders.encode_audio(values, masks)
-            arrays["audio_lengths"][rows_heard] = np.stack([p["lengths"] for _, p in heard])
-            arrays["has_audio"][rows_heard] = 1
+        for name, values in encoders.encode([p for _, p in items]).items():
+            arrays[name][rows] = values
 
     def flush() -> None:
         """Encode the batch; when it fails, clip by clip, so that only a bad clip fails."""
@@ -274,32 +282,22 @@ def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = N
                         fail(item[0], "encode", _reason(one))
         batch.clear()
 
-    def take_clips(pool: ThreadPoolExecutor, pending: list) -> None:
-        """Take the clips in order as they are decoded, batch them, encode."""
-        ahead = len(pending)
-        for i in range(n):
-            if i + ahead < n:
-                _, video, audio = job.clips[i + ahead]
-                pending.append(pool.submit(_prepare, encoders, video, audio))
-            try:
-                batch.append((i, pending[i].result()))
-                pending[i] = None  # the batch holds the tensors from here; memory stays ~2 batches
-            except MediaError as err:
-                fail(i, err.stage, str(err))
-            except Exception as err:  # noqa: BLE001 - a decoder or preprocessing bug fails its clip only
-                fail(i, "prepare", _reason(err))
+    # the decode processes work ahead of the encoders by AHEAD_BATCHES batches (bounds memory),
+    # and at least one clip per process so that none idles
+    pool = _pool(job.settings)
+    ahead = max(AHEAD_BATCHES * job.settings.batch_size, pool.processes)
+    prepared = pool.map((Clip(video, audio, encoders.preparation) for _, video, audio in job.clips), ahead)
+    try:
+        for i, result in prepared:
+            if isinstance(result, Failure):
+                fail(i, result.stage, result.reason)
+            else:
+                batch.append((i, result))
             if len(batch) == job.settings.batch_size:
                 flush()
         flush()
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        ahead = job.settings.batch_size  # clips decoded ahead of the encoders, bounds memory
-        pending = [pool.submit(_prepare, encoders, video, audio) for _, video, audio in job.clips[:ahead]]
-        try:
-            take_clips(pool, pending)
-        except ExtractionError:  # --strict: stop now, not after the clips decoding ahead
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    finally:
+        prepared.close()  # --strict: stop now, not after the clips decoding ahead
     store.write_shard(job.shard, arrays, status, failures)
     return {"shard": job.shard, "ok": int((status == OK).sum()), "failed": failures,
             "seconds": time.perf_counter() - start}

@@ -34,7 +34,8 @@ import numpy as np
 from pipeline.annotations import Record, write_annotations
 from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, LabelSet
 
-__all__ = ["ClipPlan", "SAMPLE_RATE", "plan_corpus", "render_clip", "synth_corpus"]
+__all__ = ["ClipPlan", "SAMPLE_RATE", "camera_corpus", "camera_frames", "plan_corpus", "render_clip", "synth_corpus",
+           "write_camera_mp4"]
 
 SAMPLE_RATE = 16_000
 SPLITS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
@@ -376,6 +377,84 @@ def _yuv420p(rgb: np.ndarray) -> np.ndarray:
     v = ((112 * r2 - 94 * g2 - 18 * b2 + 128) >> 8) + 128
     planes = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(h * 3 // 2, w)
     return planes.astype(np.uint8)
+
+
+def camera_frames(width: int, height: int, count: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """``count`` (height, width, 3) uint8 frames that look like a handheld camera's: a lit
+    backdrop with soft texture panning slowly, a head-like ellipse moving across, sensor noise.
+    Their statistics (smooth areas, edges, mild noise) are those of real footage, so decode and
+    resize costs are realistic, unlike noise frames that no codec compresses."""
+    rng = np.random.default_rng(seed)
+    pad = 64  # the backdrop is wider than the frame: the camera pans over it
+    y, x = np.ogrid[0:height, 0:width + pad]
+    light = 150 + 60 * np.cos(np.pi * (x / (width + pad) - 0.3)) * np.cos(np.pi * (y / height - 0.4))
+    texture = sum(8 * np.sin(x / (5 + 13 * k) + rng.uniform(0, 6)) * np.sin(y / (7 + 11 * k) + rng.uniform(0, 6))
+                  for k in range(3))
+    backdrop = ((light + texture)[..., None] * rng.uniform(0.75, 1.0, 3)).clip(0, 255).astype(np.int16)
+    noise = rng.normal(0, 3, (3, height, width, 3)).round().astype(np.int16)  # a few grains, cycled
+    ry, rx = max(int(0.3 * height), 1), max(int(0.12 * width), 1)  # the head's half axes
+    hy, hx = np.ogrid[-ry:ry, -rx:rx]
+    head = (hy / ry) ** 2 + (hx / rx) ** 2 < 1  # (2ry, 2rx)
+    skin = np.array([200, 150, 120], np.int16)
+    for i in range(count):
+        t = i / max(count - 1, 1)
+        shift = int(round(pad * t))
+        frame = backdrop[:, shift:shift + width] + noise[i % len(noise)]  # (H, W, 3) int16
+        top, left = int(height * (0.5 + 0.05 * math.sin(6 * t))) - ry, int(width * (0.3 + 0.4 * t)) - rx
+        box = frame[max(top, 0):top + 2 * ry, max(left, 0):left + 2 * rx]
+        inside = head[max(-top, 0):max(-top, 0) + box.shape[0], max(-left, 0):max(-left, 0) + box.shape[1]]
+        box[inside] = (box[inside] + skin) // 2
+        yield frame.clip(0, 255).astype(np.uint8)
+
+
+def write_camera_mp4(path: Path, width: int, height: int, fps, seconds: float, rate: int,
+                     volume: float = 0.2, seed: int = 0) -> None:
+    """An mp4 as cameras and phones write them: H.264 frames from :func:`camera_frames` and
+    stereo AAC at ``rate`` (44.1/48 kHz) holding a 300 Hz tone at ``volume`` (0: digital silence)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "ultrafast", "crf": "23"}
+        audio = out.add_stream("aac", rate=rate, layout="stereo")
+        for i, frame in enumerate(camera_frames(width, height, int(seconds * float(fps)), seed)):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts = i
+            out.mux(video.encode(picture))
+        out.mux(video.encode())
+        t = np.arange(int(seconds * rate)) / rate
+        tone = (volume * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+        chunk = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+        chunk.sample_rate, chunk.pts = rate, 0
+        out.mux(audio.encode(chunk))
+        out.mux(audio.encode())
+
+
+CAMERA = ((1920, 1080, 30, 48000), (1280, 720, 25, 44100))  # (width, height, fps, audio rate)
+CAMERA_SECONDS = (5.0, 10.0, 15.0)
+
+
+def camera_corpus(folder: Path, files: int, rounds: int) -> tuple[Record, list[Record]]:
+    """``files`` + 1 camera-like mp4s in ``folder`` (kept: written once), alternating 1080p and
+    720p, 5, 10 or 15 s, and their records: (the first file's, a warm-up; ``rounds`` records of
+    each other file, round after round, so that a benchmark has many clips from a few files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(files + 1):
+        width, height, fps, rate = CAMERA[i % len(CAMERA)]
+        seconds = CAMERA_SECONDS[(i // len(CAMERA)) % len(CAMERA_SECONDS)]
+        names.append(f"camera_{i:02d}_{height}p_{seconds:.0f}s.mp4")
+        if not (folder / names[-1]).is_file():
+            write_camera_mp4(folder / f"partial_{names[-1]}", width, height, fps, seconds, rate, seed=i)
+            (folder / f"partial_{names[-1]}").rename(folder / names[-1])
+
+    def record(name: str, video_id: str) -> Record:
+        return Record(video_id=video_id, video_path=name, audio_path="", subtitle="Hi.", emotion="neutral",
+                      intent="neutral", video_description="", audio_description="", emotion_reason="",
+                      intent_reason="", explanation="")
+
+    return record(names[0], "warmup"), [record(name, f"{name[:-4]}_r{k}") for k in range(rounds) for name in names[1:]]
 
 
 def render_clip(plan: ClipPlan, out: Path) -> Record:

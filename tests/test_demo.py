@@ -41,10 +41,14 @@ def test_gpu_benchmark_code_path_on_cpu():
         port = s.getsockname()[1]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(port)}
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--scale", "tiny", "--clips", "6",
-                             "--steps", "2"], capture_output=True, text=True, timeout=600, env=env)
+                             "--steps", "2", "--decode-workers", "0", "--camera-rounds", "1"],
+                            capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     table = dict(line.split("  ", 1) for line in result.stdout.splitlines() if "  " in line)
     table = {k.strip(): v.strip() for k, v in table.items()}
     assert table["scale"] == "tiny" and float(table["extraction clips/s (CLIP + HuBERT, decode included)"]) > 0
+    camera = next(k for k in table if k.startswith("camera-like extraction clips/s"))
+    assert float(table[camera]) > 0 and camera.endswith("decode processes, 2 clips)")
+    assert table["GPU utilisation during camera-like extraction"] == "unavailable (no nvidia-smi)"
     assert float(table["LoRA training tokens/s (ZeRO-2, bf16)"]) > 0
     assert float(table["eval clips/s (greedy generation, KV cache)"]) > 0

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.extract import ExtractionError, extract
+from pipeline.synth import write_camera_mp4
 from stores import FAILED, OK, PENDING, FeatureStore, StoreError, export_hdf5, import_hdf5, verify_store
 from conftest import config
 
@@ -119,10 +120,9 @@ def test_real_checkpoint_layouts_load(tmp_path):
     assert feature_specs(settings)["visual"].shape == (8, 24)
     encoders = Encoders(settings)
     frames = np.random.default_rng(0).integers(0, 255, (8, 120, 160, 3), dtype=np.uint8)
-    pixels = encoders.preprocess_frames(frames)
-    got = encoders.encode_frames(pixels)
+    got = encoders.encode_frames(encoders.preparation.frames.resize_crop(frames))
     with torch.no_grad():
-        want = full.get_image_features(pixel_values=pixels)
+        want = full.get_image_features(pixel_values=processor(images=list(frames), return_tensors="pt")["pixel_values"])
     want = getattr(want, "pooler_output", want)
     np.testing.assert_allclose(got[0].astype(np.float32), want.numpy(), atol=2e-3)
     for name, weight in ctc.hubert.state_dict().items():
@@ -180,43 +180,42 @@ def test_strict_stops_at_the_first_failure(tiny_models, broken_corpus, tmp_path)
 
 def test_an_unexpected_error_fails_only_its_clip(tiny_models, corpus, annotations, patch_store, tmp_path,
                                                  monkeypatch):
-    """Not a MediaError: a bug while preparing one clip, and an encoder error on a batch holding a
-    bad clip (retried clip by clip), each fail that clip alone with its type and message."""
-    import torch
-
+    """In the decode processes (tests/faulty_decoder.py): a segfault on one clip and a bug (not a
+    MediaError) on another; in the encoders, an error on a batch holding a bad clip (retried
+    clip by clip). Each fails that clip alone with its reason."""
     import pipeline.extract as stage1
+    from pipeline.decode_pool import DecodePool
     from pipeline.encoders import Encoders
 
-    prepare, encode_frames = stage1._prepare, Encoders.encode_frames
-
-    def flawed_prepare(encoders, video, audio):
-        if video.endswith("synth_00003.mp4"):
-            raise RuntimeError("a decoder bug")
-        prepared = prepare(encoders, video, audio)
-        if video.endswith("synth_00005.mp4"):
-            prepared["pixels"] = prepared["pixels"] * float("nan")
-        return prepared
+    faults = [f"{fault}=synth_{k:05d}.mp4" for fault, k in (("bug", 3), ("mark", 5), ("crash", 12))]
+    pool = DecodePool(2, command=[sys.executable, str(ROOT / "tests" / "faulty_decoder.py"), *faults])
+    monkeypatch.setitem(stage1._POOLS, 2, pool)
+    encode_frames = Encoders.encode_frames
 
     def picky_encode_frames(self, pixels):
-        if torch.isnan(pixels).any():
-            raise ValueError("NaN pixels in the batch")
+        if (pixels.reshape(-1, 8 * 3 * 224 * 224) == 7).all(1).any():  # the marked clip
+            raise ValueError("a clip the encoder cannot take")
         return encode_frames(self, pixels)
 
-    monkeypatch.setattr(stage1, "_prepare", flawed_prepare)
     monkeypatch.setattr(Encoders, "encode_frames", picky_encode_frames)
-    summary = extract(config(tiny_models), annotations, corpus, tmp_path / "store", workers=0)
+    cfg = config(tiny_models, "extract.decode_workers=2")
+    try:
+        summary = extract(cfg, annotations, corpus, tmp_path / "store", workers=0)
+        with pytest.raises(ExtractionError, match=r"clip 'synth_00003' failed \(prepare\): RuntimeError: a decoder bug"):
+            extract(cfg, annotations, corpus, tmp_path / "strict", workers=0, strict=True)
+    finally:
+        pool.close()
     got = {row["video_id"]: (row["stage"], row["reason"]) for row in summary.failed}
     assert got == {"synth_00003": ("prepare", "RuntimeError: a decoder bug"),
-                   "synth_00005": ("encode", "ValueError: NaN pixels in the batch")}
+                   "synth_00005": ("encode", "ValueError: a clip the encoder cannot take"),
+                   "synth_00012": ("crash", "the decode process died (SIGSEGV) while decoding this clip")}
     store, whole = FeatureStore(tmp_path / "store"), FeatureStore(patch_store)
-    assert summary.ok == 22 and verify_store(store) == []
+    assert summary.ok == 21 and verify_store(store) == []
     ok, visual = store.status() == OK, store.array("visual")[:]
     assert not visual[~ok].any()  # nothing made up for the failed clips
     # the bad clip's batch mates (4, 6, 7) were encoded one by one: the same features
     np.testing.assert_allclose(visual[ok].astype(np.float32), whole.array("visual")[:][ok].astype(np.float32),
                                rtol=1e-2, atol=1e-2)
-    with pytest.raises(ExtractionError, match=r"clip 'synth_00003' failed \(prepare\): RuntimeError: a decoder bug"):
-        extract(config(tiny_models), annotations, corpus, tmp_path / "strict", workers=0, strict=True)
 
 
 def test_a_store_made_otherwise_is_not_resumed(patch_store, tiny_models, corpus, annotations, tmp_path):
@@ -397,40 +396,13 @@ def test_stores_cli_info_export_import(patch_store, tmp_path):
     assert result.returncode == 0 and "verify: no problem(s)" in result.stdout
 
 
-def write_camera_like_mp4(path: Path, width: int, height: int, fps, seconds: float, rate: int,
-                          volume: float = 0.2) -> None:
-    """An mp4 as cameras and phones write them: H.264 + stereo AAC at 44.1/48 kHz (a 300 Hz tone
-    at ``volume``; 0: digital silence)."""
-    import av
-
-    rng = np.random.default_rng(width)
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"preset": "ultrafast"}
-        audio = out.add_stream("aac", rate=rate, layout="stereo")
-        frames = int(seconds * float(fps))
-        base = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-        for i in range(frames):
-            picture = av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")
-            picture.pts = i
-            out.mux(video.encode(picture))
-        out.mux(video.encode())
-        t = np.arange(int(seconds * rate)) / rate
-        tone = (volume * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
-        chunk = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
-        chunk.sample_rate, chunk.pts = rate, 0
-        out.mux(audio.encode(chunk))
-        out.mux(audio.encode())
-
-
 def test_camera_like_mp4s_extract(tiny_models, tmp_path):
     from fractions import Fraction
 
     media = tmp_path / "media"
     media.mkdir()
-    write_camera_like_mp4(media / "hd.mp4", 1920, 1080, Fraction(24000, 1001), 1.5, 48000)
-    write_camera_like_mp4(media / "long.mp4", 672, 378, 25, 15.0, 44100)
+    write_camera_mp4(media / "hd.mp4", 1920, 1080, Fraction(24000, 1001), 1.5, 48000)
+    write_camera_mp4(media / "long.mp4", 672, 378, 25, 15.0, 44100)
     rows = [dict(video_id=name, video_path=f"{name}.mp4", audio_path="", subtitle="Hi.", emotion="neutral",
                  intent="neutral", video_description="", audio_description="", emotion_reason="",
                  intent_reason="", explanation="") for name in ("hd", "long")]
@@ -452,7 +424,7 @@ def test_silent_audio_extracts_and_verifies(tiny_models, tmp_path):
 
     media = tmp_path / "media"
     media.mkdir()
-    write_camera_like_mp4(media / "mute.mp4", 320, 240, 25, 2.0, 48000, volume=0.0)  # a silent AAC track
+    write_camera_mp4(media / "mute.mp4", 320, 240, 25, 2.0, 48000, volume=0.0)  # a silent AAC track
     soundfile.write(media / "mute.wav", np.zeros(16000 * 3, np.float32), 16000)      # a silent wav
     rows = [dict(video_id=name, video_path="mute.mp4", audio_path=audio, subtitle="Hi.", emotion="neutral",
                  intent="neutral", video_description="", audio_description="", emotion_reason="",

@@ -138,7 +138,9 @@ class ExtractConfig:
     batch_size: int = 16  # clips per encoder batch
     # DESIGN.md measurement: zstd-1 saved 8% of bytes on features and halved read speed
     compression: str = "none"  # none | zstd
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    device: str = "auto"  # auto (every GPU when present, else cpu) | cpu | cuda (every GPU) | cuda:N (one)
+    workers_per_gpu: int = 1  # local workers sharing one GPU (never more than one unless asked)
+    decode_workers: int = 0  # decode processes per worker; 0: the cores available to the worker
 
 
 @dataclass
@@ -410,9 +412,12 @@ def _check_values(cfg: Config) -> list[str]:
         problems.append(f"extract.visual_tokens: 'patch' or 'pooled', got {x.visual_tokens!r}")
     if x.compression not in ("none", "zstd"):
         problems.append(f"extract.compression: 'none' or 'zstd', got {x.compression!r}")
-    if x.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"extract.device: 'auto', 'cpu' or 'cuda', got {x.device!r}")
-    for key in ("num_frames", "num_audio_clips", "audio_layers", "caption_tokens", "shard_size", "batch_size"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", x.device):
+        problems.append(f"extract.device: 'auto', 'cpu', 'cuda' or 'cuda:N', got {x.device!r}")
+    if x.decode_workers < 0:
+        problems.append(f"extract.decode_workers: must be >= 0 (0: one per core), got {x.decode_workers}")
+    for key in ("num_frames", "num_audio_clips", "audio_layers", "caption_tokens", "shard_size", "batch_size",
+                "workers_per_gpu"):
         if getattr(x, key) < 1:
             problems.append(f"extract.{key}: must be >= 1, got {getattr(x, key)}")
     if x.audio_clip_seconds <= 0:

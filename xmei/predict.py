@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pipeline.decode import audio_windows, read_audio, read_frames
+from pipeline.decode_pool import Clip, prepare
 from pipeline.encoders import EncoderSettings, Encoders, tokenize_captions
 from xmei.generate import GenerationSettings, answer, prompt_batch
 from xmei.model import XMEIQwen
@@ -18,19 +17,13 @@ __all__ = ["clip_features", "predict_clip"]
 
 def clip_features(cfg, video: Path, audio: Path | None, video_description: str, audio_description: str) -> dict:
     """The features of one clip, exactly as `xmei extract` stores them (raises MediaError)."""
-    settings = EncoderSettings.from_config(cfg)
-    encoders = Encoders(settings)
-    pixels = encoders.preprocess_frames(read_frames(video, settings.num_frames))
-    visual = encoders.encode_frames(pixels)[0]  # (F, ...) float16
-    wave = read_audio(audio, video)
-    sound = np.zeros((settings.num_audio_clips, encoders.audio.config.hidden_size), np.float16)
-    if wave is not None:  # no audio at all: zeros, flagged, as in the store
-        windows, lengths = audio_windows(wave, settings.num_audio_clips, settings.audio_clip_seconds)
-        sound = encoders.encode_audio(*encoders.preprocess_audio(windows, lengths))[0]
+    encoders = Encoders(EncoderSettings.from_config(cfg))
+    features = encoders.encode([prepare(Clip(str(video), str(audio or ""), encoders.preparation))])
     captions = tokenize_captions(str(cfg.model.caption_tokenizer_path),
                                  {"video": [video_description], "audio": [audio_description]},
                                  cfg.extract.caption_tokens)
-    return {"video": visual, "audio": sound, "has_audio": int(wave is not None),
+    # no audio at all: zeros, flagged, as in the store
+    return {"video": features["visual"][0], "audio": features["audio"][0], "has_audio": int(features["has_audio"][0]),
             **{k: v[0] for k, v in captions.items()}}
 
 

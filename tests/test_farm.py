@@ -1,0 +1,225 @@
+"""Which GPU each stage-1 worker uses: the layout table, the farm check on workers' declarations,
+a real 2-worker LocalCluster on 127.0.0.1 (CPU only: the devices are strings), and the
+LocalCUDACluster branch against a stand-in dask_cuda."""
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import dask
+import distributed
+import pytest
+from distributed import Client
+
+from pipeline import farm
+from pipeline.farm import DevicePlugin, FarmError, assigned_device, check_farm, start_cluster, worker_devices, \
+    worker_gpu_info
+
+
+@pytest.mark.parametrize("device, workers, per_gpu, gpus, expected", [
+    ("cpu", None, 1, 4, ["cpu"]),
+    ("cpu", 3, 1, 4, ["cpu"] * 3),
+    ("auto", None, 1, 0, ["cpu"]),
+    ("auto", 2, 1, 0, ["cpu"] * 2),
+    ("auto", None, 1, 2, ["cuda:0", "cuda:1"]),
+    ("cuda", None, 1, 4, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]),
+    ("cuda", 2, 1, 4, ["cuda:0", "cuda:1"]),  # fewer workers than GPUs: still one per GPU
+    ("cuda", None, 2, 2, ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]),
+    ("cuda", 3, 2, 2, ["cuda:0", "cuda:1", "cuda:0"]),
+    ("cuda:2", None, 1, 4, ["cuda:2"]),
+    ("cuda:1", None, 3, 2, ["cuda:1"] * 3),
+])
+def test_worker_devices(device, workers, per_gpu, gpus, expected):
+    assert worker_devices(device, workers, per_gpu, gpus) == expected
+
+
+@pytest.mark.parametrize("device, workers, per_gpu, gpus, message", [
+    ("cuda", 5, 1, 4, r"5 workers on 4 GPU\(s\) at 1 per GPU .* at most 4 workers, or raise workers_per_gpu to 2"),
+    ("auto", 3, 1, 2, r"3 workers on 2 GPU\(s\) at 1 per GPU"),
+    ("cuda:1", 2, 1, 4, r"2 workers on 1 GPU\(s\) at 1 per GPU .* at most 1 workers"),
+    ("cuda", None, 1, 0, "'cuda': this machine has no GPU"),
+    ("cuda:0", None, 1, 0, "'cuda:0': this machine has no GPU"),
+    ("cuda:2", None, 1, 2, r"'cuda:2': this machine has 2 GPU\(s\): cuda:0..cuda:1"),
+    ("cuda", None, 0, 4, "workers_per_gpu is 0"),
+    ("cpu", 0, 1, 0, "0 workers"),
+    ("gpu", None, 1, 2, "'gpu': expected auto, cpu, cuda or cuda:N"),
+])
+def test_worker_devices_refuses(device, workers, per_gpu, gpus, message):
+    with pytest.raises(FarmError, match=message):
+        worker_devices(device, workers, per_gpu, gpus)
+
+
+def info(host="node1", assigned=None, visible=None, gpus=1, dask_cuda=False) -> dict:
+    return {"host": host, "assigned": assigned, "visible": visible, "gpus": gpus, "dask_cuda": dask_cuda}
+
+
+def test_check_farm_accepts_one_worker_per_gpu():
+    check_farm({"tcp://a:1": info(visible="0"), "tcp://a:2": info(visible="1")}, "cuda", 1)
+    # the same GPU ids on two hosts are two GPUs
+    check_farm({"tcp://a:1": info("node1", visible="0"), "tcp://b:1": info("node2", visible="0")}, "auto", 1)
+    # declared by XMEI_DEVICE on a node whose workers see all 8 GPUs
+    check_farm({"tcp://a:1": info(assigned="cuda:3", gpus=8), "tcp://a:2": info(assigned="cuda:5", gpus=8)},
+               "cuda", 1)
+    # dask-cuda's rotated lists: each worker's GPU is the first it sees
+    check_farm({"tcp://a:1": info(visible="0,1", gpus=2, dask_cuda=True),
+                "tcp://a:2": info(visible="1,0", gpus=2, dask_cuda=True)}, "cuda", 1)
+    check_farm({"tcp://a:1": info(visible="3"), "tcp://a:2": info(visible="3")}, "cuda", 2)  # asked for two
+    check_farm({"tcp://a:1": info(gpus=0), "tcp://a:2": info(gpus=0)}, "auto", 1)  # a CPU farm
+
+
+def test_check_farm_never_errs_on_the_cpu():
+    shared = {"tcp://a:1": info(gpus=8), "tcp://a:2": info(gpus=8), "tcp://a:3": info(visible="0")}
+    check_farm(shared, "cpu", 1)
+
+
+def test_check_farm_refuses_a_shared_gpu():
+    with pytest.raises(FarmError, match=r"GPU 2 of node1 has 2 workers \(tcp://a:1, tcp://a:2\) at 1 per GPU"):
+        check_farm({"tcp://a:1": info(visible="2"), "tcp://a:2": info(assigned="cuda:2", gpus=4)}, "cuda", 1)
+    # XMEI_DEVICE=cuda:1 read through CUDA_VISIBLE_DEVICES=5,6 is GPU 6
+    with pytest.raises(FarmError, match="GPU 6 of node1 has 2 workers"):
+        check_farm({"tcp://a:1": info(assigned="cuda:1", visible="5,6", gpus=2), "tcp://a:2": info(visible="6")},
+                   "cuda", 1)
+    # extract.device=cuda:3 on workers that declare nothing: all on GPU 3
+    with pytest.raises(FarmError, match="GPU 3 of node1 has 2 workers"):
+        check_farm({"tcp://a:1": info(gpus=4), "tcp://a:2": info(gpus=4)}, "cuda:3", 1)
+
+
+def test_check_farm_refuses_an_undeclared_worker_and_reports_every_problem():
+    infos = {"tcp://a:1": info(gpus=8), "tcp://a:2": info(visible="1"), "tcp://a:3": info(visible="1"),
+             "tcp://a:4": info(gpus=0), "tcp://a:5": info(assigned="gpu1", gpus=2)}
+    with pytest.raises(FarmError) as caught:
+        check_farm(infos, "cuda", 1)
+    message = str(caught.value)
+    assert "worker tcp://a:1 on node1 sees 8 GPUs (all) and declares none of them" in message
+    assert "XMEI_DEVICE=cuda:N or CUDA_VISIBLE_DEVICES=N, or with `dask cuda worker`" in message
+    assert "GPU 1 of node1 has 2 workers (tcp://a:2, tcp://a:3)" in message
+    assert "worker tcp://a:4 on node1 sees no GPU but extract.device is 'cuda'" in message
+    assert "worker tcp://a:5 on node1 declares XMEI_DEVICE='gpu1'" in message
+    with pytest.raises(FarmError, match="sees no GPU but XMEI_DEVICE is 'cuda:0'"):
+        check_farm({"tcp://a:1": info(assigned="cuda:0", gpus=0)}, "auto", 1)
+    with pytest.raises(FarmError, match=r"uses cuda:2 but sees 1 GPU\(s\)"):
+        check_farm({"tcp://a:1": info(visible="0")}, "cuda:2", 1)
+
+
+def test_assigned_device_prefers_the_plugin_then_the_environment(monkeypatch):
+    monkeypatch.delenv("XMEI_DEVICE", raising=False)
+    assert assigned_device() is None
+    monkeypatch.setenv("XMEI_DEVICE", "cuda:3")
+    assert assigned_device() == "cuda:3"
+    plugin = DevicePlugin(["cuda:0", "cuda:1"])
+    worker = SimpleNamespace(name=1, address="tcp://127.0.0.1:1")
+    plugin.setup(worker)  # torch sees no GPU here, so no set_device
+    assert assigned_device() == "cuda:1"
+    plugin.teardown(worker)
+    assert assigned_device() == "cuda:3"
+    with pytest.raises(FarmError, match=r"worker 2 at tcp://127.0.0.1:2 has no device: .* workers 0..1"):
+        plugin.setup(SimpleNamespace(name=2, address="tcp://127.0.0.1:2"))
+
+
+def test_a_real_local_cluster_pins_each_worker_before_its_first_task(monkeypatch):
+    monkeypatch.delitem(sys.modules, "dask_cuda", raising=False)  # the plugin path, also where dask-cuda exists
+    monkeypatch.setattr(sys, "meta_path", [_NoDaskCuda(), *sys.meta_path])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the workers see no GPU, even on a GPU machine
+    with start_cluster(["cuda:0", "cuda:1"]) as cluster, Client(cluster) as client:
+        names = {address: w["name"] for address, w in client.scheduler_info()["workers"].items()}
+        assert sorted(names.values()) == [0, 1]
+        first = {names[a]: client.submit(assigned_device, workers=[a], pure=False).result() for a in names}
+        assert first == {0: "cuda:0", 1: "cuda:1"}  # the first task on each worker already sees its device
+        assert {names[a]: d for a, d in client.run(assigned_device).items()} == first
+        infos = client.run(worker_gpu_info)
+        assert {names[a]: (i["assigned"], i["gpus"], i["dask_cuda"]) for a, i in infos.items()} == \
+            {0: ("cuda:0", 0, False), 1: ("cuda:1", 0, False)}
+    assert cluster.status.name == "closed"
+
+
+class _NoDaskCuda:
+    """An import hook under which dask_cuda is not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "dask_cuda":
+            raise ImportError("dask_cuda hidden by the test")
+        return None
+
+
+class _Recorder:
+    """Stands in for a cluster class: records its keyword arguments and the nanny environ."""
+    calls: list[dict] = []
+
+    def __init__(self, **kwargs):
+        self.calls.append({**kwargs, "environ": dict(dask.config.get("distributed.nanny.environ"))})
+
+
+def test_one_worker_per_gpu_uses_local_cuda_cluster(monkeypatch):
+    fake = types.ModuleType("dask_cuda")
+    cuda_cluster = type("LocalCUDACluster", (_Recorder,), {"calls": []})
+    local_cluster = type("LocalCluster", (_Recorder,), {"calls": []})
+    fake.LocalCUDACluster = cuda_cluster
+    monkeypatch.setitem(sys.modules, "dask_cuda", fake)
+    monkeypatch.setattr(distributed, "LocalCluster", local_cluster)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    start_cluster(["cuda:0", "cuda:1"])
+    (call,) = cuda_cluster.calls
+    assert call["CUDA_VISIBLE_DEVICES"] == "0,1" and call["n_workers"] == 2 and call["threads_per_worker"] == 1
+    assert call["environ"]["XMEI_DEVICE"] == "cuda:0"  # each worker's own GPU is first in its list
+    assert "XMEI_DEVICE" not in dask.config.get("distributed.nanny.environ")  # only while it starts
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # this process sees GPUs 4 and 6 as cuda:0, cuda:1
+    start_cluster(["cuda:1"])
+    assert cuda_cluster.calls[-1]["CUDA_VISIBLE_DEVICES"] == "6"
+
+    start_cluster(["cuda:0", "cuda:0"])  # two per GPU: LocalCUDACluster cannot, the plugin does
+    start_cluster(["cpu"])
+    assert len(cuda_cluster.calls) == 2 and len(local_cluster.calls) == 2
+    (plugin,) = local_cluster.calls[0]["plugins"]
+    assert isinstance(plugin, DevicePlugin) and plugin.devices == ["cuda:0", "cuda:0"]
+    assert local_cluster.calls[0]["n_workers"] == 2 and local_cluster.calls[0]["host"] == "127.0.0.1"
+
+
+def test_start_cluster_refuses_bad_devices():
+    with pytest.raises(FarmError, match="no devices"):
+        start_cluster([])
+    with pytest.raises(FarmError, match="'gpu0': expected"):
+        start_cluster(["cuda:0", "gpu0"])
+    with pytest.raises(FarmError, match="'cuda': a worker's device is cpu or one GPU"):
+        start_cluster(["cuda"])
+
+
+def test_importing_farm_does_not_import_torch():
+    import subprocess
+
+    code = "import sys, pipeline.farm; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=farm.__file__.rsplit("/pipeline/", 1)[0])
+    assert out.stdout.strip() == "False"
+
+
+def test_extract_on_a_farm_of_workers_without_a_gpu_is_refused(tiny_models, corpus, annotations, tmp_path):
+    """`--scheduler ADDRESS` with extract.device cuda: every worker is asked which GPU is its own
+    before any shard runs; here none sees a GPU, and the error names each of them."""
+    from distributed import LocalCluster
+
+    from conftest import config
+    from pipeline.extract import extract
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster:
+        addresses = sorted(cluster.workers[name].worker_address for name in cluster.workers)
+        with pytest.raises(FarmError, match="sees no GPU but extract.device is 'cuda'") as caught:
+            extract(config(tiny_models, "extract.device=cuda"), annotations, corpus, tmp_path / "store",
+                    scheduler=cluster.scheduler_address)
+    assert all(address in str(caught.value) for address in addresses)
+
+
+def test_cli_extract_on_a_gpu_this_machine_lacks_is_a_clear_error(tiny_models, corpus, annotations, tmp_path):
+    import subprocess
+
+    from test_extract import ROOT, XMEI
+
+    result = subprocess.run([str(XMEI), "extract", "--config", "configs/tiny.yaml", "--models", str(tiny_models),
+                             "--annotations", str(annotations), "--media-root", str(corpus), "--out",
+                             str(tmp_path / "store"), "--set", "extract.device=cuda:1"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1 and "device 'cuda:1': this machine has no GPU" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "store").exists()
