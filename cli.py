@@ -309,37 +309,60 @@ def eval_cmd(
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder (DIR/checkpoints/step_N of `xmei train`).")],
     store: Annotated[Path, typer.Option(help="The feature store of the held-out split.")],
     out: Annotated[Path, typer.Option(help="Folder for predictions.jsonl, results.json, report.md, PNGs.")],
+    constrained: Annotated[Optional[bool], typer.Option(
+        "--constrained/--free", help="Emotion and intent only from the labels, or decoded freely "
+                                     "[default: eval.constrained]", show_default=False)] = None,
+    compare_free: Annotated[bool, typer.Option(help="Also decode freely (twice the generation time), "
+                                                    "for results.json's free_decoding.")] = False,
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
 ):
     """Generate for every ok clip of a store, then score: classification and the six explanation metrics.
 
-    Greedy decoding by default (eval.num_beams > 1: beam search). The config defaults to the one
-    saved with the checkpoint; eval.* keys name the local BERTScore / BLEURT models. On run.device;
-    under `torchrun --nproc_per_node N $(which xmei) eval ...` the ranks share the batches and
-    rank 0 scores and writes (the same predictions as one process).
+    Greedy decoding by default (eval.num_beams > 1: beam search), the emotion and intent words only
+    from the configured labels (eval.constrained; --free: unconstrained, where an answer naming no
+    label is invalid). The config defaults to the one saved with the checkpoint; eval.* keys name
+    the local BERTScore / BLEURT models. On run.device; under
+    `torchrun --nproc_per_node N $(which xmei) eval ...` the ranks share the batches and rank 0
+    scores and writes (the same predictions as one process).
     """
+    from dataclasses import replace
+
     from xmei.evaluate import score, write_predictions, write_report
-    from xmei.generate import GenerationSettings, generate_store, generation_config
+    from xmei.generate import GenerationSettings, generate_store, generation_config, label_constraint
     from xmei.model import XMEIQwen
 
     cfg = _checkpoint_config(checkpoint, config, set_, models)
+    generation = GenerationSettings.from_config(cfg)
+    generation = generation if constrained is None else replace(generation, constrained=constrained)
+    if compare_free and not generation.constrained:
+        _fail("--compare-free compares constrained answers with free ones: drop --free (or eval.constrained=false)")
     _open_store(store)  # a wrong path: an error naming it, before the model loads
     dist = _distributed(cfg)
     model = XMEIQwen.from_checkpoint(checkpoint, device=dist.device)
-    generation = GenerationSettings.from_config(cfg)
+    try:
+        label_constraint(model, generation)  # a max_new_tokens too short for the answer head: an error now
+    except ValueError as e:
+        _fail(str(e))
     with _progress(disable=not dist.main) as bar:
         task = bar.add_task(f"generating ({dist.world} processes)" if dist.world > 1 else "generating", total=None)
         rows, rate = generate_store(model, store, cfg.emotions, cfg.intents, generation, dist=dist,
-                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                    compare_free=compare_free)
     dist.close()
     if not dist.main:  # rank 0 scores and writes
         return
     write_predictions(rows, out / "predictions.jsonl")
     results = score(rows, cfg.emotions, cfg.intents, cfg.eval)
     results.update({"clips_per_s": rate, "checkpoint": str(checkpoint), "store": str(store), "model": "XMEI-Qwen",
-                    "generation": generation_config(model, generation).to_diff_dict()})
+                    "generation": generation_config(model, generation).to_diff_dict(),
+                    "constrained": generation.constrained})
     report = write_report(results, out, cfg.emotions, cfg.intents, f"xmei eval: {store.name}")
     _print_results(results)
+    if "free_decoding" in results:
+        free = results["free_decoding"]
+        console.print("free decoding: " + ", ".join(
+            f"{kind} accuracy {free[kind]['accuracy']:.4f} ({free[kind]['invalid']} invalid)"
+            for kind in ("emotion", "intent")))
     console.print(f"predictions {out / 'predictions.jsonl'}, results {out / 'results.json'}, report {report}")
 
 
@@ -400,9 +423,14 @@ def predict(
         result = predict_clip(cfg, checkpoint, video, audio, subtitle, video_description, audio_description, device)
     except MediaError as e:
         _fail(f"cannot read the clip: {e}", 1)
+    except ValueError as e:  # settings that cannot work, e.g. eval.max_new_tokens shorter than the answer head
+        _fail(str(e), 1)
     if as_json:
         console.print_json(data=result)
         return
+    if result["without_descriptions"]:
+        err.print(f"no {' or '.join(result['without_descriptions'])} description given: those LQ-Formers answer "
+                  "from their learned queries alone (trained so by model.caption_dropout)")
     console.print(f"emotion: {result['emotion'] or 'invalid (unparsed)'}\nintent: {result['intent'] or 'invalid (unparsed)'}"
                   f"\nexplanation: {result['explanation']}"
                   + ("\n(the answer was cut off at eval.max_new_tokens)" if result["cut_off"] else ""))
@@ -441,7 +469,8 @@ def attention(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes (reused by a rerun).")] = Path("runs/demo"),
     clips: Annotated[int, typer.Option(help="Synthetic clips (70/15/15 train/val/test).")] = 800,
-    epochs: Annotated[int, typer.Option(help="Training epochs of each of the two models.")] = 10,
+    epochs: Annotated[int, typer.Option(help="Training epochs of A+V+T and the Q-Former (the one-modality "
+                                             "models train half as long).")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the corpus and the models.")] = 0,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config of every stage "
                                                    "(default: configs/tiny.yaml).")] = None,
@@ -449,8 +478,10 @@ def demo(
 ):
     """The whole system on CPU: synthetic corpus -> tiny models -> extract -> train -> eval -> report.
 
-    Trains the language-query model and, for the ablation, the learned-query one; evaluates on the
-    test split, also with the media features zeroed; draws an attention map. Rerunnable.
+    Trains the seed's table (A+V+T, V+T, A+T with language queries, and the learned-query
+    Q-Former); evaluates each on the test split with constrained labels, and A+V+T also decoding
+    freely, without descriptions, with the features zeroed and with absent audio unflagged;
+    draws an attention map. Rerunnable.
     """
     from xmei.demo import DEFAULT_CONFIG, DemoSettings, run_demo
 
@@ -469,21 +500,25 @@ def demo(
 
         summary = run_demo(out, DemoSettings(clips, seed, epochs), say=bar.console.print, progress=advanced,
                            config=config, sets=set_ or [], models=models)
-    table = Table("test split", "emotion acc", "intent acc", "emotion W-F1", "intent W-F1", show_edge=False)
+    table = Table("test split", "emotion acc", "intent acc", "emotion W-F1", "intent W-F1", "invalid", show_edge=False)
     for name, r in summary["results"].items():
         table.add_row(name, *(f"{r[k]:.3f}" for k in ("emotion_accuracy", "intent_accuracy", "emotion_weighted_f1",
-                                                      "intent_weighted_f1")))
-    table.add_row("chance", f"{summary['chance']['emotion']:.3f}", f"{summary['chance']['intent']:.3f}", "", "")
+                                                      "intent_weighted_f1")), str(r["invalid"]))
+    table.add_row("chance", f"{summary['chance']['emotion']:.3f}", f"{summary['chance']['intent']:.3f}", "", "", "")
     console.print(table)
-    metrics = Table("explanation (language queries)", "value", show_edge=False)
-    for name, value in summary["results"]["language"]["explanation"].items():
+    metrics = Table("explanation (A+V+T)", "value", show_edge=False)
+    for name, value in summary["results"]["A+V+T"]["explanation"].items():
         metrics.add_row(name, f"{value['value']:.4f}" if "value" in value else f"unavailable: {value['unavailable']}")
     console.print(metrics)
-    console.print(f"report (the model and both ablations): {summary['report']}")
+    check = summary["check"]
+    console.print(f"modality check {'holds' if check['holds'] else 'FAILS'}: "
+                  + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in check["checks"].items()))
+    console.print(f"report (the table, the ablations, the explanation metrics): {summary['report']}")
     for name, path in summary["reports"].items():
         console.print(f"report ({name}): {path}")
     console.print(f"confusion matrices: {', '.join(summary['confusion'])}")
     console.print(f"attention map: {summary['attention']}")
+    console.print(f"elapsed: {summary['seconds'] / 60:.1f} minutes")
 
 
 @stores_app.command("info")

@@ -97,7 +97,7 @@ def bench_train(cfg, store: Path, scale: str, steps: int) -> dict:
     from xmei.data import StoreSamples, feature_facts
     from xmei.distributed import Distributed, single_process_env
     from xmei.model import XMEIQwen, XMEISettings
-    from xmei.prompt import PromptBuilder, collate
+    from xmei.prompt import collate
 
     single_process_env()  # one process, no launcher
     device = Distributed.start(cfg.run.device).device
@@ -120,7 +120,7 @@ def bench_train(cfg, store: Path, scale: str, steps: int) -> dict:
               "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "bf16": {"enabled": cuda},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-5), config=config)
-    builder = PromptBuilder(tokenizer, settings.num_video_query_token, settings.num_audio_query_token)
+    builder = settings.prompt_builder(tokenizer)
     data = StoreSamples([store], builder)
     batches = [collate(data.__getitems__([(i * cfg.run.batch_size_train + j) % len(data)
                                           for j in range(cfg.run.batch_size_train)]), tokenizer.pad_token_id)

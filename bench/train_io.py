@@ -57,7 +57,7 @@ from pipeline.encoders import Encoders, EncoderSettings
 from stores import OK, FeatureSpec, FeatureStore, create_store
 from xmei.data import CAPTIONS, TEXTS, EpochSampler, StoreSamples, feature_facts, loader
 from xmei.model import XMEIQwen, XMEISettings
-from xmei.prompt import PromptBuilder, collate
+from xmei.prompt import collate
 
 PUBLISHED_PAD = 1024  # the published code pads every sample to max_length
 FEATURES = ("visual", "audio")
@@ -192,8 +192,7 @@ def bench_epochs(cfg, store_path: Path, corpus: Path, records, repeats: int = 2)
     vocab = len(AutoTokenizer.from_pretrained(str(cfg.model.caption_tokenizer_path)))
     settings = XMEISettings.from_config(cfg, caption_vocab_size=vocab, **facts)
     tokenizer = new_model(cfg, settings)[0].tokenizer  # with the placeholder tokens the model adds
-    builder = PromptBuilder(tokenizer, settings.num_video_query_token, settings.num_audio_query_token,
-                            settings.prompt_format, settings.max_length)
+    builder = settings.prompt_builder(tokenizer)
     data, batch = StoreSamples([store_path], builder), cfg.run.batch_size_train
     if list(data.strings["video_id"]) != [r.video_id for r in records]:
         raise SystemExit("the store's clips are not the annotation records in order")

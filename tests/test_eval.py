@@ -110,8 +110,12 @@ def test_predict_on_a_raw_mp4(checkpoint, corpus):
                   "--video-description", "A face.", "--checkpoint", checkpoint, "--json")
     out = json.loads(result.stdout)
     assert {"emotion", "intent", "explanation", "text"} <= out.keys() and out["has_audio"] is True
-    assert isinstance(out["cut_off"], bool)
-    assert out["emotion"] is None or out["emotion"] in config_labels("emotions")
+    assert isinstance(out["cut_off"], bool) and out["without_descriptions"] == ["audio"]
+    # labels constrained: a briefly trained model still answers with labels, never None
+    assert out["emotion"] in config_labels("emotions") and out["intent"] in config_labels("intents")
+    raw = xmei("predict", corpus / "videos" / "synth_00001.mp4", "--subtitle", "Hi.", "--checkpoint", checkpoint)
+    assert "no video or audio description given" in raw.stderr
+    assert "emotion: " in raw.stdout and "invalid" not in raw.stdout.split("explanation:")[0]
     missing = xmei("predict", corpus / "videos" / "nothing.mp4", "--subtitle", "hi", "--checkpoint", checkpoint,
                    check=False)
     assert missing.returncode == 1 and "cannot read the clip" in missing.stderr and "nothing.mp4" in missing.stderr

@@ -92,7 +92,7 @@ def make_model(tiny_models: Path, *sets: str) -> XMEIQwen:
 
 def make_batch(model: XMEIQwen, n: int = 4, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    builder = PromptBuilder(model.tokenizer, 32, 32, model.settings.prompt_format, model.settings.max_length)
+    builder = model.prompt_builder()
     labels = [("happy", "questioning"), ("sad", "consoling"), ("anger", "neutral"), ("fear", "wishing")]
     samples = []
     for i in range(n):
@@ -232,6 +232,69 @@ def test_checkpoint_restores_identical_logits_without_unpickling(tiny_models, tm
     with torch.no_grad():
         torch.testing.assert_close(restored(batch).logits, model(batch).logits, rtol=0, atol=0)
     assert restored.settings == model.settings
+
+
+def test_only_the_placeholders_are_added_and_a_full_vocabulary_grows_by_zero_rows(tiny_models):
+    """The tiny LLM's vocabulary is full, as an LLM without spare rows: the two placeholders get
+    new rows, zero in and out (the logits test above reloads them identically); the delimiters
+    stay plain text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models / "llm")
+    rows = AutoModelForCausalLM.from_pretrained(tiny_models / "llm").get_input_embeddings().num_embeddings
+    assert rows == len(tok) and "<ImageHere>" not in tok.get_vocab()
+    model = make_model(tiny_models, "model.lora_modules_to_save=[]")
+    assert len(model.tokenizer) == rows + 2
+    llm = model.llm.get_base_model()
+    assert llm.get_input_embeddings().num_embeddings == rows + 2
+    assert not llm.get_input_embeddings().weight[rows:].any() and not llm.get_output_embeddings().weight[rows:].any()
+    assert len(model.tokenizer.encode("<Video>", add_special_tokens=False)) > 1  # plain text
+
+
+@pytest.mark.parametrize("modalities", [["video"], ["audio"]])
+def test_one_modality_models_build_prompt_and_save_only_theirs(tiny_models, tmp_path, modalities):
+    model = make_model(tiny_models, f"model.modalities={modalities}").eval()
+    (used,), (other,) = modalities, {"video", "audio"} - set(modalities)
+    assert set(model.trainable_modules()) == {f"{used}_lqformer", f"{used}_proj"}
+    assert not hasattr(model, f"{other}_lqformer")
+    batch = make_batch(model, 2)
+    for key in (other, f"{other}_caption_ids", f"{other}_caption_mask"):
+        del batch[key]  # a store without the other modality's features
+    text = model.tokenizer.decode(batch["input_ids"][0])
+    assert ("<Audio>" in text) == (used == "audio") and ("<Video>" in text) == (used == "video")
+    assert f"based on the {used} and subtitles" in text
+    assert (batch["input_ids"] == model.placeholder_ids[used]).sum(1).tolist() == [32, 32]
+    with torch.no_grad():
+        logits = model(batch).logits
+    model.save_checkpoint(tmp_path / "ckpt")
+    restored = XMEIQwen.from_checkpoint(tmp_path / "ckpt").eval()
+    assert restored.settings.modalities == (used,)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(batch).logits, logits, rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_an_earlier_layout_is_refused(tiny_models, tmp_path):
+    import json
+
+    model = make_model(tiny_models)
+    model.save_checkpoint(tmp_path / "ckpt")
+    flat = {**json.loads((tmp_path / "ckpt" / "xmei_model.json").read_text())["features"], "llm_path": "x"}
+    (tmp_path / "ckpt" / "xmei_model.json").write_text(json.dumps(flat))
+    with pytest.raises(ValueError, match="model settings of an earlier xmei"):
+        XMEIQwen.from_checkpoint(tmp_path / "ckpt")
+
+
+def test_every_model_key_reaches_the_settings(tiny_models):
+    """One definition: the model section is the settings' own, so a key set in the config is the
+    key the model reads (no filtered, renamed copy)."""
+    from dataclasses import fields
+
+    from xmei.config import ModelConfig
+
+    s = settings(tiny_models, "model.qformer_num_layers=3", "model.caption_dropout=0.3")
+    assert [f.name for f in fields(type(s.model))] == [f.name for f in fields(ModelConfig)]
+    assert s.model.qformer_num_layers == 3 and s.model.caption_dropout == 0.3
+    assert s.lqformer("video").num_layers == 3
 
 
 def test_query_mode_switch_and_gradient_checkpointing(tiny_models):

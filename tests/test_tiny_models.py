@@ -1,6 +1,7 @@
 """Tests for pipeline.tiny_models: reload offline, shapes, tokenizer layout, determinism."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.tiny_models import build_tiny_models
-from xmei.config import MODEL_SUBDIRS, PLACEHOLDER_TOKENS
+from xmei.config import MODEL_SUBDIRS
+from xmei.prompt import PLACEHOLDER_TOKENS
 
 # Runs in a fresh interpreter so the offline variables are set before transformers imports.
 RELOAD_SNIPPET = textwrap.dedent(
@@ -145,14 +147,19 @@ def test_caption_tokenizer(reloaded: dict) -> None:
     assert reloaded["caption_long"] == 302  # no leftover 128-token truncation or padding
 
 
-def test_placeholders_single_ids(llm_tok) -> None:
-    for token in (*PLACEHOLDER_TOKENS, "<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+def test_special_tokens_single_ids_and_no_placeholders(llm_tok) -> None:
+    """As Qwen's tokenizer: the chat tokens are single ids; the placeholders are not tokens yet
+    (XMEIQwen adds them) and never merged from their pieces."""
+    for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         ids = llm_tok.encode(token, add_special_tokens=False)
         assert len(ids) == 1 and ids[0] == llm_tok.convert_tokens_to_ids(token), token
+    assert not set(PLACEHOLDER_TOKENS) & set(llm_tok.get_vocab())
+    tok = copy.deepcopy(llm_tok)
+    tok.add_special_tokens({"additional_special_tokens": list(PLACEHOLDER_TOKENS)})
     prompt = "<Video>" + "<ImageHere>" * 32 + "</Video><Audio>" + "<AudioHere>" * 32 + "</Audio> The"
-    ids = llm_tok.encode(prompt, add_special_tokens=False)
-    assert ids.count(llm_tok.convert_tokens_to_ids("<ImageHere>")) == 32
-    assert ids.count(llm_tok.convert_tokens_to_ids("<AudioHere>")) == 32
+    ids = tok.encode(prompt, add_special_tokens=False)
+    assert ids.count(tok.convert_tokens_to_ids("<ImageHere>")) == 32
+    assert ids.count(tok.convert_tokens_to_ids("<AudioHere>")) == 32
     assert llm_tok.eos_token == "<|im_end|>" and llm_tok.pad_token == "<|endoftext|>"
     assert llm_tok.bos_token is None
 

@@ -343,3 +343,37 @@ def test_resume_with_another_batch_is_refused_or_goes_on_from_the_same_sample(ti
     assert [(r["step"], r["samples"]) for r in resumed] == [(3, 18), (4, 24)]  # samples 12-23 of the epoch, once
     for r in resumed:  # the schedule of a 4-step run, at the step the samples seen make
         assert r["lr"] == pytest.approx(linear_warmup_cosine_lr(r["step"] - 1, 4, 2e-3, 1e-4, 1e-5, 3))
+
+
+def test_a_store_without_audio_trains_a_video_model(tiny_models, patch_store, tmp_path):
+    """The V+T ablation on a store that has no audio features at all; an A+V+T model refuses it."""
+    import shutil
+
+    import zarr
+
+    store = tmp_path / "video_only"
+    shutil.copytree(patch_store, store)
+    shutil.rmtree(store / "audio")
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
+    group.attrs["features"] = {k: v for k, v in group.attrs["features"].items() if k != "audio"}
+    out = tmp_path / "run"
+    t = trainer(tiny_models, [store], out, "run.max_epoch=1", "model.modalities=[video]")
+    t.train()
+    assert set(t.model.trainable_modules()) == {"video_lqformer", "video_proj"}
+    assert np.isfinite([r["loss"] for r in read_log(out) if "loss" in r]).all()
+    with pytest.raises(ValueError, match="no audio features, which model.modalities"):
+        trainer(tiny_models, [store], tmp_path / "other", "run.max_epoch=1")
+
+
+def test_caption_dropout_hides_a_share_of_descriptions_the_same_way_every_time(tiny_models, patch_store):
+    data = StoreSamples([patch_store])
+    data.hide_captions(0.5, seed=3)
+    hidden = [[not s[f"{m}_caption_mask"].any() for m in ("video", "audio")] for s in data.__getitems__(range(24))]
+    assert 8 <= sum(h for row in hidden for h in row) <= 40  # about half of 48
+    again = StoreSamples([patch_store])
+    again.hide_captions(0.5, seed=3)
+    assert [[not s[f"{m}_caption_mask"].any() for m in ("video", "audio")]
+            for s in again.__getitems__(range(24))] == hidden  # a function of (seed, epoch, position)
+    again.epoch = 1
+    assert [[not s[f"{m}_caption_mask"].any() for m in ("video", "audio")]
+            for s in again.__getitems__(range(24))] != hidden

@@ -24,6 +24,8 @@ __all__ = ["attention_maps", "draw_attention"]
 
 def attention_maps(model: XMEIQwen, clip: dict) -> dict[str, np.ndarray]:
     """{group name: (F, P, P) attention over each frame's patches} for one store clip."""
+    if "video" not in model.settings.modalities:
+        raise ValueError(f"attention maps are the visual LQ-Former's; this model uses only {model.settings.modalities}")
     device = next(model.video_lqformer.parameters()).device
     video = torch.as_tensor(np.asarray(clip["visual"]))[None].float().to(device)  # (1, F, T, D)
     if video.dim() != 4:
@@ -39,8 +41,9 @@ def attention_maps(model: XMEIQwen, clip: dict) -> dict[str, np.ndarray]:
     if side * side != tokens - 1:
         raise ValueError(f"{tokens} tokens per frame is not CLS + a square patch grid")
     per_frame = weights.reshape(-1, frames, tokens)[:, :, 1:].reshape(-1, frames, side, side)  # (Q, F, P, P)
-    split = model.settings.caption_tokens if model.settings.query_mode == "language" else per_frame.shape[0] // 2
-    names = ("caption queries", "learned queries") if model.settings.query_mode == "language" \
+    language = model.settings.model.query_mode == "language"
+    split = model.settings.features.caption_tokens if language else per_frame.shape[0] // 2
+    names = ("caption queries", "learned queries") if language \
         else (f"queries 1-{split}", f"queries {split + 1}-{per_frame.shape[0]}")
     return {names[0]: per_frame[:split].mean(0).numpy(), names[1]: per_frame[split:].mean(0).numpy()}
 
@@ -73,7 +76,7 @@ def draw_attention(checkpoints: list[Path], store_path: Path, video_id: str, med
     for checkpoint in checkpoints:
         model = XMEIQwen.from_checkpoint(checkpoint, device=device)
         for group, maps in attention_maps(model, clip).items():
-            rows.append((f"{Path(checkpoint).name} ({model.settings.query_mode})\n{group}", maps))
+            rows.append((f"{Path(checkpoint).name} ({model.settings.model.query_mode})\n{group}", maps))
     cols = len(frames)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols, 1.7 * len(rows)), squeeze=False)
     for r, (label, maps) in enumerate(rows):

@@ -27,7 +27,7 @@ from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, DEFAULT_SYNONYMS, Lab
 
 __all__ = [
     "Config", "ConfigError", "ConfigWarning", "DatasetConfig", "EvalConfig", "ExtractConfig", "LabelsConfig", "ModelConfig",
-    "RunConfig", "MODEL_SUBDIRS", "PLACEHOLDER_TOKENS", "load_config",
+    "RunConfig", "MODEL_SUBDIRS", "load_config",
 ]
 
 # Layout of a models folder as `xmei models tiny` writes it; `--models DIR` maps each
@@ -38,8 +38,6 @@ MODEL_SUBDIRS = {
     "llm": "model.llama_model_path",
     "caption_tokenizer": "model.caption_tokenizer_path",
 }
-# Placeholder tokens of the prompt (DESIGN.md, "The LLM and the prompt").
-PLACEHOLDER_TOKENS = ("<Video>", "</Video>", "<Audio>", "</Audio>", "<ImageHere>", "<AudioHere>")
 
 # Keys of the published config that select LAVIS registry entries there and mean nothing
 # here. They load with a warning; any other unknown key is an error.
@@ -70,10 +68,13 @@ class ModelConfig:
     acoustic_encoder_path: Path | None = None
     visual_encoder_path: Path | None = None
     caption_tokenizer_path: Path | None = None  # bert-base-uncased vocab: the LQ-Former's caption queries
+    modalities: list[str] = field(default_factory=lambda: ["video", "audio"])  # [video], [audio]: the ablations
     num_audio_query_token: int = 32
     num_video_query_token: int = 32
     # LQ-Former, one per modality: queries = caption tokens (extract.caption_tokens) + learned ones
     query_mode: str = "language"  # language: caption-token queries first; learned: the standard Q-Former
+    caption_dropout: float = 0.2  # share of training samples seen without their description (predict needs none)
+    caption_embeddings_from: Path | None = None  # a BERT folder whose word embeddings start the caption table
     qformer_hidden_size: int = 768
     qformer_num_layers: int = 2
     qformer_num_heads: int = 12
@@ -149,6 +150,9 @@ class EvalConfig:
 
     max_new_tokens: int = 128
     num_beams: int = 1  # 1: greedy decoding; more: beam search
+    # emotion and intent decoded only from labels.* (the explanation stays free): no answer is invalid;
+    # false: free decoding, where an answer naming no label counts as invalid
+    constrained: bool = True
     bertscore_model: Path | None = None  # local folder of BERTScore's model (roberta-large in the real setup)
     bertscore_layer: int = 17  # the layer BERTScore reads (17 for roberta-large)
     bertscore_rescale: bool = False  # rescaling with baselines needs bert-score's baseline files
@@ -372,6 +376,10 @@ def _check_values(cfg: Config) -> list[str]:
         problems.append(f"run.lr_sched: only 'linear_warmup_cosine_lr' is built here, got {r.lr_sched!r}")
     if m.query_mode not in ("language", "learned"):
         problems.append(f"model.query_mode: 'language' or 'learned', got {m.query_mode!r}")
+    if not m.modalities or len(set(m.modalities)) != len(m.modalities) or set(m.modalities) - {"video", "audio"}:
+        problems.append(f"model.modalities: [video, audio], [video] or [audio], got {m.modalities!r}")
+    if not 0 <= m.caption_dropout < 1:
+        problems.append(f"model.caption_dropout: a probability in [0, 1), got {m.caption_dropout}")
     if m.prompt_format not in ("chat", "plain"):
         problems.append(f"model.prompt_format: 'chat' or 'plain', got {m.prompt_format!r}")
     if m.qformer_hidden_size % max(m.qformer_num_heads, 1):

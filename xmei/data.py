@@ -27,16 +27,18 @@ from xmei.prompt import PromptBuilder
 
 __all__ = ["EpochSampler", "PackedStrings", "StoreSamples", "feature_facts", "loader"]
 
-FEATURES = {"visual": "video", "audio": "audio"}  # store array -> batch key
+FEATURES = {"video": "visual", "audio": "audio"}  # modality (batch key) -> store array
 CAPTIONS = ("video_caption_ids", "video_caption_mask", "audio_caption_ids", "audio_caption_mask")
 TEXTS = ("video_id", "subtitle", "emotion", "intent", "explanation")
+MODALITIES = tuple(FEATURES)
 
 
 def feature_facts(store: FeatureStore) -> dict[str, int]:
-    """What the model needs to know about the features, from the store's attributes."""
+    """What the model needs to know about the features, from the store's attributes (0 for a
+    modality the store has no features of)."""
     feats = store.attrs["features"]
-    return {"visual_size": feats["visual"]["shape"][-1], "audio_size": feats["audio"]["shape"][-1],
-            "num_frames": feats["visual"]["shape"][0], "num_audio_clips": feats["audio"]["shape"][0],
+    visual, audio = (feats.get(name, {"shape": [0, 0]})["shape"] for name in ("visual", "audio"))
+    return {"visual_size": visual[-1], "audio_size": audio[-1], "num_frames": visual[0], "num_audio_clips": audio[0],
             "caption_tokens": store.attrs["extract"]["caption_tokens"]}
 
 
@@ -70,12 +72,20 @@ class StoreSamples(Dataset):
     Features are read with each store's :class:`~stores.ClipReader`, a batch at a time.
     """
 
-    def __init__(self, paths: list[str | Path], builder: PromptBuilder | None = None):
+    def __init__(self, paths: list[str | Path], builder: PromptBuilder | None = None,
+                 modalities: Iterable[str] = MODALITIES):
         """``builder`` turns texts into input_ids / labels; without it samples carry only features
-        and texts (for generation)."""
+        and texts (for generation). Only the features of ``modalities`` are read (a store may lack
+        the others)."""
         self.paths = [str(p) for p in paths]
         self.builder = builder
+        self.modalities = tuple(m for m in MODALITIES if m in modalities)
         stores = [FeatureStore(p) for p in self.paths]
+        for path, store in zip(self.paths, stores):
+            lacking = [FEATURES[m] for m in self.modalities if FEATURES[m] not in store.features]
+            if lacking:
+                raise ValueError(f"{path}: no {' or '.join(lacking)} features, which model.modalities "
+                                 f"{list(self.modalities)} needs")
         facts = [feature_facts(s) for s in stores]
         for path, store, f in zip(self.paths[1:], stores[1:], facts[1:]):
             if f != facts[0] or stores[0].attrs["encoders"] != store.attrs["encoders"]:
@@ -89,10 +99,20 @@ class StoreSamples(Dataset):
         first_shard = np.cumsum([0] + [s.num_shards for s in stores])[:-1]
         self.shard_ids = np.concatenate([first + c // s.shard_size for first, s, c in zip(first_shard, stores, ok)])
         self.has_audio = np.concatenate([s.clip_reader("has_audio").read(c) for s, c in zip(stores, ok)])  # (N,) uint8
-        self.captions = {n: np.concatenate([s.read_whole(n)[c] for s, c in zip(stores, ok)]) for n in CAPTIONS}
+        self.captions = {n: np.concatenate([s.read_whole(n)[c] for s, c in zip(stores, ok)])
+                         for n in CAPTIONS if n.split("_")[0] in self.modalities}
         self.strings = {n: PackedStrings(str(v) for s, c in zip(stores, ok) for v in s.read_whole(n)[c])
                         for n in TEXTS}
         self._readers: dict[int, list[dict[str, ClipReader]]] = {}
+        self.caption_dropout, self.seed, self.epoch = 0.0, 0, 0
+
+    def hide_captions(self, p: float, seed: int) -> None:
+        """Caption dropout: from now on each sample's description is hidden, per modality, with
+        probability ``p`` (its caption mask zeroed, so the LQ-Former has only its learned
+        queries), so that a clip without descriptions (`xmei predict` on a raw video) is not out
+        of distribution. Which ones is a function of (seed, ``epoch``, position) alone: the same
+        for any number of ranks or workers, and after a resume."""
+        self.caption_dropout, self.seed = p, seed
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -107,7 +127,7 @@ class StoreSamples(Dataset):
         pid = os.getpid()
         if pid not in self._readers:
             stores = [FeatureStore(p) for p in self.paths]
-            self._readers = {pid: [{n: s.clip_reader(n) for n in FEATURES} for s in stores]}
+            self._readers = {pid: [{m: s.clip_reader(FEATURES[m]) for m in self.modalities} for s in stores]}
         return self._readers[pid]
 
     def __getitem__(self, position: int) -> dict:
@@ -115,23 +135,28 @@ class StoreSamples(Dataset):
 
     def __getitems__(self, positions: list[int]) -> list[dict]:
         positions = np.asarray(positions, np.int64)  # (B,)
-        features = {key: self._read(name, positions) for name, key in FEATURES.items()}  # key -> B arrays
+        features = {m: self._read(m, positions) for m in self.modalities}  # modality -> B arrays
         return [self._sample(int(p), {"has_audio": self.has_audio[p], **{k: v[i] for k, v in features.items()}})
                 for i, p in enumerate(positions)]
 
-    def _read(self, name: str, positions: np.ndarray) -> list[np.ndarray]:
-        """Feature ``name`` of each position (one array each), one read call per store."""
+    def _read(self, modality: str, positions: np.ndarray) -> list[np.ndarray]:
+        """The features of ``modality`` of each position (one array each), one read call per store."""
         readers, stores = self._open(), self.store_ids[positions]
         values: dict[int, np.ndarray] = {}  # row of the batch -> its clip's array
         for store in np.unique(stores):
             rows = np.flatnonzero(stores == store)
-            values.update(zip(rows.tolist(), readers[store][name].read_each(self.clips[positions[rows]])))
+            values.update(zip(rows.tolist(), readers[store][modality].read_each(self.clips[positions[rows]])))
         return [values[row] for row in range(len(positions))]
 
     def _sample(self, position: int, features: dict) -> dict:
-        """A sample from its features (video, audio, has_audio) and the texts held in memory."""
-        sample = {"video": features["video"], "audio": features["audio"], "has_audio": features["has_audio"]}
-        sample.update({n: self.captions[n][position] for n in CAPTIONS})
+        """A sample from its features (the modalities', has_audio) and the texts held in memory."""
+        sample = {m: features[m] for m in (*self.modalities, "has_audio")}
+        sample.update({n: values[position] for n, values in self.captions.items()})
+        if self.caption_dropout > 0:
+            hidden = np.random.default_rng([self.seed, self.epoch, position]).random(2) < self.caption_dropout
+            for m, hide in zip(MODALITIES, hidden):
+                if hide and m in self.modalities:
+                    sample[f"{m}_caption_mask"] = np.zeros_like(sample[f"{m}_caption_mask"])
         texts = {n: self.strings[n][position] for n in TEXTS}
         if self.builder is not None:
             encoded = self.builder.encode(texts["subtitle"], texts["emotion"], texts["intent"], texts["explanation"])

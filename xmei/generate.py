@@ -5,6 +5,11 @@ or by beam search, under a generation config built here in full (never the LLM f
 generation_config.json); the answer is parsed into emotion / intent / explanation. An answer
 with no end-of-turn token among its ``max_new_tokens`` is flagged ``cut_off``.
 
+Constrained (the default, ``eval.constrained``), the emotion and intent words can only be labels
+of the sets (xmei.constrain), so no answer is invalid; the explanation is free. ``compare_free``
+decodes every batch freely as well, into each row's ``free`` answer, for results.json's
+``free_decoding`` (same checkpoint, same clips).
+
 Under ``torchrun`` the store's batches (the very batches of one process) are dealt out, batch j
 to rank j % world, and rank 0 puts every rank's rows back in store order: the same predictions
 as one process.
@@ -12,37 +17,46 @@ as one process.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
+from xmei.constrain import LabelConstraint
 from xmei.data import StoreSamples
 from xmei.distributed import Distributed
+from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS
 from xmei.model import XMEIQwen
 from xmei.parse import parse_answer
 from xmei.prompt import PromptBuilder
 
-__all__ = ["Answer", "GenerationSettings", "answer", "generate_store", "generation_config", "prompt_batch"]
+__all__ = ["Answer", "GenerationSettings", "answer", "generate_store", "generation_config", "label_constraint",
+           "prompt_batch"]
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What the generation config is built from (eval.* of the run config), and the batch size."""
+    """What the generation config is built from (eval.* of the run config), the batch size, and
+    the labels that constrained decoding admits (the config's label sets)."""
 
     max_new_tokens: int = 128
     num_beams: int = 1  # 1: greedy
     batch_size: int = 16
+    constrained: bool = True  # emotion and intent only from the labels below; False: free decoding
+    emotions: tuple[str, ...] = DEFAULT_EMOTIONS  # generate_store takes them from its label sets
+    intents: tuple[str, ...] = DEFAULT_INTENTS
 
     @classmethod
     def from_config(cls, cfg, batch_size: int | None = None) -> "GenerationSettings":
-        """eval.max_new_tokens, eval.num_beams and (unless given) run.batch_size_eval."""
+        """eval.max_new_tokens, eval.num_beams, eval.constrained, (unless given) run.batch_size_eval,
+        and the labels."""
         return cls(cfg.eval.max_new_tokens, cfg.eval.num_beams,
-                   cfg.run.batch_size_eval if batch_size is None else batch_size)
+                   cfg.run.batch_size_eval if batch_size is None else batch_size,
+                   cfg.eval.constrained, cfg.emotions.labels, cfg.intents.labels)
 
 
 class Answer(NamedTuple):
@@ -77,18 +91,36 @@ def prompt_batch(model: XMEIQwen, samples: list[dict], builder: PromptBuilder) -
         ids[i, longest - len(p):] = torch.as_tensor(p)
         mask[i, longest - len(p):] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
-    for key in ("video", "audio", "video_caption_ids", "video_caption_mask", "audio_caption_ids", "audio_caption_mask"):
+    for key in [k for k in samples[0] if k != "texts"]:  # the model's modalities, their captions, has_audio
         batch[key] = torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples])
     return batch
 
 
+def label_constraint(model: XMEIQwen, settings: GenerationSettings) -> LabelConstraint | None:
+    """The constraint of ``settings``' labels on the model's tokenizer; None when decoding freely.
+    A ``max_new_tokens`` too short for the answer head is an error (the head would be cut)."""
+    if not settings.constrained:
+        return None
+    constraint = LabelConstraint(model.tokenizer, settings.emotions, settings.intents)
+    if settings.max_new_tokens < constraint.depth:
+        raise ValueError(f"eval.max_new_tokens {settings.max_new_tokens} cannot hold the answer head that "
+                         f"constrained decoding writes ({constraint.depth} tokens): raise it, or decode freely "
+                         "(eval.constrained=false)")
+    return constraint
+
+
 @torch.no_grad()
-def answer(model: XMEIQwen, batch: dict[str, torch.Tensor], settings: GenerationSettings) -> list[Answer]:
-    """The generated answer of each sample, on the model's device."""
+def answer(model: XMEIQwen, batch: dict[str, torch.Tensor], settings: GenerationSettings,
+           constraint: LabelConstraint | None = None) -> list[Answer]:
+    """The generated answer of each sample, on the model's device. Under ``settings.constrained``
+    the labels come from ``constraint`` (default: :func:`label_constraint` of ``settings``)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     config = generation_config(model, settings)
-    ids = model.generate(batch, config)  # (B, new tokens); rows that ended are padded
+    if settings.constrained and constraint is None:
+        constraint = label_constraint(model, settings)
+    extra = {"logits_processor": LogitsProcessorList([constraint.processor()])} if settings.constrained else {}
+    ids = model.generate(batch, config, **extra)  # (B, new tokens); rows that ended are padded
     texts = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
     ended = (ids == config.eos_token_id).any(1).tolist()
     return [Answer(text, not end) for text, end in zip(texts, ended)]
@@ -96,17 +128,24 @@ def answer(model: XMEIQwen, batch: dict[str, torch.Tensor], settings: Generation
 
 def generate_store(model: XMEIQwen, store: Path, emotions, intents, settings: GenerationSettings,
                    progress: Callable[[int, int], None] | None = None, zero_features: bool = False,
-                   dist: Distributed | None = None) -> tuple[list[dict] | None, float]:
+                   dist: Distributed | None = None, compare_free: bool = False, hide_captions: bool = False,
+                   ignore_has_audio: bool = False) -> tuple[list[dict] | None, float]:
     """Predictions for every ok clip of ``store`` in store order, and clips/s over all ranks.
-    ``progress(done, total)`` counts this rank's clips. ``zero_features`` replaces the video and
-    audio features by zeros (the ablation: what do the media carry?). With ``dist`` of several
-    ranks, rank 0 gets every rank's rows; the others get None."""
+    Constrained decoding admits the labels of ``emotions`` / ``intents`` (the sets it parses
+    with); ``compare_free`` (constrained only) adds each clip's freely decoded answer as the row's
+    ``free``: {text, cut_off, emotion, intent, explanation}. ``progress(done, total)`` counts this
+    rank's clips. ``zero_features`` replaces the model's video / audio features by zeros (the
+    ablation: what do the media carry?); ``hide_captions`` hides every description (as on a raw
+    clip); ``ignore_has_audio`` tells the model every clip has audio (its absent-audio context
+    unused). With ``dist`` of several ranks, rank 0 gets every rank's rows; the others get None."""
+    if compare_free and not settings.constrained:
+        raise ValueError("compare_free compares constrained answers with free ones, but settings.constrained is False")
+    settings = replace(settings, emotions=emotions.labels, intents=intents.labels)
+    constraint = label_constraint(model, settings)  # once for every batch
     dist = dist or Distributed(0, 1, 0, next(model.parameters()).device)
     model.eval()
-    s = model.settings
-    builder = PromptBuilder(model.tokenizer, s.num_video_query_token, s.num_audio_query_token, s.prompt_format,
-                            s.max_length)
-    data = StoreSamples([store])
+    builder = model.prompt_builder()
+    data = StoreSamples([store], modalities=model.settings.modalities)
     batches = list(BatchSampler(range(len(data)), settings.batch_size, drop_last=False))  # as one process has them
     mine = list(range(dist.rank, len(batches), dist.world))
     loader = DataLoader(data, batch_sampler=[batches[j] for j in mine], collate_fn=list)
@@ -116,14 +155,22 @@ def generate_store(model: XMEIQwen, store: Path, emotions, intents, settings: Ge
     for j, samples in zip(mine, loader):
         batch = prompt_batch(model, samples, builder)
         if zero_features:
-            batch["video"], batch["audio"] = torch.zeros_like(batch["video"]), torch.zeros_like(batch["audio"])
+            for m in model.settings.modalities:
+                batch[m] = torch.zeros_like(batch[m])
+        if hide_captions:
+            for m in model.settings.modalities:
+                batch[f"{m}_caption_mask"] = torch.zeros_like(batch[f"{m}_caption_mask"])
+        if ignore_has_audio:
+            batch["has_audio"] = torch.ones_like(batch["has_audio"])
+        answers = answer(model, batch, settings, constraint)
+        free = answer(model, batch, replace(settings, constrained=False)) if compare_free else [None] * len(samples)
         rows = []
-        for sample, (text, cut_off) in zip(samples, answer(model, batch, settings)):
-            parsed = parse_answer(text, emotions, intents)
+        for sample, one, free_one in zip(samples, answers, free):
             t = sample["texts"]
-            rows.append({"video_id": t["video_id"], "text": text, "cut_off": cut_off, "emotion": parsed.emotion,
-                         "intent": parsed.intent, "explanation": parsed.explanation, "ref_emotion": t["emotion"],
+            rows.append({"video_id": t["video_id"], **_parsed(one, emotions, intents), "ref_emotion": t["emotion"],
                          "ref_intent": t["intent"], "ref_explanation": t["explanation"]})
+            if free_one is not None:
+                rows[-1]["free"] = _parsed(free_one, emotions, intents)
         parts.append((j, rows))
         done += len(rows)
         if progress:
@@ -134,3 +181,10 @@ def generate_store(model: XMEIQwen, store: Path, emotions, intents, settings: Ge
     ordered = sorted((part for rank_parts in gathered for part in rank_parts), key=lambda part: part[0])
     rows = [row for _, batch_rows in ordered for row in batch_rows]
     return rows, len(rows) / max(time.perf_counter() - start, 1e-9)
+
+
+def _parsed(one: Answer, emotions, intents) -> dict:
+    """A prediction row's answer fields: text, cut_off, emotion, intent, explanation."""
+    parsed = parse_answer(one.text, emotions, intents)
+    return {"text": one.text, "cut_off": one.cut_off, "emotion": parsed.emotion, "intent": parsed.intent,
+            "explanation": parsed.explanation}

@@ -7,13 +7,23 @@ self-attends over the queries (caption padding masked) and cross-attends to the 
 features, to which a learned position embedding per frame / audio clip is added first.
 ``query_mode="learned"`` gives the standard Q-Former (all queries learnable): the ablation.
 
+A sample flagged absent (``present`` False: a clip without audio, whose stored features are
+zeros) is given a learned ``absent`` vector (D,) in place of every one of its feature vectors;
+the position embeddings are added to it as to real features, so the model sees "no audio"
+rather than the features of silence, and whatever the zeros were does not matter.
+
+Initialization as BERT / BLIP-2: Linear and Embedding weights, the learned queries and ``absent``
+N(0, initializer_range), biases zero, LayerNorm weight 1 and bias 0. The caption word table may
+then be replaced by a BERT checkpoint's (``load_caption_embeddings``).
+
 Shapes: features (B, F, T, D) patch tokens or (B, F, D) pooled / audio; captions (B, C);
-output (B, Q, H) with Q = num_queries.
+present (B,); output (B, Q, H) with Q = num_queries.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +48,7 @@ class LQFormerConfig:
     dropout: float = 0.1
     cross_attention_freq: int = 1
     layer_norm_eps: float = 1e-12  # BERT's
+    initializer_range: float = 0.02  # std of the weights' normal init (BERT's, BLIP-2's)
 
     @property
     def num_learned_queries(self) -> int:
@@ -127,7 +138,7 @@ class LQFormer(nn.Module):
         if config.query_mode == "language":  # the learned mode has no caption queries, so no table
             self.word_embeddings = nn.Embedding(config.caption_vocab_size, h)
             self.position_embeddings = nn.Embedding(config.num_caption_tokens, h)
-        self.query_tokens = nn.Parameter(torch.randn(1, config.num_learned_queries, h) * 0.02)
+        self.query_tokens = nn.Parameter(torch.empty(1, config.num_learned_queries, h))
         self.embed_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         # per-dimension statistics of the training features (set by the trainer, saved with the
         # weights): frozen encoders' features share a large common component that would
@@ -135,6 +146,7 @@ class LQFormer(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(config.feature_size))
         self.register_buffer("feature_std", torch.ones(config.feature_size))
         self.feature_norm = nn.LayerNorm(config.feature_size)
+        self.absent = nn.Parameter(torch.empty(config.feature_size))  # a sample's context when it has none
         self.feature_positions = nn.Embedding(config.num_positions, config.feature_size)  # per frame / clip
         self.layers = nn.ModuleList(
             LQFormerLayer(config, has_cross_attention=i % config.cross_attention_freq == 0)
@@ -142,6 +154,39 @@ class LQFormer(nn.Module):
         self.output_proj = nn.Linear(h, h)
         self.dropout = nn.Dropout(config.dropout)
         self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        nn.init.normal_(self.query_tokens, std=config.initializer_range)
+        nn.init.normal_(self.absent, std=config.initializer_range)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's: normal(0, initializer_range) weights, zero biases, LayerNorm (1, 0)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def load_caption_embeddings(self, folder: str | Path) -> None:
+        """Copy the word embeddings (V, H) of a BERT checkpoint folder (the caption tokenizer's
+        model, e.g. bert-base-uncased) into the caption word table."""
+        from transformers import AutoModel
+
+        c = self.config
+        if c.query_mode != "language":
+            raise ValueError(f"{folder}: query_mode {c.query_mode!r} has no caption word table to load into")
+        table = AutoModel.from_pretrained(str(folder)).get_input_embeddings().weight  # (V, H)
+        vocab, width = table.shape
+        if vocab != c.caption_vocab_size:
+            raise ValueError(f"{folder}: word embeddings for {vocab} tokens, but the caption tokenizer has "
+                             f"{c.caption_vocab_size}; use the BERT the captions were tokenized with")
+        if width != c.hidden_size:
+            raise ValueError(f"{folder}: word embeddings {width} wide, but the LQ-Former is {c.hidden_size} wide; "
+                             f"set model.qformer_hidden_size to {width} (bert-base is 768)")
+        self.word_embeddings.weight.copy_(table)
 
     @torch.no_grad()
     def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -164,16 +209,26 @@ class LQFormer(nn.Module):
         return torch.cat([captions, learned], 1), mask
 
     def forward(self, features: torch.Tensor, caption_ids: torch.Tensor, caption_mask: torch.Tensor,
-                output_attentions: bool = False) -> LQFormerOutput:
+                output_attentions: bool = False, *, present: torch.Tensor | None = None) -> LQFormerOutput:
+        """``present`` (B,) bool or 0/1: False gives the sample the learned ``absent`` context in
+        place of its features; None: all present."""
         if features.dim() == 3:
             features = features[:, :, None, :]  # (B, F, D) -> (B, F, 1, D)
         b, f, t, d = features.shape
         if f != self.config.num_positions or d != self.config.feature_size:
             raise ValueError(f"features of shape {tuple(features.shape)}, expected "
                              f"(B, {self.config.num_positions}, [tokens,] {self.config.feature_size})")
+        if present is None:
+            present = torch.ones(b, dtype=torch.bool, device=features.device)
+        elif present.shape != (b,):
+            raise ValueError(f"present of shape {tuple(present.shape)}, expected ({b},): one flag per sample")
         positions = self.feature_positions(torch.arange(f, device=features.device))  # (F, D)
-        standard = (features - self.feature_mean) / self.feature_std
-        context = (self.feature_norm(standard) + positions[None, :, None, :]).reshape(b, f * t, d)  # (B, F*T, D)
+        standard = self.feature_norm((features - self.feature_mean) / self.feature_std)  # (B, F, T, D)
+        # always through `where`, so `absent` takes part in every step (a zero gradient when all
+        # are present), as DistributedDataParallel expects of every parameter
+        keep = present.to(features.device).bool()[:, None, None, None]  # (B, 1, 1, 1)
+        standard = torch.where(keep, standard, self.absent)
+        context = (standard + positions[None, :, None, :]).reshape(b, f * t, d)  # (B, F*T, D)
         x, mask = self.queries(caption_ids, caption_mask)
         x = self.dropout(self.embed_norm(x))
         weights = []

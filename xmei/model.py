@@ -1,86 +1,127 @@
-"""XMEI-Qwen: two LQ-Formers whose outputs take the places of the prompt's placeholder tokens
-in a (LoRA-tuned) Qwen2.5 causal LM.
+"""XMEI-Qwen: an LQ-Former per modality whose outputs take the places of the prompt's placeholder
+tokens in a (LoRA-tuned) Qwen2.5 causal LM.
 
     video (B, F, T, Dv) --video_lqformer--> (B, Qv, H) --video_proj--> (B, Qv, E) -> <ImageHere> x Qv
     audio (B, W, Da)    --audio_lqformer--> (B, Qa, H) --audio_proj--> (B, Qa, E) -> <AudioHere> x Qa
 
-Only the LQ-Formers, the projections and the LoRA adapter (plus any ``lora_modules_to_save``)
-train. A checkpoint is a folder: ``trainable.safetensors`` (LQ-Formers + projections),
-``adapter/`` (peft ``save_pretrained``), ``xmei_model.json`` (the model settings) and
-``config.yaml`` (the resolved run config, when given); loading never unpickles.
+``model.modalities`` picks the branches built ([video, audio], or one of them: the A+T / V+T
+ablations); a clip without audio (``has_audio`` 0) gives the audio LQ-Former its learned
+"absent" context instead of zeros. Only the LQ-Formers, the projections and the LoRA adapter
+(plus any ``lora_modules_to_save``) train. A checkpoint is a folder: ``trainable.safetensors``
+(LQ-Formers + projections), ``adapter/`` (peft ``save_pretrained``), ``xmei_model.json`` (the
+settings: the config's model section as it is, and stage 1's feature facts) and ``config.yaml``
+(the resolved run config, when given); loading never unpickles.
+
+The two placeholders are the only tokens added to the LLM's tokenizer (the delimiters are plain
+text). Where the embedding table has no spare rows for them it grows, and the new input and
+output rows are set to zero, not drawn at random: the inputs are replaced by the modality tokens
+anyway, and a checkpoint reloaded later rebuilds exactly the rows it trained with.
 """
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from xmei.config import PLACEHOLDER_TOKENS
+from xmei.config import ModelConfig
 from xmei.distributed import llm_dtype
 from xmei.lqformer import LQFormer, LQFormerConfig
-from xmei.prompt import AUDIO_TOKEN, VIDEO_TOKEN
+from xmei.prompt import AUDIO_TOKEN, PLACEHOLDER_TOKENS, VIDEO_TOKEN, PromptBuilder
 
-__all__ = ["CHECKPOINT_FILES", "XMEIQwen", "XMEISettings"]
+__all__ = ["CHECKPOINT_FILES", "FeatureFacts", "XMEIQwen", "XMEISettings"]
 
 CHECKPOINT_FILES = {"settings": "xmei_model.json", "trainable": "trainable.safetensors", "adapter": "adapter",
                     "llm": "llm", "config": "config.yaml"}
 MODALITIES = ("video", "audio")
+PLACEHOLDERS = dict(zip(MODALITIES, (VIDEO_TOKEN, AUDIO_TOKEN)))
+
+
+@dataclass
+class FeatureFacts:
+    """What stage 1 stored, read from a store's attributes (xmei.data.feature_facts)."""
+
+    visual_size: int  # feature widths
+    audio_size: int
+    num_frames: int  # frames / audio windows per clip
+    num_audio_clips: int
+    caption_vocab_size: int  # the caption tokenizer's vocabulary
+    caption_tokens: int  # caption ids per description
 
 
 @dataclass
 class XMEISettings:
-    """What builds an XMEI-Qwen: the model config plus the feature facts of stage 1."""
+    """What builds an XMEI-Qwen: the run config's ``model`` section itself (no renamed copy: a key
+    added there reaches the model) and the feature facts of stage 1."""
 
-    llm_path: str
-    visual_size: int  # feature widths, frames and clips: read from the store's attributes
-    audio_size: int
-    num_frames: int
-    num_audio_clips: int
-    caption_vocab_size: int
-    caption_tokens: int
-    num_video_query_token: int = 32
-    num_audio_query_token: int = 32
-    query_mode: str = "language"
-    qformer_hidden_size: int = 768
-    qformer_num_layers: int = 2
-    qformer_num_heads: int = 12
-    qformer_intermediate_size: int = 3072
-    qformer_dropout: float = 0.1
-    cross_attention_freq: int = 1
-    lora_r: int = 64
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=list)
-    lora_modules_to_save: list[str] = field(default_factory=list)
-    frozen_llm: bool = False
-    use_lora: bool = True
-    gradient_checkpointing: bool = False
-    prompt_format: str = "chat"
-    max_length: int = 1024
+    model: ModelConfig
+    features: FeatureFacts
 
     @classmethod
-    def from_config(cls, cfg, **features: Any) -> "XMEISettings":
-        """``features``: visual_size, audio_size, num_frames, num_audio_clips, caption_vocab_size,
-        caption_tokens (from a store's attributes, or an encoder's config)."""
-        model = asdict(cfg.model)
-        keys = {f.name for f in fields(cls)}
-        return cls(llm_path=str(cfg.model.llama_model_path), **features,
-                   **{k: v for k, v in model.items() if k in keys and k != "llm_path"})
+    def from_config(cls, cfg, **features: int) -> "XMEISettings":
+        """``features``: the fields of :class:`FeatureFacts` (from a store, or an encoder's config)."""
+        return cls(copy.deepcopy(cfg.model), FeatureFacts(**features))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if m in self.model.modalities)
+
+    def queries(self, modality: str) -> int:
+        """Placeholder tokens (LQ-Former outputs) of a modality; 0 when the model does not use it."""
+        if modality not in self.modalities:
+            return 0
+        return self.model.num_video_query_token if modality == "video" else self.model.num_audio_query_token
+
+    def prompt_builder(self, tokenizer) -> PromptBuilder:
+        m = self.model
+        return PromptBuilder(tokenizer, self.queries("video"), self.queries("audio"), m.prompt_format, m.max_length)
 
     def lqformer(self, modality: str) -> LQFormerConfig:
-        video = modality == "video"
+        m, f, video = self.model, self.features, modality == "video"
         return LQFormerConfig(
-            feature_size=self.visual_size if video else self.audio_size,
-            num_positions=self.num_frames if video else self.num_audio_clips,
-            caption_vocab_size=self.caption_vocab_size, num_caption_tokens=self.caption_tokens,
-            num_queries=self.num_video_query_token if video else self.num_audio_query_token,
-            query_mode=self.query_mode, hidden_size=self.qformer_hidden_size, num_layers=self.qformer_num_layers,
-            num_heads=self.qformer_num_heads, intermediate_size=self.qformer_intermediate_size,
-            dropout=self.qformer_dropout, cross_attention_freq=self.cross_attention_freq)
+            feature_size=f.visual_size if video else f.audio_size,
+            num_positions=f.num_frames if video else f.num_audio_clips,
+            caption_vocab_size=f.caption_vocab_size, num_caption_tokens=f.caption_tokens,
+            num_queries=self.queries(modality), query_mode=m.query_mode, hidden_size=m.qformer_hidden_size,
+            num_layers=m.qformer_num_layers, num_heads=m.qformer_num_heads,
+            intermediate_size=m.qformer_intermediate_size, dropout=m.qformer_dropout,
+            cross_attention_freq=m.cross_attention_freq)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps({"model": asdict(self.model), "features": asdict(self.features)}, default=str))
+
+    @classmethod
+    def from_json(cls, data: dict, source: Path) -> "XMEISettings":
+        """Back from ``to_json``; a checkpoint of an earlier layout or unknown keys are an error."""
+        if set(data) != {"model", "features"}:
+            raise ValueError(f"{source}: model settings of an earlier xmei (keys {sorted(data)[:4]}...); "
+                             "retrain with this version")
+        known = {f.name: f for f in fields(ModelConfig)}
+        unknown = sorted(set(data["model"]) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown model settings {unknown} (a newer xmei?)")
+        paths = {name for name, f in known.items() if "Path" in str(f.type)}
+        model = {k: Path(v) if k in paths and v is not None else v for k, v in data["model"].items()}
+        return cls(ModelConfig(**model), FeatureFacts(**data["features"]))
+
+
+def _add_placeholders(llm: nn.Module, tokenizer) -> None:
+    """Give the placeholders token ids (a real Qwen tokenizer lacks them) and, where the embedding
+    table has no row for them, new rows of zeros (input and output): deterministic, so the rows a
+    checkpoint is evaluated with are the rows it trained with."""
+    missing = [t for t in PLACEHOLDER_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    rows = llm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            llm.get_input_embeddings().weight[rows:] = 0
+            if llm.get_output_embeddings() is not None:
+                llm.get_output_embeddings().weight[rows:] = 0
 
 
 def _load_llm(path: str, device: torch.device):
@@ -95,33 +136,39 @@ def _load_llm(path: str, device: torch.device):
 class XMEIQwen(nn.Module):
     def __init__(self, settings: XMEISettings, llm: nn.Module | None = None, tokenizer=None,
                  device: torch.device | str = "cpu"):
-        """Wrap ``llm``/``tokenizer`` (loaded from ``settings.llm_path`` onto ``device`` when not
+        """Wrap ``llm``/``tokenizer`` (loaded from ``model.llama_model_path`` onto ``device`` when not
         given); the LQ-Formers and projections are put on the LLM's device."""
         super().__init__()
+        m = settings.model
         if llm is None or tokenizer is None:
-            llm, tokenizer = _load_llm(settings.llm_path, torch.device(device))
+            llm, tokenizer = _load_llm(str(m.llama_model_path), torch.device(device))
         self.settings, self.tokenizer = settings, tokenizer
-        missing = [t for t in PLACEHOLDER_TOKENS if t not in tokenizer.get_vocab()]
-        if missing:  # a real Qwen tokenizer lacks them
-            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-        if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
-            llm.resize_token_embeddings(len(tokenizer))
-        self.placeholder_ids = {m: tokenizer.convert_tokens_to_ids(t)
-                                for m, t in zip(MODALITIES, (VIDEO_TOKEN, AUDIO_TOKEN))}
+        _add_placeholders(llm, tokenizer)
+        self.placeholder_ids = {m_: tokenizer.convert_tokens_to_ids(PLACEHOLDERS[m_]) for m_ in settings.modalities}
         self.llm = self._wrap_llm(llm)
         hidden = llm.config.hidden_size
-        self.video_lqformer = LQFormer(settings.lqformer("video"))
-        self.audio_lqformer = LQFormer(settings.lqformer("audio"))
-        self.video_proj = nn.Linear(settings.qformer_hidden_size, hidden)
-        self.audio_proj = nn.Linear(settings.qformer_hidden_size, hidden)
+        for modality in settings.modalities:  # attribute names are the checkpoint's keys
+            lqformer = LQFormer(settings.lqformer(modality))
+            if m.caption_embeddings_from is not None and m.query_mode == "language":
+                lqformer.load_caption_embeddings(m.caption_embeddings_from)
+            setattr(self, f"{modality}_lqformer", lqformer)
+            proj = nn.Linear(m.qformer_hidden_size, hidden)
+            nn.init.normal_(proj.weight, std=0.02)  # as the LQ-Formers' own layers (BLIP-2)
+            nn.init.zeros_(proj.bias)
+            setattr(self, f"{modality}_proj", proj)
         for module in self.trainable_modules().values():
             module.to(llm.get_input_embeddings().weight.device)
-        if settings.gradient_checkpointing:
-            self.video_lqformer.gradient_checkpointing = self.audio_lqformer.gradient_checkpointing = True
+        if m.gradient_checkpointing:
+            for modality in settings.modalities:
+                self.lqformers[modality].gradient_checkpointing = True
             self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
+    @property
+    def lqformers(self) -> dict[str, LQFormer]:
+        return {m: getattr(self, f"{m}_lqformer") for m in self.settings.modalities}
+
     def _wrap_llm(self, llm: nn.Module) -> nn.Module:
-        s = self.settings
+        s = self.settings.model
         llm.requires_grad_(not s.frozen_llm and not s.use_lora)  # trained whole only without adapter
         if s.frozen_llm or not s.use_lora:
             return llm
@@ -135,14 +182,16 @@ class XMEIQwen(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def modality_tokens(self, batch: dict[str, torch.Tensor], output_attentions: bool = False):
-        """{"video": (B, Qv, E), "audio": (B, Qa, E)} in the LLM's embedding space, and the
-        LQ-Former outputs (for their cross-attention weights)."""
+        """{modality: (B, Q, E)} in the LLM's embedding space for the model's modalities, and the
+        LQ-Former outputs (for their cross-attention weights). A clip with ``has_audio`` 0 gets
+        the audio LQ-Former's learned absent context."""
         dtype = self.llm.get_input_embeddings().weight.dtype
         tokens, outputs = {}, {}
-        for m, lqformer, proj in ((MODALITIES[0], self.video_lqformer, self.video_proj),
-                                  (MODALITIES[1], self.audio_lqformer, self.audio_proj)):
-            out = lqformer(batch[m].float(), batch[f"{m}_caption_ids"], batch[f"{m}_caption_mask"], output_attentions)
-            tokens[m], outputs[m] = proj(out.last_hidden_state).to(dtype), out
+        for m, lqformer in self.lqformers.items():
+            present = batch.get("has_audio") if m == "audio" else None
+            out = lqformer(batch[m].float(), batch[f"{m}_caption_ids"], batch[f"{m}_caption_mask"], output_attentions,
+                           present=present)
+            tokens[m], outputs[m] = getattr(self, f"{m}_proj")(out.last_hidden_state).to(dtype), out
         return tokens, outputs
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -167,17 +216,20 @@ class XMEIQwen(nn.Module):
                         labels=batch.get("labels"), **extra)
 
     @torch.no_grad()
-    def generate(self, batch: dict[str, torch.Tensor], generation_config) -> torch.Tensor:
+    def generate(self, batch: dict[str, torch.Tensor], generation_config, **kwargs) -> torch.Tensor:
         """Generated token ids (B, new tokens) after the prompts in ``batch`` (left-padded), under
-        ``generation_config`` (a transformers GenerationConfig, see xmei.generate)."""
+        ``generation_config`` (a transformers GenerationConfig, see xmei.generate); ``kwargs`` go to
+        the LLM's generate (e.g. the label constraint's ``prefix_allowed_tokens_fn``)."""
         return self.llm.generate(inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"],
-                                 generation_config=generation_config)
+                                 generation_config=generation_config, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"video_lqformer": self.video_lqformer, "audio_lqformer": self.audio_lqformer,
-                "video_proj": self.video_proj, "audio_proj": self.audio_proj}
+        return {name: getattr(self, name) for m in self.settings.modalities for name in (f"{m}_lqformer", f"{m}_proj")}
+
+    def prompt_builder(self) -> PromptBuilder:
+        return self.settings.prompt_builder(self.tokenizer)
 
     def save_checkpoint(self, folder: str | Path, config: dict | None = None) -> None:
         """Write the checkpoint folder; ``config`` (the resolved run config) goes to config.yaml."""
@@ -190,11 +242,12 @@ class XMEIQwen(nn.Module):
                    for name, module in self.trainable_modules().items() for k, v in module.state_dict().items()}
         save_file(weights, folder / CHECKPOINT_FILES["trainable"])
         if hasattr(self.llm, "peft_config"):
-            self.llm.save_pretrained(folder / CHECKPOINT_FILES["adapter"])
-        elif not self.settings.frozen_llm:  # the whole LLM trained
+            # the rows added for the placeholders are rebuilt (zeros) on loading: never the whole table
+            self.llm.save_pretrained(folder / CHECKPOINT_FILES["adapter"], save_embedding_layers=False)
+        elif not self.settings.model.frozen_llm:  # the whole LLM trained
             self.llm.save_pretrained(folder / CHECKPOINT_FILES["llm"])
             self.tokenizer.save_pretrained(folder / CHECKPOINT_FILES["llm"])
-        (folder / CHECKPOINT_FILES["settings"]).write_text(json.dumps(asdict(self.settings), indent=1) + "\n")
+        (folder / CHECKPOINT_FILES["settings"]).write_text(json.dumps(self.settings.to_json(), indent=1) + "\n")
         if config is not None:
             (folder / CHECKPOINT_FILES["config"]).write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -205,13 +258,17 @@ class XMEIQwen(nn.Module):
         from peft import PeftModel
 
         folder = Path(folder)
-        settings = XMEISettings(**json.loads((folder / CHECKPOINT_FILES["settings"]).read_text()))
+        file = folder / CHECKPOINT_FILES["settings"]
+        settings = XMEISettings.from_json(json.loads(file.read_text()), file)
         if llm is not None:
-            settings.llm_path = str(llm)
+            settings.model.llama_model_path = Path(llm)
         full = folder / CHECKPOINT_FILES["llm"]
-        base, tokenizer = _load_llm(str(full) if full.is_dir() else settings.llm_path, torch.device(device))
+        base, tokenizer = _load_llm(str(full) if full.is_dir() else str(settings.model.llama_model_path),
+                                    torch.device(device))
         adapter = folder / CHECKPOINT_FILES["adapter"]
-        model = cls(XMEISettings(**{**asdict(settings), "use_lora": False, "frozen_llm": True}), base, tokenizer)
+        bare = copy.deepcopy(settings)  # built without an adapter, which loads next
+        bare.model.use_lora, bare.model.frozen_llm, bare.model.caption_embeddings_from = False, True, None
+        model = cls(bare, base, tokenizer)
         model.settings = settings
         if adapter.is_dir():  # the adapter's weights load onto the base model's device
             model.llm = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)

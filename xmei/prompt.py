@@ -1,9 +1,11 @@
 """Prompts, targets and batches for XMEI-Qwen.
 
-User message (the published wording):
+User message (the published wording; a model of one modality names only that one):
     <Video><ImageHere>x32</Video><Audio><AudioHere>x32</Audio> The subtitle of this video is "{subtitle}".
     Identify the speaker's emotion and intent based on the video, audio, and subtitles. Then, provide a
     reasoning explaining why they co-occur.
+The delimiters <Video> ... </Audio> are plain text; only the placeholders are tokens of their own
+(added by XMEIQwen when the tokenizer lacks them), whose embeddings are replaced anyway.
 Assistant target:
     The user's emotion is {emotion}, intent is {intent}. The underlying reason is: {explanation}.
 
@@ -19,19 +21,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["IGNORE", "PromptBuilder", "answer_text", "collate", "user_text"]
+__all__ = ["IGNORE", "PLACEHOLDER_TOKENS", "PromptBuilder", "answer_text", "collate", "user_text"]
 
 IGNORE = -100
 VIDEO_TOKEN, AUDIO_TOKEN = "<ImageHere>", "<AudioHere>"
+PLACEHOLDER_TOKENS = (VIDEO_TOKEN, AUDIO_TOKEN)
 QUESTION = (' The subtitle of this video is "{subtitle}". Identify the speaker\'s emotion and intent based on '
-            "the video, audio, and subtitles. Then, provide a reasoning explaining why they co-occur.")
+            "the {sources}. Then, provide a reasoning explaining why they co-occur.")
 ANSWER = "The user's emotion is {emotion}, intent is {intent}. The underlying reason is: {explanation}."
 _SUBTITLE = "\x00subtitle\x00"  # a sentinel that no template or tokenizer produces
 
 
 def user_text(subtitle: str, video_queries: int, audio_queries: int) -> str:
-    return ("<Video>" + VIDEO_TOKEN * video_queries + "</Video><Audio>" + AUDIO_TOKEN * audio_queries + "</Audio>"
-            + QUESTION.format(subtitle=subtitle))
+    """The user message; a modality with 0 queries is left out of it (a one-modality model)."""
+    blocks = ("<Video>" + VIDEO_TOKEN * video_queries + "</Video>" if video_queries else "") + \
+        ("<Audio>" + AUDIO_TOKEN * audio_queries + "</Audio>" if audio_queries else "")
+    sources = {(True, True): "video, audio, and subtitles", (True, False): "video and subtitles",
+               (False, True): "audio and subtitles"}[bool(video_queries), bool(audio_queries)]
+    return blocks + QUESTION.format(subtitle=subtitle, sources=sources)
 
 
 def answer_text(emotion: str, intent: str, explanation: str) -> str:
@@ -46,7 +53,7 @@ class Encoded:
 
 class PromptBuilder:
     """Token ids of prompt + target for one sample, built from pieces so that only the subtitle
-    is ever cut: [prefix][subtitle][suffix][target][end]."""
+    is ever cut: [prefix][subtitle][suffix][target][end]. 0 queries: the modality is not used."""
 
     def __init__(self, tokenizer, video_queries: int, audio_queries: int, prompt_format: str = "chat",
                  max_length: int = 1024):

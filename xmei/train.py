@@ -38,7 +38,7 @@ from stores import FeatureStore
 from xmei.data import EpochSampler, StoreSamples, feature_facts, loader
 from xmei.distributed import Distributed, single_process_env
 from xmei.model import CHECKPOINT_FILES, XMEIQwen, XMEISettings
-from xmei.prompt import IGNORE, PromptBuilder, collate
+from xmei.prompt import IGNORE, collate
 from xmei.schedule import linear_warmup_cosine_lr, resolve_warmup
 
 __all__ = ["TrainError", "TrainWarning", "Trainer", "checkpoints"]
@@ -135,9 +135,9 @@ class Trainer:
         self.model = XMEIQwen(settings, device=self.device)
         if self.rank:  # each rank its own dropout
             torch.manual_seed(run.seed + self.rank)
-        builder = PromptBuilder(self.model.tokenizer, settings.num_video_query_token, settings.num_audio_query_token,
-                                settings.prompt_format, settings.max_length)
-        self.train_data = StoreSamples(self.stores, builder)
+        builder = self.model.prompt_builder()
+        self.train_data = StoreSamples(self.stores, builder, settings.modalities)
+        self.train_data.hide_captions(cfg.model.caption_dropout, run.seed)
         if len(self.train_data) == 0:
             raise TrainError(f"no ok clip in {[str(p) for p in self.stores]}")
         self.shape = Shape(self.world, run.batch_size_train, run.gradient_accumulation_steps)
@@ -154,7 +154,7 @@ class Trainer:
             warnings.warn(warning, TrainWarning, stacklevel=2)
         self.sampler = EpochSampler(self.train_data, run.seed, run.shuffle_shards, self.epoch_samples,
                                     rank=self.rank, world=self.world)
-        self.val_data = StoreSamples([self.val_store], builder) if self.val_store else None
+        self.val_data = StoreSamples([self.val_store], builder, settings.modalities) if self.val_store else None
         if not self.resume:  # a resumed run restores them with the weights
             self._set_feature_statistics()
 
@@ -194,7 +194,7 @@ class Trainer:
         summed ``chunk`` clips at a time (full-size patch features are ~4 MB a clip)."""
         data = self.train_data
         positions = np.linspace(0, len(data) - 1, min(clips, len(data))).round().astype(int).tolist()
-        sums = {m: [0, 0.0, 0.0] for m in ("video", "audio")}  # count, sum, sum of squares per dimension
+        sums = {m: [0, 0.0, 0.0] for m in data.modalities}  # count, sum, sum of squares per dimension
         for start in range(0, len(positions), chunk):
             for sample in data.__getitems__(positions[start:start + chunk]):
                 for m in sums:
@@ -208,7 +208,7 @@ class Trainer:
             if count > 1:
                 mean = total / count
                 std = np.sqrt(np.maximum(squares - count * mean**2, 0.0) / (count - 1))
-                getattr(self.model, f"{m}_lqformer").set_feature_statistics(torch.as_tensor(mean), torch.as_tensor(std))
+                self.model.lqformers[m].set_feature_statistics(torch.as_tensor(mean), torch.as_tensor(std))
 
     def _lr_factor(self, step: int) -> float:
         r = self.cfg.run
@@ -245,6 +245,7 @@ class Trainer:
         record: dict = {}
         while self.position.epoch < run.max_epoch:
             self.sampler.set_epoch(self.position.epoch, self.position.samples_in_epoch)
+            self.train_data.epoch = self.position.epoch  # which captions are hidden (caption dropout)
             batches = iter(self.loader(self.train_data, self.sampler, run.batch_size_train))
             model.train()
             while self.position.samples_in_epoch + per_step <= self.epoch_samples:
