@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: `xmei demo` on CPU, from nothing to a report:
-# synthetic corpus -> tiny models -> extract train/val/test -> train (language queries, and
-# learned queries for the ablation) -> eval on test (also with the features zeroed) -> summary.
+# synthetic corpus -> tiny models -> extract train/val/test -> train the seed's table (A+V+T, V+T,
+# A+T, the learned-query Q-Former) -> eval on test (labels constrained; A+V+T also freely, without
+# descriptions, with the features zeroed) -> summary, modality check and elapsed time (~17 min).
 # Rerunnable: a rerun reuses what an earlier one completed in runs/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."

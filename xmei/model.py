@@ -144,7 +144,8 @@ class XMEIQwen(nn.Module):
             llm, tokenizer = _load_llm(str(m.llama_model_path), torch.device(device))
         self.settings, self.tokenizer = settings, tokenizer
         _add_placeholders(llm, tokenizer)
-        self.placeholder_ids = {m_: tokenizer.convert_tokens_to_ids(PLACEHOLDERS[m_]) for m_ in settings.modalities}
+        self.placeholder_ids = {modality: tokenizer.convert_tokens_to_ids(PLACEHOLDERS[modality])
+                                for modality in settings.modalities}
         self.llm = self._wrap_llm(llm)
         hidden = llm.config.hidden_size
         for modality in settings.modalities:  # attribute names are the checkpoint's keys
