@@ -53,7 +53,9 @@ def _config(config: Path | None, sets: list[str] | None, models: Path | None) ->
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False)  # "[video]" in a message is text
     raise typer.Exit(code)
 
 
@@ -328,7 +330,7 @@ def eval_cmd(
     from dataclasses import replace
 
     from xmei.evaluate import score, write_predictions, write_report
-    from xmei.generate import GenerationSettings, generate_store, generation_config, label_constraint
+    from xmei.generate import GenerationError, GenerationSettings, generate_store, generation_config, label_constraint
     from xmei.model import XMEIQwen
 
     cfg = _checkpoint_config(checkpoint, config, set_, models)
@@ -341,7 +343,7 @@ def eval_cmd(
     model = XMEIQwen.from_checkpoint(checkpoint, device=dist.device)
     try:
         label_constraint(model, generation)  # a max_new_tokens too short for the answer head: an error now
-    except ValueError as e:
+    except GenerationError as e:
         _fail(str(e))
     with _progress(disable=not dist.main) as bar:
         task = bar.add_task(f"generating ({dist.world} processes)" if dist.world > 1 else "generating", total=None)
@@ -415,6 +417,7 @@ def predict(
 ):
     """Emotion, intent and explanation of one raw clip: stage 1's own decoding and encoders, then the model."""
     from pipeline.decode import MediaError
+    from xmei.generate import GenerationError
     from xmei.predict import predict_clip
 
     cfg = _checkpoint_config(checkpoint, config, set_, models)
@@ -423,7 +426,7 @@ def predict(
         result = predict_clip(cfg, checkpoint, video, audio, subtitle, video_description, audio_description, device)
     except MediaError as e:
         _fail(f"cannot read the clip: {e}", 1)
-    except ValueError as e:  # settings that cannot work, e.g. eval.max_new_tokens shorter than the answer head
+    except GenerationError as e:  # e.g. eval.max_new_tokens shorter than the constrained answer head
         _fail(str(e), 1)
     if as_json:
         console.print_json(data=result)

@@ -90,6 +90,9 @@ def test_config_command_applies_overrides_and_reports_errors(tmp_path):
     assert result.exit_code == 1
     assert "model.llama_model_path: checkpoints/Qwen2.5-7B-Instruct does not exist" in flat(result.stderr)
     assert "model.visual_encoder_path" not in result.stderr
+    result = run("config", "--config", ROOT / "configs" / "tiny.yaml", "--set", "model.modalities=[smell]")
+    assert result.exit_code == 2  # brackets in a message are text, not console markup
+    assert "model.modalities: [video, audio], [video] or [audio], got ['smell']" in flat(result.stderr)
 
 
 def test_synth_then_models_tiny_then_config_check(tmp_path):

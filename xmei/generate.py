@@ -34,8 +34,12 @@ from xmei.model import XMEIQwen
 from xmei.parse import parse_answer
 from xmei.prompt import PromptBuilder
 
-__all__ = ["Answer", "GenerationSettings", "answer", "generate_store", "generation_config", "label_constraint",
-           "prompt_batch"]
+__all__ = ["Answer", "GenerationError", "GenerationSettings", "answer", "generate_store", "generation_config",
+           "label_constraint", "prompt_batch"]
+
+
+class GenerationError(ValueError):
+    """Generation settings that cannot work (e.g. too few new tokens for the constrained head)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def label_constraint(model: XMEIQwen, settings: GenerationSettings) -> LabelCons
         return None
     constraint = LabelConstraint(model.tokenizer, settings.emotions, settings.intents)
     if settings.max_new_tokens < constraint.depth:
-        raise ValueError(f"eval.max_new_tokens {settings.max_new_tokens} cannot hold the answer head that "
+        raise GenerationError(f"eval.max_new_tokens {settings.max_new_tokens} cannot hold the answer head that "
                          f"constrained decoding writes ({constraint.depth} tokens): raise it, or decode freely "
                          "(eval.constrained=false)")
     return constraint
