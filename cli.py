@@ -16,12 +16,14 @@ import typer
 import yaml
 from rich.columns import Columns
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
 from xmei.config import Config, ConfigError, load_config
+from xmei.errors import DEBUG_VARIABLE, UserError, debugging, message_of
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="xmei: joint multimodal emotion-intent classification and explanation (JX4MEI).")
@@ -39,6 +41,13 @@ ModelsOpt = Annotated[Optional[Path], typer.Option(
     "--models", help="Folder laid out as `xmei models tiny` writes it; overrides the checkpoint paths.")]
 
 
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the traceback of an error the user can fix, too (or set XMEI_DEBUG=1).")] = False):
+    if debug:
+        os.environ[DEBUG_VARIABLE] = "1"  # also reaches the processes a command starts
+
+
 def _config(config: Path | None, sets: list[str] | None, models: Path | None) -> Config:
     """Load the config; warnings and errors go to stderr, errors exit with status 2."""
     with warnings.catch_warnings(record=True) as caught:
@@ -46,17 +55,24 @@ def _config(config: Path | None, sets: list[str] | None, models: Path | None) ->
         try:
             cfg = load_config(config, sets or [], models)
         except ConfigError as e:
-            _fail(str(e))
+            _fail(e)
     for w in caught:
         err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     return cfg
 
 
-def _fail(message: str, code: int = 2) -> None:
-    from rich.markup import escape
-
-    err.print(f"[red]error:[/] {escape(message)}", highlight=False)  # "[video]" in a message is text
+def _fail(message: str | BaseException, code: int = 2) -> None:
+    """End the command: "error: <message>" on stderr, exit status ``code`` (the traceback too with
+    --debug when ``message`` is an exception)."""
+    if debugging() and isinstance(message, BaseException):
+        raise message
+    _say_error(message)
     raise typer.Exit(code)
+
+
+def _say_error(message: str | BaseException) -> None:
+    text = message_of(message) if isinstance(message, BaseException) else message
+    err.print(f"[red]error:[/] {escape(text)}", highlight=False)  # "[video]" in a message is text
 
 
 @app.command("config")
@@ -102,7 +118,7 @@ def synth(
             counts = synth_corpus(out_dir, n, seed, cfg.emotions, cfg.intents, workers=workers,
                                   overwrite=overwrite, progress=lambda k: bar.advance(task, k))
         except (ValueError, FileExistsError) as e:
-            _fail(str(e))
+            _fail(e)
     split_text = ", ".join(f"{k} {v}" for k, v in counts.items())
     console.print(f"wrote {n} clips to {out_dir} ({split_text}); annotations in {out_dir / 'annotations'}")
 
@@ -158,7 +174,7 @@ def _media_root(cfg: Config, given: Path | None, annotations: Path) -> Path | No
         try:
             cfg.require_paths([f"datasets.{name}.media_root"])
         except ConfigError as e:
-            _fail(str(e))
+            _fail(e)
     root = given or default_media_root(annotations)
     if root is not None and not root.is_dir():
         _fail(f"media root {root} is not a folder")
@@ -215,7 +231,7 @@ def extract(
             summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,
                                   strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started)
         except (AnnotationError, ConfigError, StoreError, ExtractionError, FarmError, PoolError) as e:
-            _fail(str(e), 1)
+            _fail(e, 1)
     rate = (summary.clips - summary.shards_skipped * cfg.extract.shard_size) / max(summary.seconds, 1e-9)
     out_text = (f"{out}: {summary.ok} ok, {len(summary.failed)} failed of {summary.clips} clips "
                 f"in {summary.shards} shards ({summary.seconds:.1f} s, {max(rate, 0):.1f} clips/s)")
@@ -254,7 +270,7 @@ def train(
     try:
         cfg.require_paths(["model.llama_model_path", "model.caption_tokenizer_path"])
     except ConfigError as e:
-        _fail(str(e))
+        _fail(e)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     fields = TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[clips]:.1f} clips/s  "
                         "data wait {task.fields[wait]:.0%}")
@@ -279,7 +295,7 @@ def train(
                 bar.console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
             last = trainer.train()
         except (TrainError, StoreError, DeviceError) as e:
-            _fail(str(e), 1)
+            _fail(e, 1)
         finally:
             if trainer is not None:
                 trainer.cleanup()
@@ -303,7 +319,7 @@ def _distributed(cfg: Config):
     try:
         return Distributed.start(cfg.run.device)
     except DeviceError as e:
-        _fail(str(e), 1)
+        _fail(e, 1)
 
 
 @app.command("eval")
@@ -344,7 +360,7 @@ def eval_cmd(
     try:
         label_constraint(model, generation)  # a max_new_tokens too short for the answer head: an error now
     except GenerationError as e:
-        _fail(str(e))
+        _fail(e)
     with _progress(disable=not dist.main) as bar:
         task = bar.add_task(f"generating ({dist.world} processes)" if dist.world > 1 else "generating", total=None)
         rows, rate = generate_store(model, store, cfg.emotions, cfg.intents, generation, dist=dist,
@@ -382,7 +398,7 @@ def score_cmd(
     try:
         rows = read_predictions(predictions)
     except (OSError, ValueError) as e:
-        _fail(str(e), 1)
+        _fail(e, 1)
     results = score(rows, cfg.emotions, cfg.intents, cfg.eval)
     results.update({"predictions": str(predictions), "model": name})
     report = write_report(results, out, cfg.emotions, cfg.intents, f"xmei score: {predictions.name}")
@@ -427,7 +443,7 @@ def predict(
     except MediaError as e:
         _fail(f"cannot read the clip: {e}", 1)
     except GenerationError as e:  # e.g. eval.max_new_tokens shorter than the constrained answer head
-        _fail(str(e), 1)
+        _fail(e, 1)
     if as_json:
         console.print_json(data=result)
         return
@@ -445,12 +461,14 @@ def attention(
                                                         "to draw them side by side.")],
     store: Annotated[Path, typer.Option(help="A store with patch features.")],
     clip: Annotated[list[str], typer.Option(help="video_id of a clip to draw (repeatable).")],
-    out: Annotated[Path, typer.Option(help="Folder for attention_<video_id>.png.")],
+    out: Annotated[Path, typer.Option(help="Folder for attention_<video_id>.png (frames) and "
+                                           "audio_attention_<video_id>.png (audio windows).")],
     media_root: Annotated[Optional[Path], typer.Option(help="Where the clips' videos are (default as in `xmei validate`, "
                                                             "from the store's annotation file).")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
 ):
-    """Heatmaps of the visual LQ-Former's cross-attention over each sampled frame's patch grid."""
+    """Heatmaps of the LQ-Formers' cross-attention: the visual one over each sampled frame's patch
+    grid, the audio one over the audio windows on the waveform (each for the models that use it)."""
     from pipeline.decode import MediaError
     from stores import FeatureStore
     from xmei.attention import draw_attention
@@ -462,10 +480,13 @@ def attention(
         _fail("no media root: give --media-root")
     for video_id in clip:
         try:
-            path = draw_attention(checkpoint, store, video_id, root, out, device)
+            paths, notes = draw_attention(checkpoint, store, video_id, root, out, device)
         except (KeyError, ValueError, MediaError) as e:
-            _fail(str(e), 1)
-        console.print(f"wrote {path}")
+            _fail(e, 1)
+        for note in notes:
+            err.print(f"not drawn: {escape(note)}")
+        for path in paths:
+            console.print(f"wrote {path}")
 
 
 @app.command()
@@ -484,7 +505,7 @@ def demo(
     Trains the seed's table (A+V+T, V+T, A+T with language queries, and the learned-query
     Q-Former); evaluates each on the test split with constrained labels, and A+V+T also decoding
     freely, without descriptions, with the features zeroed and with absent audio unflagged;
-    draws an attention map. Rerunnable.
+    draws the attention maps over frames and audio windows. Rerunnable.
     """
     from xmei.demo import DEFAULT_CONFIG, DemoSettings, run_demo
 
@@ -520,7 +541,7 @@ def demo(
     for name, path in summary["reports"].items():
         console.print(f"report ({name}): {path}")
     console.print(f"confusion matrices: {', '.join(summary['confusion'])}")
-    console.print(f"attention map: {summary['attention']}")
+    console.print(f"attention maps: {', '.join(summary['attention'])}")
     console.print(f"elapsed: {summary['seconds'] / 60:.1f} minutes")
 
 
@@ -590,7 +611,7 @@ def stores_import(h5: Annotated[Path, typer.Argument(metavar="IN.h5", help="HDF5
     try:
         imported = import_hdf5(h5, store)
     except (StoreError, OSError) as e:
-        _fail(str(e), 1)
+        _fail(e, 1)
     problems = verify_store(imported)
     console.print(f"imported {len(imported)} clips into {store}; verify: {len(problems) or 'no'} problem(s)")
     for p in problems:
@@ -605,7 +626,7 @@ def _open_store(path: Path):
     try:
         return FeatureStore(path)
     except StoreError as e:
-        _fail(str(e), 1)
+        _fail(e, 1)
 
 
 @models_app.command("tiny")
@@ -643,7 +664,16 @@ def _progress(*extra: ProgressColumn, unit: str = "clips", disable: bool = False
 
 
 def main() -> None:
-    app()
+    """The boundary of every command: a UserError (a bad file, record, store, checkpoint, config,
+    device ...) ends with its message and exit status 1; any other exception is a bug and keeps
+    its traceback."""
+    try:
+        app()
+    except UserError as e:
+        if debugging():
+            raise
+        _say_error(e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from xmei.errors import UserError
 from xmei.labels import LabelSet
 
 __all__ = ["FIELDS", "AnnotationError", "Problem", "Record", "Summary", "check_annotations",
@@ -67,7 +68,7 @@ class Problem:
         return f"{', '.join(where) or 'file'}: {self.message}"
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     def __init__(self, path: Path, problems: list[Problem]):
         self.path, self.problems = path, problems
         lines = "\n".join(f"  {p}" for p in problems)

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SAMPLE_RATE", "MediaError", "audio_windows", "frame_indices", "read_audio", "read_frames"]
+from xmei.errors import UserError
+
+__all__ = ["SAMPLE_RATE", "MediaError", "audio_windows", "frame_indices", "read_audio", "read_frames", "window_starts"]
 
 SAMPLE_RATE = 16_000
 SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg"}
 
 
-class MediaError(RuntimeError):
+class MediaError(UserError, RuntimeError):
     def __init__(self, path: Path | str, stage: str, reason: str):
         self.path, self.stage, self.reason = Path(path), stage, reason
         super().__init__(f"{path}: {reason}")
@@ -133,10 +135,15 @@ def audio_windows(wave: np.ndarray, n: int, seconds: float) -> tuple[np.ndarray,
     if len(wave) <= size:
         windows[:, :len(wave)] = wave
         return windows, np.full(n, len(wave), np.int32)
-    starts = np.linspace(0, len(wave) - size, n).round().astype(np.int64)
-    for i, start in enumerate(starts):
+    for i, start in enumerate(window_starts(len(wave), n, size)):
         windows[i] = wave[start:start + size]
     return windows, np.full(n, size, np.int32)
+
+
+def window_starts(samples: int, n: int, size: int) -> np.ndarray:
+    """First sample of each of ``n`` windows of ``size`` samples spread evenly over ``samples``
+    (all at 0 when the clip is no longer than one window)."""
+    return np.linspace(0, max(samples - size, 0), n).round().astype(np.int64)
 
 
 def _read_file(path: Path) -> tuple[np.ndarray, int]:

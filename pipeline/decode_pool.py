@@ -32,6 +32,7 @@ import numpy as np
 
 from pipeline.decode import MediaError, audio_windows, read_audio, read_frames
 from pipeline.preprocess import Preparation
+from xmei.errors import UserError
 
 __all__ = ["Clip", "DecodePool", "Failure", "PoolError", "Prepared", "available_cores", "prepare"]
 
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 READY = "ready"
 
 
-class PoolError(RuntimeError):
+class PoolError(UserError, RuntimeError):
     """The decode processes cannot start (not a clip's fault)."""
 
 

@@ -24,6 +24,7 @@ from pipeline.encoders import (EncoderSettings, Encoders, encoder_identity, feat
                                tokenize_captions)
 from pipeline.farm import check_farm, start_cluster, worker_devices, worker_gpu_info
 from stores import FAILED, OK, FeatureStore, StoreError, create_store
+from xmei.errors import UserError
 
 __all__ = ["ExtractionError", "ExtractSummary", "extract", "extract_shard"]
 
@@ -32,7 +33,7 @@ MODEL_KEYS = ("model.visual_encoder_path", "model.acoustic_encoder_path", "model
 AHEAD_BATCHES = 2
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(UserError, RuntimeError):
     """A clip failed under --strict."""
 
 

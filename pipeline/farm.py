@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from xmei.errors import UserError
+
 if TYPE_CHECKING:
     from distributed import LocalCluster, Worker
 
@@ -38,7 +40,7 @@ DEVICE_ENV = "XMEI_DEVICE"  # how a farm worker declares its GPU, e.g. XMEI_DEVI
 _assigned: str | None = None  # set in a worker process by DevicePlugin.setup
 
 
-class FarmError(ValueError):
+class FarmError(UserError, ValueError):
     """A worker layout that would put two workers on one GPU, or a GPU worker that does not say
     which GPU is its own."""
 

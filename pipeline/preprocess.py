@@ -21,13 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from xmei.errors import UserError
+
 __all__ = ["AudioPreprocess", "FramePreprocess", "Preparation", "PreprocessError"]
 
 # PIL's resampling codes (what preprocessor_config.json stores) -> torch interpolate modes
 RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError, ValueError):
     """A processor config this module cannot reproduce on tensors."""
 
 

@@ -39,6 +39,8 @@ import zarr
 from numcodecs import VLenUTF8, Zstd
 from zarr.codecs import ZstdCodec
 
+from xmei.errors import UserError
+
 if TYPE_CHECKING:
     from stores.reader import ClipReader
 
@@ -49,7 +51,7 @@ PENDING, OK, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", OK: "ok", FAILED: "failed"}
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A store that is missing, of another schema, or inconsistent."""
 
 

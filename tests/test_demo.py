@@ -29,9 +29,9 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path):
             assert result["invalid"] == 0, name  # one epoch on 28 clips: labels are valid all the same
     assert summary["epochs"] == {"A+V+T": 1, "V+T": 1, "A+T": 1, "Q-Former (learned queries)": 1}
     assert set(summary["check"]["checks"]) and isinstance(summary["check"]["holds"], bool)
-    for path in [*summary["reports"].values(), *summary["confusion"], summary["attention"]]:
+    for path in [*summary["reports"].values(), *summary["confusion"], *summary["attention"]]:
         assert Path(path).is_file(), path
-    assert "features zeroed" in first.stdout and "attention map:" in first.stdout and "chance" in first.stdout
+    assert "features zeroed" in first.stdout and "attention maps:" in first.stdout and "chance" in first.stdout
     assert "modality check" in first.stdout and "elapsed:" in first.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| A+V+T, features zeroed |" in report and "| Q-Former (learned queries) |" in report

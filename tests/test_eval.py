@@ -157,3 +157,35 @@ def test_attention_maps_of_two_checkpoints_side_by_side(checkpoint, tiny_models,
     assert all(m.shape == (8, 16, 16) for m in maps.values())
     # each query's weights over all frames' patches and CLS sum to 1, so a group's maps sum to at most 1
     assert all(0 < m.sum() <= 1.0 + 1e-5 for m in maps.values())
+    # both models use audio too: the audio windows' PNG, a waveform row + 2 groups x 2 checkpoints
+    assert Image.open(tmp_path / "maps" / "audio_attention_synth_00004.png").size == (1280, 750)
+
+
+def test_attention_of_an_audio_only_model_is_over_its_audio_windows(checkpoint, tiny_models, patch_store, corpus,
+                                                                    tmp_path):
+    from stores import FeatureStore
+    from xmei.attention import audio_attention
+    from xmei.model import XMEIQwen
+
+    audio_only = train_checkpoint(tiny_models, patch_store, tmp_path / "audio", "model.modalities=[audio]")
+    store = FeatureStore(patch_store)
+    has_audio = store.clip_reader("has_audio").read(range(len(store)))
+    heard, silent = (str(store.read_whole("video_id")[np.flatnonzero(has_audio == flag)[0]]) for flag in (1, 0))
+    result = xmei("attention", "--checkpoint", audio_only, "--store", patch_store, "--clip", heard,
+                  "--out", tmp_path / "maps", "--media-root", corpus)
+    assert [p.name for p in (tmp_path / "maps").iterdir()] == [f"audio_attention_{heard}.png"]
+    assert f"audio_attention_{heard}.png" in result.stdout
+    assert Image.open(tmp_path / "maps" / f"audio_attention_{heard}.png").size == (1280, 450)
+    maps = audio_attention(XMEIQwen.from_checkpoint(audio_only), store[int(np.flatnonzero(has_audio)[0])])
+    assert list(maps) == ["caption queries", "learned queries"]
+    # the audio LQ-Former's keys are the 8 windows alone: every query's weights over them sum to 1
+    for weights in maps.values():
+        assert weights.shape == (8,) and (weights > 0).all() and abs(weights.sum() - 1) < 1e-5
+    unheard = xmei("attention", "--checkpoint", audio_only, "--store", patch_store, "--clip", silent,
+                   "--out", tmp_path / "maps", "--media-root", corpus, check=False)
+    assert unheard.returncode == 1 and "Traceback" not in unheard.stderr
+    assert f"{silent} has no audio" in " ".join(unheard.stderr.split())
+    both = xmei("attention", "--checkpoint", checkpoint, "--store", patch_store, "--clip", silent,
+                "--out", tmp_path / "both", "--media-root", corpus)  # the frames' map, and a note for audio
+    assert [p.name for p in (tmp_path / "both").iterdir()] == [f"attention_{silent}.png"]
+    assert "not drawn:" in both.stderr and f"{silent} has no audio" in " ".join(both.stderr.split())

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from xmei.errors import UserError
+
 __all__ = ["BleurtCheckpointError", "BleurtScorer", "write_tiny_checkpoint"]
 
 PREFIX = "bleurt."
@@ -52,7 +54,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spm.model", "sent_piece.model
 SP_FILES = ("spm.model", "sent_piece.model", "sentencepiece.model", "spiece.model")
 
 
-class BleurtCheckpointError(ValueError):
+class BleurtCheckpointError(UserError, ValueError):
     """A BLEURT checkpoint folder that cannot be used; the message says what is wrong or missing."""
 
 

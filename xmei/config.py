@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from xmei.errors import UserError
 from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, DEFAULT_SYNONYMS, LabelSet
 
 __all__ = [
@@ -48,7 +49,7 @@ IGNORED_PUBLISHED_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message lists every problem, each naming its key."""
 
 

@@ -26,12 +26,14 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from xmei.errors import UserError
+
 __all__ = ["DeviceError", "Distributed", "llm_dtype", "resolve_device", "single_process_env"]
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """A device that this machine does not have, or a spec that names none."""
 
 

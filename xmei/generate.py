@@ -29,6 +29,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from xmei.constrain import LabelConstraint
 from xmei.data import StoreSamples
 from xmei.distributed import Distributed
+from xmei.errors import UserError
 from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS
 from xmei.model import XMEIQwen
 from xmei.parse import parse_answer
@@ -38,7 +39,7 @@ __all__ = ["Answer", "GenerationError", "GenerationSettings", "answer", "generat
            "label_constraint", "prompt_batch"]
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     """Generation settings that cannot work (e.g. too few new tokens for the constrained head)."""
 
 

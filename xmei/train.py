@@ -37,6 +37,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from stores import FeatureStore
 from xmei.data import EpochSampler, StoreSamples, feature_facts, loader
 from xmei.distributed import Distributed, single_process_env
+from xmei.errors import UserError
 from xmei.model import CHECKPOINT_FILES, XMEIQwen, XMEISettings
 from xmei.prompt import IGNORE, collate
 from xmei.schedule import linear_warmup_cosine_lr, resolve_warmup
@@ -52,7 +53,7 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(p for p in Path(output_dir).glob("checkpoints/step_*") if not p.name.endswith(".partial"))
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """A run that cannot start or cannot go on (bad inputs, NaN loss)."""
 
 
