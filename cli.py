@@ -130,6 +130,9 @@ def validate(
         help="Folder the media paths are relative to. Default: the config's dataset media_root, "
              "else the folder above annotations/ (published layout).")] = None,
     unlabeled: Annotated[bool, typer.Option(help="Allow empty emotion/intent (a prediction-only split).")] = False,
+    allow_absolute_paths: Annotated[bool, typer.Option(
+        help="Accept absolute media paths (else refused, as is any path leaving the media root; "
+             "or set extract.allow_absolute_paths).")] = False,
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
 ):
     """Check an annotation file against the contract; list every problem and exit 1 if any."""
@@ -137,9 +140,10 @@ def validate(
 
     cfg = _config(config, set_, models)
     media_root = _media_root(cfg, media_root, annotations)
-    records, problems, summary = check_annotations(annotations, cfg.emotions, cfg.intents,
-                                                   media_root, labeled=not unlabeled)
-    console.print(f"[bold]{annotations}[/]: {summary.count} records, {len(records)} valid; "
+    records, problems, summary = check_annotations(
+        annotations, cfg.emotions, cfg.intents, media_root, labeled=not unlabeled,
+        allow_absolute=allow_absolute_paths or cfg.extract.allow_absolute_paths)
+    console.print(f"[bold]{escape(str(annotations))}[/]: {summary.count} records, {len(records)} valid; "
               f"media root {media_root or '(none: media not checked)'}")
     tables = []
     for title, dist in (("emotion", summary.emotions), ("intent", summary.intents)):
@@ -156,9 +160,9 @@ def validate(
         console.print(f"[red]{len(summary.missing_media)} clip(s) with missing media:[/] "
                   + ", ".join(summary.missing_media))
     if problems:
-        err.print(f"[red]{len(problems)} problem(s):[/]")
+        err.print(f"[red]error:[/] {escape(str(annotations))}: {len(problems)} problem(s):", highlight=False)
         for p in problems:
-            err.print(f"  {p}", highlight=False, soft_wrap=True)
+            err.print(f"  {escape(str(p))}", highlight=False, soft_wrap=True)  # a value may hold "[...]"
         raise typer.Exit(1)
     console.print("[green]ok[/]")
 
@@ -195,6 +199,8 @@ def extract(
              "extract.workers_per_gpu; 1 without a GPU); 0 runs in this process without dask.")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first clip that fails, instead of recording it.")] = False,
     unlabeled: Annotated[bool, typer.Option(help="Allow empty emotion/intent (a prediction-only split).")] = False,
+    allow_absolute_paths: Annotated[bool, typer.Option(
+        help="Accept absolute media paths (as extract.allow_absolute_paths: true does).")] = False,
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
 ):
     """Stage 1: frozen CLIP / HuBERT features and tokenized captions into a sharded Zarr store.
@@ -210,6 +216,7 @@ def extract(
     from stores import StoreError
 
     cfg = _config(config, set_, models)
+    cfg.extract.allow_absolute_paths |= allow_absolute_paths
     root = _media_root(cfg, media_root, annotations)
     if root is None:
         _fail("no media root: give --media-root (or a config dataset media_root)")
@@ -254,6 +261,8 @@ def train(
         help="With --resume: accept another number of processes, batch size or accumulation than the checkpoint's; "
              "training goes on from the same sample and the schedule is recomputed from the samples seen. "
              "Without it such a resume is refused, naming what changed.")] = False,
+    strict: Annotated[bool, typer.Option(
+        help="Stop at a sample that cannot be made, naming its clip, instead of skipping and counting it.")] = False,
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
 ):
     """Stage 2: train the LQ-Formers and the LoRA adapter on cached features.
@@ -277,7 +286,15 @@ def train(
     with _progress(fields, unit="steps", disable=not rank0) as bar:
         task = bar.add_task("training", total=None, loss=float("nan"), lr=0.0, clips=0.0, wait=0.0)
 
+        said = 0  # skipped clips named so far: the first 10 here, every one in train.jsonl
+
         def advanced(step: int, total: int, record: dict) -> None:
+            nonlocal said
+            for c in record.get("skipped_clips", []) + record.get("val_skipped_clips", []):
+                if said < 10:
+                    bar.console.print(f"[yellow]warning:[/] skipped clip {escape(c['clip'])}: {escape(c['reason'])}",
+                                      highlight=False)
+                said += 1
             if "loss" in record:
                 bar.update(task, completed=step, total=total, loss=record["loss"], lr=record["lr"],
                            clips=record["clips_per_s"], wait=record["data_wait"])
@@ -287,7 +304,7 @@ def train(
         trainer = None
         try:
             trainer = Trainer(cfg, store, val_store, output_dir, engine=engine, resume=resume, rebatch=rebatch,
-                              progress=advanced)
+                              progress=advanced, strict=strict)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", TrainWarning)
                 trainer.setup()
@@ -302,12 +319,22 @@ def train(
     if rank0:
         console.print(f"done: {trainer.position.step} steps, last loss {last.get('loss', float('nan')):.4f}; "
                       f"checkpoints in {output_dir / 'checkpoints'}, log {output_dir / 'logs' / 'train.jsonl'}")
+        f = trainer.faults
+        console.print(f"samples cut to model.max_length: {f['truncated']} in training, {f['val_truncated']} in "
+                      f"validation; skipped (could not be made): {f['skipped']} in training, {f['val_skipped']} in "
+                      "validation", highlight=False)
+        if trainer.skipped_clips:
+            clips = sorted({c["clip"] for c in trainer.skipped_clips})
+            console.print(f"skipped clips: {escape(', '.join(clips[:10]))}{' ...' if len(clips) > 10 else ''} "
+                          "(each with its reason in train.jsonl)", highlight=False)
 
 
 def _checkpoint_config(checkpoint: Path, config: Path | None, sets: list[str] | None, models: Path | None) -> Config:
-    """--config when given, else the resolved config saved with the checkpoint."""
-    if not (checkpoint / "xmei_model.json").is_file():
-        _fail(f"{checkpoint} is not an xmei checkpoint (no xmei_model.json)")
+    """--config when given, else the resolved config saved with the checkpoint. Every file of the
+    checkpoint is checked first: a damaged one is an error naming it (exit status 1)."""
+    from xmei.model import verify_checkpoint
+
+    verify_checkpoint(checkpoint, config=config is None)
     saved = checkpoint / "config.yaml"
     return _config(config if config is not None or not saved.is_file() else saved, sets, models)
 
@@ -345,7 +372,7 @@ def eval_cmd(
     """
     from dataclasses import replace
 
-    from xmei.evaluate import score, write_predictions, write_report
+    from xmei.evaluate import check_out, check_store_labels, score, staged, write_predictions, write_report
     from xmei.generate import GenerationError, GenerationSettings, generate_store, generation_config, label_constraint
     from xmei.model import XMEIQwen
 
@@ -354,9 +381,11 @@ def eval_cmd(
     generation = generation if constrained is None else replace(generation, constrained=constrained)
     if compare_free and not generation.constrained:
         _fail("--compare-free compares constrained answers with free ones: drop --free (or eval.constrained=false)")
-    _open_store(store)  # a wrong path: an error naming it, before the model loads
+    check_out(out)  # a wrong path or store: an error naming it, before the model loads
+    check_store_labels(_open_store(store), store, cfg.emotions, cfg.intents,
+                       f"--config {config}" if config else f"the config of {checkpoint}")
     dist = _distributed(cfg)
-    model = XMEIQwen.from_checkpoint(checkpoint, device=dist.device)
+    model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device)
     try:
         label_constraint(model, generation)  # a max_new_tokens too short for the answer head: an error now
     except GenerationError as e:
@@ -369,12 +398,14 @@ def eval_cmd(
     dist.close()
     if not dist.main:  # rank 0 scores and writes
         return
-    write_predictions(rows, out / "predictions.jsonl")
-    results = score(rows, cfg.emotions, cfg.intents, cfg.eval)
-    results.update({"clips_per_s": rate, "checkpoint": str(checkpoint), "store": str(store), "model": "XMEI-Qwen",
-                    "generation": generation_config(model, generation).to_diff_dict(),
-                    "constrained": generation.constrained})
-    report = write_report(results, out, cfg.emotions, cfg.intents, f"xmei eval: {store.name}")
+    with staged(out) as partial:  # renamed into out together at the end: a kill leaves earlier files whole
+        write_predictions(rows, partial / "predictions.jsonl")
+        results = score(rows, cfg.emotions, cfg.intents, cfg.eval)
+        results.update({"clips_per_s": rate, "checkpoint": str(checkpoint), "store": str(store), "model": "XMEI-Qwen",
+                        "generation": generation_config(model, generation).to_diff_dict(),
+                        "constrained": generation.constrained})
+        write_report(results, partial, cfg.emotions, cfg.intents, f"xmei eval: {store.name}")
+    report = out / "report.md"
     _print_results(results)
     if "free_decoding" in results:
         free = results["free_decoding"]
@@ -392,16 +423,16 @@ def score_cmd(
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
 ):
     """Score an existing predictions file, without any model (same scoring as `xmei eval`)."""
-    from xmei.evaluate import read_predictions, score, write_report
+    from xmei.evaluate import check_out, read_predictions, score, staged, write_report
 
     cfg = _config(config, set_, models)
-    try:
-        rows = read_predictions(predictions)
-    except (OSError, ValueError) as e:
-        _fail(e, 1)
+    check_out(out)
+    rows = read_predictions(predictions, cfg.emotions, cfg.intents)  # an error names the file and line
     results = score(rows, cfg.emotions, cfg.intents, cfg.eval)
     results.update({"predictions": str(predictions), "model": name})
-    report = write_report(results, out, cfg.emotions, cfg.intents, f"xmei score: {predictions.name}")
+    with staged(out) as partial:
+        write_report(results, partial, cfg.emotions, cfg.intents, f"xmei score: {predictions.name}")
+    report = out / "report.md"
     _print_results(results)
     console.print(f"results {out / 'results.json'}, report {report}")
 
@@ -450,6 +481,11 @@ def predict(
     if result["without_descriptions"]:
         err.print(f"no {' or '.join(result['without_descriptions'])} description given: those LQ-Formers answer "
                   "from their learned queries alone (trained so by model.caption_dropout)")
+    if not result["has_audio"]:
+        source = f"{audio} holds none" if audio else f"{video} has no audio track and no --audio was given"
+        err.print(escape(f"no audio: {source}; the model answers with its learned no-audio context"), highlight=False)
+    if result["subtitle_cut"]:
+        err.print("the subtitle was cut to fit model.max_length tokens, as in training", highlight=False)
     console.print(f"emotion: {result['emotion'] or 'invalid (unparsed)'}\nintent: {result['intent'] or 'invalid (unparsed)'}"
                   f"\nexplanation: {result['explanation']}"
                   + ("\n(the answer was cut off at eval.max_new_tokens)" if result["cut_off"] else ""))
@@ -480,7 +516,7 @@ def attention(
         _fail("no media root: give --media-root")
     for video_id in clip:
         try:
-            paths, notes = draw_attention(checkpoint, store, video_id, root, out, device)
+            paths, notes = draw_attention(checkpoint, store, video_id, root, out, device, cfg.model.llama_model_path)
         except (KeyError, ValueError, MediaError) as e:
             _fail(e, 1)
         for note in notes:
@@ -572,16 +608,17 @@ def stores_info(store: Annotated[Path, typer.Argument(help="A feature store fold
 @stores_app.command("verify")
 def stores_verify(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
                   config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None):
-    """Check shapes and dtypes, NaN/Inf, and that status agrees with the data; exit 1 on any problem."""
+    """Read every chunk of every array: shapes and dtypes, damaged or missing shard files, NaN/Inf, and that
+    status agrees with the data and the failures log; lists every problem, exit 1 on any."""
     from stores import verify_store
 
     _config(config, set_, models)
     opened = _open_store(store)
     problems = verify_store(opened)
     if problems:
-        err.print(f"[red]{store}: {len(problems)} problem(s):[/]")
+        _say_error(f"{store}: {len(problems)} problem(s):")
         for p in problems:
-            err.print(f"  {p}", highlight=False, soft_wrap=True)
+            err.print(f"  {escape(p)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]{store}: ok[/] ({len(opened)} clips verified)")
 
@@ -589,14 +626,14 @@ def stores_verify(store: Annotated[Path, typer.Argument(help="A feature store fo
 @stores_app.command("export")
 def stores_export(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
                   h5: Annotated[Path, typer.Argument(metavar="OUT.h5", help="HDF5 file to write.")],
+                  overwrite: Annotated[bool, typer.Option(
+                      help="Replace OUT.h5 if it exists (once the new file is whole).")] = False,
                   config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None):
     """Write a store to one HDF5 file (same arrays and attributes)."""
     from stores import export_hdf5
 
     _config(config, set_, models)
-    if h5.exists():
-        _fail(f"{h5} exists already; choose another file")
-    export_hdf5(_open_store(store), h5)
+    export_hdf5(_open_store(store), h5, overwrite=overwrite)  # an existing OUT.h5 is an error without --overwrite
     console.print(f"wrote {h5} ({h5.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -1,8 +1,14 @@
 """The annotation contract: the input of stage 1.
 
 A JSON list (or JSONL, one object a line) of records with the 11 published fields. Media
-paths are relative to a media root unless absolute; an empty ``audio_path`` means "use the
-video's own audio track". Labels are normalized against the configured label sets.
+paths are relative to a media root; an empty ``audio_path`` means "use the video's own audio
+track". Labels are normalized against the configured label sets.
+
+A media path stays inside the media root: one that climbs out of it (``../../etc/passwd``,
+``videos/../../x.mp4``) is a problem of its record and field. The check is lexical (the path is
+normalized, symlinks are not resolved), because datasets often symlink their media folders
+elsewhere. An absolute path is refused the same way unless asked for (``allow_absolute``:
+``--allow-absolute-paths``, or ``extract.allow_absolute_paths: true``); it then wins over the root.
 
 :func:`check_annotations` never stops at the first problem: it returns the good records and
 every problem, each naming record index, video_id and field. :func:`read_annotations` raises
@@ -11,12 +17,13 @@ one :class:`AnnotationError` listing them all.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from xmei.errors import UserError
+from xmei.errors import UserError, read_text
 from xmei.labels import LabelSet
 
 __all__ = ["FIELDS", "AnnotationError", "Problem", "Record", "Summary", "check_annotations",
@@ -93,8 +100,8 @@ def default_media_root(annotations: Path) -> Path | None:
 
 
 def check_annotations(path: str | Path, emotions: LabelSet, intents: LabelSet,
-                      media_root: str | Path | None = None,
-                      labeled: bool = True) -> tuple[list[Record], list[Problem], Summary]:
+                      media_root: str | Path | None = None, labeled: bool = True,
+                      allow_absolute: bool = False) -> tuple[list[Record], list[Problem], Summary]:
     """Read and check every record. Media files are checked when ``media_root`` is given."""
     path = Path(path)
     raw, problems = _read_raw(path)
@@ -110,6 +117,7 @@ def check_annotations(path: str | Path, emotions: LabelSet, intents: LabelSet,
         video_id = item.get("video_id") if isinstance(item.get("video_id"), str) else None
         extra.update(k for k in item if k not in FIELDS)
         values, bad = _check_fields(index, video_id, item, labeled, emotions, intents)
+        bad += _outside_root(index, video_id, values, allow_absolute)
         problems += bad
         if video_id is not None:
             if video_id in seen:
@@ -139,9 +147,10 @@ def check_annotations(path: str | Path, emotions: LabelSet, intents: LabelSet,
 
 
 def read_annotations(path: str | Path, emotions: LabelSet, intents: LabelSet,
-                     media_root: str | Path | None = None, labeled: bool = True) -> list[Record]:
+                     media_root: str | Path | None = None, labeled: bool = True,
+                     allow_absolute: bool = False) -> list[Record]:
     """All records, or an AnnotationError listing every problem."""
-    records, problems, _ = check_annotations(path, emotions, intents, media_root, labeled)
+    records, problems, _ = check_annotations(path, emotions, intents, media_root, labeled, allow_absolute)
     if problems:
         raise AnnotationError(Path(path), problems)
     return records
@@ -155,17 +164,37 @@ def write_annotations(path: str | Path, records: list[Record]) -> None:
     path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
 
 
+_EXPECTED = "expected a JSON list of records or JSONL, one object a line"
+
+
 def _read_raw(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
     """(index, object) pairs from a JSON list or JSONL file, and the file-level problems."""
-    if not path.is_file():
-        return [], [Problem(None, None, None, f"annotation file {path} does not exist")]
-    text = path.read_text(encoding="utf-8")
+    def fail(message: str) -> tuple[list, list[Problem]]:
+        return [], [Problem(None, None, None, message)]
+
+    try:
+        text = read_text(path, "annotation file").removeprefix("\ufeff")  # a byte order mark is no content
+    except UserError as err:
+        return fail(str(err))
+    if not text.strip():
+        return fail(f"the file is empty; {_EXPECTED}")
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
-            return [], [Problem(None, None, None, f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}")]
-        return list(enumerate(items)), []
+            return fail(f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}")
+        return (list(enumerate(items)), []) if items else fail(f"the file holds no records (an empty list); {_EXPECTED}")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        pass  # several lines of JSONL, or broken lines: read line by line below
+    else:
+        one_record = isinstance(whole, dict) and path.suffix == ".jsonl" and len(text.strip().splitlines()) == 1
+        if isinstance(whole, dict) and not one_record:
+            return fail(f"the file holds one JSON object, not a list of records; {_EXPECTED} "
+                        "(one record alone: put it in [ ] or name the file .jsonl)")
+        if not one_record:
+            return fail(f"the file holds the JSON value {text.strip()[:40]}, not records; {_EXPECTED}")
     pairs, problems = [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -174,9 +203,7 @@ def _read_raw(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
         try:
             pairs.append((index, json.loads(line)))
         except json.JSONDecodeError as err:
-            problems.append(Problem(index, None, None, f"line {lineno} is not valid JSON: {err.msg}"))
-    if not pairs and not problems:
-        problems.append(Problem(None, None, None, "the file holds no records"))
+            problems.append(Problem(index, None, None, f"line {lineno} is not valid JSON: {err.msg} at column {err.colno}"))
     return pairs, problems
 
 
@@ -209,14 +236,30 @@ def _check_fields(index: int, video_id: str | None, item: dict, labeled: bool,
     return values, problems
 
 
+def _outside_root(index: int, video_id: str | None, values: dict[str, str], allow_absolute: bool) -> list[Problem]:
+    """A media path that leaves the media root, decided on the path alone (see the module docstring)."""
+    problems = []
+    for name in ("video_path", "audio_path"):
+        value = values.get(name, "")
+        if not value:
+            continue
+        if os.path.isabs(value):
+            if not allow_absolute:
+                problems.append(Problem(index, video_id, name, f"{value!r} is an absolute path; media paths are "
+                                        "relative to the media root (allow absolute ones with --allow-absolute-paths "
+                                        "or extract.allow_absolute_paths: true)"))
+        elif os.path.normpath(value).split(os.sep)[0] == "..":
+            problems.append(Problem(index, video_id, name, f"{value!r} leaves the media root"))
+    return problems
+
+
 def _missing_media(index: int, record: Record, root: Path) -> list[Problem]:
     problems = []
-    video = record.video_file(root)
-    if not video.is_file():
-        problems.append(Problem(index, record.video_id, "video_path", f"missing media file {video}"))
-    audio = record.audio_file(root)
-    if audio is not None and not audio.is_file():
-        problems.append(Problem(index, record.video_id, "audio_path", f"missing media file {audio}"))
+    for name, path in (("video_path", record.video_file(root)), ("audio_path", record.audio_file(root))):
+        if path is None or path.is_file():
+            continue
+        message = f"media file {path} is a folder, not a file" if path.is_dir() else f"missing media file {path}"
+        problems.append(Problem(index, record.video_id, name, message))
     return problems
 
 

@@ -75,7 +75,8 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
     cfg.require_paths(MODEL_KEYS)
     # workers of a farm need absolute paths (their working folder is not ours)
     out, media_root = Path(out).resolve(), Path(media_root).resolve()
-    records = read_annotations(annotations, cfg.emotions, cfg.intents, media_root=None, labeled=not unlabeled)
+    records = read_annotations(annotations, cfg.emotions, cfg.intents, media_root=None, labeled=not unlabeled,
+                               allow_absolute=cfg.extract.allow_absolute_paths)
     settings = EncoderSettings.from_config(cfg)
     devices, x = None, cfg.extract
     if scheduler is None:  # a GPU this machine lacks is one error here, not one in every worker
@@ -186,7 +187,7 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
 
 
 # how a run goes, not what it stores: a rerun may change them (a smaller batch after running out of memory)
-RUN_ONLY = ("batch_size", "device", "workers_per_gpu", "decode_workers")
+RUN_ONLY = ("batch_size", "device", "workers_per_gpu", "decode_workers", "allow_absolute_paths")
 
 
 def _stored_settings(cfg) -> dict[str, Any]:

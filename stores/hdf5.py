@@ -1,14 +1,21 @@
 """HDF5 export / import of a feature store, same arrays and attributes, so that features made
-elsewhere (another cluster, another tool) can come in and be verified like our own."""
+elsewhere (another cluster, another tool) can come in and be verified like our own.
+
+Both write beside their target (``OUT.partial-<pid>``) and rename into place when whole: a failed
+export leaves no half-written file (an existing one is replaced only when asked, and only by a
+whole export), a failed import no half-filled store."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from stores.store import FAILED, SCHEMA_VERSION, FeatureSpec, FeatureStore, StoreError, create_store
+from stores.store import (FAILED, PARTIAL, FeatureSpec, FeatureStore, StoreError, remove_dead_partials,
+                          check_attributes, create_store)
 
 __all__ = ["export_hdf5", "import_hdf5"]
 
@@ -16,19 +23,36 @@ ATTRS_KEY = "xmei_attrs"  # the store's attributes, as one JSON string
 FAILURES_KEY = "xmei_failures"
 
 
-def export_hdf5(store: FeatureStore, out: Path) -> None:
-    """Write every array of ``store`` (one clip per chunk for features) and its attributes."""
+def export_hdf5(store: FeatureStore, out: Path, overwrite: bool = False) -> None:
+    """Write every array of ``store`` (one clip per chunk for features) and its attributes to
+    ``out``; an existing ``out`` is a StoreError unless ``overwrite``."""
+    out = Path(out)
+    if out.is_dir():
+        raise StoreError(f"{out} is a folder: give the HDF5 file to write")
+    if out.exists() and not overwrite:
+        raise StoreError(f"{out} exists already: choose another file, or pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise StoreError(f"{out.parent} does not exist: no folder to write {out.name} into")
+    partial = out.with_name(f"{out.name}{PARTIAL}{os.getpid()}")
+    try:
+        _write_hdf5(store, partial)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write_hdf5(store: FeatureStore, out: Path) -> None:
     strings = h5py.string_dtype("utf-8")
     with h5py.File(out, "w") as h5:
         h5.attrs[ATTRS_KEY] = json.dumps(store.attrs)
         h5.attrs[FAILURES_KEY] = json.dumps(store.failures())
         for name in [*store.features, "status"]:
-            src = store.array(name)
-            dst = h5.create_dataset(name, shape=src.shape, dtype=src.dtype,
-                                    chunks=(1, *src.shape[1:]) if src.ndim > 1 else None)
+            src = store.clip_reader(name)  # every clip's checksum checked on the way
+            dst = h5.create_dataset(name, shape=(len(store), *src.clip_shape), dtype=src.dtype.newbyteorder("="),
+                                    chunks=(1, *src.clip_shape) if src.clip_shape else None)
             for shard in range(store.num_shards):
                 rows = store.shard_range(shard)
-                dst[rows.start:rows.stop] = src[rows.start:rows.stop]
+                dst[rows.start:rows.stop] = src.read(np.arange(rows.start, rows.stop))
         for name in store.texts:
             h5.create_dataset(name, data=np.asarray(store.read_whole(name), dtype=object), dtype=strings)
         for name in store.ints:
@@ -36,29 +60,62 @@ def export_hdf5(store: FeatureStore, out: Path) -> None:
 
 
 def import_hdf5(path: Path, out: Path) -> FeatureStore:
-    """Create the store ``out`` from an HDF5 file written by :func:`export_hdf5` (or laid out so)."""
-    with h5py.File(path, "r") as h5:
-        if ATTRS_KEY not in h5.attrs:
-            raise StoreError(f"{path}: no {ATTRS_KEY!r} attribute: not an xmei feature export")
+    """Create the store ``out`` from an HDF5 file written by :func:`export_hdf5` (or laid out so);
+    a file that is not such an export, or is damaged, is a StoreError naming it."""
+    path, out = Path(path), Path(out)
+    if not path.is_file():
+        raise StoreError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: give an HDF5 file")
+    if out.exists():
+        raise StoreError(f"{out} exists already: choose another store folder")
+    if not h5py.is_hdf5(path):
+        raise StoreError(f"{path} is not an HDF5 file")
+    remove_dead_partials(out)
+    partial = out.with_name(f"{out.name}{PARTIAL}{os.getpid()}")
+    try:
+        with h5py.File(path, "r") as h5:
+            _import(h5, path, partial)
+        FeatureStore(partial, mode="r+").write_failures_log()
+        os.rename(partial, out)
+    except (OSError, RuntimeError, KeyError) as err:  # h5py's errors of a damaged file
+        if isinstance(err, OSError) and err.errno is not None:  # the system's (a write that failed)
+            raise
+        raise StoreError(f"{path} cannot be read whole, damaged ({type(err).__name__}: {err})") from err
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return FeatureStore(out)
+
+
+def _import(h5: h5py.File, path: Path, out: Path) -> None:
+    if ATTRS_KEY not in h5.attrs:
+        raise StoreError(f"{path}: no {ATTRS_KEY!r} attribute: not an xmei feature export")
+    try:
         attrs = json.loads(h5.attrs[ATTRS_KEY])
-        if attrs.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{path}: schema version {attrs.get('schema_version')}, this code reads {SCHEMA_VERSION}")
-        missing = [k for k in [*attrs["features"], "status", *attrs["texts"], *attrs["ints"]] if k not in h5]
-        if missing:
-            raise StoreError(f"{path}: missing datasets {missing}")
-        features = {k: FeatureSpec(tuple(v["shape"]), v["dtype"]) for k, v in attrs["features"].items()}
-        texts = {k: [s.decode() if isinstance(s, bytes) else str(s) for s in h5[k][:]] for k in attrs["texts"]}
-        ints = {k: h5[k][...] for k in attrs["ints"]}
-        n = int(attrs["num_clips"])
-        store = create_store(out, n, int(attrs["shard_size"]), features, texts, ints, attrs,
-                             compression=attrs.get("extract", {}).get("compression", "none"))
         failures = {row["video_id"]: row for row in json.loads(h5.attrs.get(FAILURES_KEY, "[]"))}
-        for shard in range(store.num_shards):
-            rows = store.shard_range(shard)
-            arrays = {k: h5[k][rows.start:rows.stop] for k in features}
-            status = h5["status"][rows.start:rows.stop]
-            failed = [failures[texts["video_id"][i]] for i in rows
-                      if status[i - rows.start] == FAILED and texts["video_id"][i] in failures]
-            store.write_shard(shard, arrays, status, failed)
-    store.write_failures_log()
-    return store
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        raise StoreError(f"{path}: attribute {ATTRS_KEY!r} or {FAILURES_KEY!r} is not what an export writes "
+                         f"({type(err).__name__}: {err}), damaged") from err
+    if not isinstance(attrs, dict):
+        raise StoreError(f"{path}: attribute {ATTRS_KEY!r} is not a JSON object, damaged")
+    check_attributes(attrs, f"{path} ({ATTRS_KEY})")
+    n = int(attrs["num_clips"])
+    features = {k: FeatureSpec(tuple(v["shape"]), v["dtype"]) for k, v in attrs["features"].items()}
+    expected = {**{k: (n, *v.shape) for k, v in features.items()}, "status": (n,),
+                **{k: (n,) for k in attrs["texts"]}}
+    missing = [k for k in [*expected, *attrs["ints"]] if k not in h5]
+    if missing:
+        raise StoreError(f"{path}: missing datasets {missing}")
+    wrong = [f"{k} {h5[k].shape} (expected {shape})" for k, shape in expected.items() if h5[k].shape != shape]
+    wrong += [f"{k} {h5[k].shape} (expected {n} rows)" for k in attrs["ints"] if h5[k].shape[:1] != (n,)]
+    if wrong:
+        raise StoreError(f"{path}: datasets of the wrong shape: {', '.join(wrong)}")
+    texts = {k: [s.decode() if isinstance(s, bytes) else str(s) for s in h5[k][:]] for k in attrs["texts"]}
+    ints = {k: h5[k][...] for k in attrs["ints"]}
+    store = create_store(out, n, int(attrs["shard_size"]), features, texts, ints, attrs,
+                         compression=attrs.get("extract", {}).get("compression", "none"))
+    for shard in range(store.num_shards):
+        rows = store.shard_range(shard)
+        arrays = {k: h5[k][rows.start:rows.stop] for k in features}
+        status = h5["status"][rows.start:rows.stop]
+        failed = [failures[texts["video_id"][i]] for i in rows
+                  if status[i - rows.start] == FAILED and texts["video_id"][i] in failures]
+        store.write_shard(shard, arrays, status, failed)

@@ -5,41 +5,64 @@ An uncompressed per-clip array (``visual``, ``audio``, ``status``...: N clips in
 ``sharding_indexed`` codec (checked against zarr 3.1.6):
 
     ARRAY/c/<shard>/0/.../0        one ``/0`` per axis of a clip; clips shard*S ... shard*S + S-1
-        [clip bytes][clip bytes]...          each clip one inner chunk: C-order little-endian bytes
+        [clip bytes][crc32c][clip bytes][crc32c]...   each clip one inner chunk: C-order little-endian
+                                                      bytes, then their crc32c (uint32 little-endian)
         [index]                              S x (offset, nbytes) uint64 little-endian, 16*S bytes
         [crc32c of the index]                uint32 little-endian, 4 bytes
 
-A clip equal to the fill value is not written (all-zero features of a failed clip or of a clip
-without audio): its index entry is (2**64-1, 2**64-1). A shard with no clip written has no file.
-Both read as the fill value. Zarr writes a shard's chunks in Morton order, which over (S, 1, ..., 1)
-chunks is clip order, so a run of consecutive clips is one byte range, read with one ``preadv``;
-the reader follows the offsets of the index, not that rule.
+Stores written before clips carried a crc32c have none after the clip bytes; they read the same,
+unchecked. A clip equal to the fill value is not written (all-zero features of a failed clip or of
+a clip without audio): its index entry is (2**64-1, 2**64-1). A shard with no clip written has no
+file. Both read as the fill value (whether a missing file is allowed is the store's to say: see
+:meth:`~stores.store.FeatureStore.file_problems`). Zarr writes a shard's chunks in Morton order,
+which over (S, 1, ..., 1) chunks is clip order, so a run of consecutive clips is one byte range,
+read with one ``preadv``; the reader follows the offsets of the index, not that rule.
 
 :class:`ClipReader` reads this way only when the array's ``zarr.json`` is exactly that layout;
-any other (a zstd-compressed store, another chunk key encoding...) is read through Zarr. Each
-shard index is checked (crc32c) when it is read and kept, per shard, until the file changes.
-Reads are ``os.preadv`` on files opened per call: no threads, no open handles, so a reader can be
-forked into DataLoader workers.
+any other (a zstd-compressed store, another chunk key encoding...) is read through Zarr, a shard
+at a time, each shard file's index checked first as here (Zarr reads an emptied file as the fill
+value). Each shard index is checked (crc32c) when it is read and kept, per shard, until the file
+changes; each clip's crc32c when the clip is read. A damaged file is a StoreError naming the
+array, the shard file, the shard and its clips. Reads are ``os.preadv`` on files opened per call:
+no threads, no open handles, so a reader can be forked into DataLoader workers.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import google_crc32c
 import numpy as np
 import zarr
 
-from stores.store import StoreError
+from stores.store import DECODE_ERRORS, StoreError, read_json
 
 __all__ = ["ClipReader"]
 
 MISSING = 2**64 - 1  # index entry of an inner chunk that was not written
 IOV_MAX = 1024  # buffers one preadv takes on Linux
+SCATTER_BYTES = 4096  # clips at least this big are read straight into their arrays, smaller ones via one buffer
 NUMERIC = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
            "float16", "float32", "float64"}
+LITTLE = {"name": "bytes", "configuration": {"endian": "little"}}
+CRC32C = {"name": "crc32c"}
+
+
+def _sharding(meta: dict) -> dict:
+    """The configuration of the array's one ``sharding_indexed`` codec, {} when it has none."""
+    codecs = meta.get("codecs", [])
+    ok = len(codecs) == 1 and isinstance(codecs[0], dict) and codecs[0].get("name") == "sharding_indexed"
+    return codecs[0].get("configuration", {}) if ok else {}
+
+
+def _indexed(meta: dict) -> bool:
+    """Whether the shard files are where :meth:`ClipReader.shard_file` says, each ending in an
+    index of bytes + crc32c (what this module checks, whether or not it reads the clips itself)."""
+    sharding = _sharding(meta)
+    return (bool(sharding) and sharding.get("index_codecs") == [LITTLE, CRC32C]
+            and sharding.get("index_location", "end") == "end"
+            and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}})
 
 
 def _direct_layout(meta: dict) -> str | None:
@@ -48,9 +71,9 @@ def _direct_layout(meta: dict) -> str | None:
     grid = meta.get("chunk_grid", {})
     shards = grid.get("configuration", {}).get("chunk_shape", [])
     codecs = meta.get("codecs", [])
-    sharding = codecs[0].get("configuration", {}) if len(codecs) == 1 else {}
-    little = {"name": "bytes", "configuration": {"endian": "little"}}
-    inner_ok = [little] if meta.get("data_type") not in ("bool", "int8", "uint8") else [little, {"name": "bytes"}]
+    sharding = _sharding(meta)
+    serializers = [LITTLE] if meta.get("data_type") not in ("bool", "int8", "uint8") else [LITTLE, {"name": "bytes"}]
+    inner_ok = [[s, *check] for s in serializers for check in ([], [CRC32C])]  # with or without a crc32c
     checks = {
         "zarr format 3 array": meta.get("zarr_format") == 3 and meta.get("node_type") == "array",
         "fixed-size numeric data type": meta.get("data_type") in NUMERIC,
@@ -60,11 +83,10 @@ def _direct_layout(meta: dict) -> str | None:
         "default chunk keys with '/'": meta.get("chunk_key_encoding") == {"name": "default",
                                                                          "configuration": {"separator": "/"}},
         "no storage transformers": not meta.get("storage_transformers"),
-        "one sharding_indexed codec": len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed",
+        "one sharding_indexed codec": len(codecs) == 1 and bool(sharding),
         "inner chunks of one clip": sharding.get("chunk_shape") == [1, *clip],
-        "uncompressed little-endian inner chunks": len(sharding.get("codecs", [])) == 1
-        and sharding["codecs"][0] in inner_ok,
-        "index of bytes + crc32c": sharding.get("index_codecs") == [little, {"name": "crc32c"}],
+        "uncompressed little-endian inner chunks": sharding.get("codecs") in inner_ok,
+        "index of bytes + crc32c": sharding.get("index_codecs") == [LITTLE, CRC32C],
         "index at the end": sharding.get("index_location", "end") == "end",
     }
     missing = [what for what, ok in checks.items() if not ok]
@@ -77,23 +99,28 @@ class ClipReader:
         reader = store.clip_reader("visual")
         clips = reader.read([7, 3, 4])      # (3, *clip shape): clip 7, clip 3, clip 4
         reader.direct                       # False: read through Zarr (e.g. a zstd store)
+        reader.check_shard(2)               # shard 2 has a file, its index sound (else StoreError)
     """
 
     def __init__(self, array: zarr.Array, folder: str | Path):
         self.folder = Path(folder)
         self.name = self.folder.name
         self.array = array
-        meta = json.loads((self.folder / "zarr.json").read_text())
+        meta = read_json(self.folder / "zarr.json", f"the metadata of array {self.name!r}")
         self.why_not_direct = _direct_layout(meta)  # None: shard files are read directly
-        self.num_clips = int(meta["shape"][0])
-        self.clip_shape: tuple[int, ...] = tuple(meta["shape"][1:])
+        self.num_clips = int(array.shape[0])
+        self.clip_shape: tuple[int, ...] = tuple(array.shape[1:])
         self.dtype = np.dtype(array.dtype)
+        self.shard_size = int((array.shards or array.chunks)[0])
+        self.indexed = _indexed(meta)  # the shard files' indexes are checked here, read directly or not
+        if self.indexed:
+            self.index_bytes = 16 * int(np.prod([s // c for s, c in zip(array.shards, array.chunks)])) + 4
         if self.direct:
             self.dtype = self.dtype.newbyteorder("<")
-            self.shard_size = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
             self.fill = np.array(meta["fill_value"], self.dtype)
             self.chunk_bytes = int(np.prod(self.clip_shape, dtype=np.int64)) * self.dtype.itemsize
-            self.index_bytes = 16 * self.shard_size + 4
+            self.checksummed = _sharding(meta)["codecs"][-1] == CRC32C  # each clip's bytes followed by their crc32c
+            self.stored_bytes = self.chunk_bytes + 4 * self.checksummed  # one clip in the file
         # shard -> ((inode, size, mtime) of its file, (S, 2) uint64 index): a rewritten file is reread
         self._indexes: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
 
@@ -125,6 +152,30 @@ class ClipReader:
     def shard_file(self, shard: int) -> Path:
         return self.folder.joinpath("c", str(shard), *["0"] * len(self.clip_shape))
 
+    def span(self, shard: int) -> str:
+        """"shard 3, clips 24-31": what a message about a shard file names besides the file."""
+        first = shard * self.shard_size
+        return f"shard {shard}, clips {first}-{min(first + self.shard_size, self.num_clips) - 1}"
+
+    def check_shard(self, shard: int) -> bool:
+        """Whether the shard has a file (without one, its clips read as the fill value), its index
+        read and checked; a StoreError when the file is damaged. True, unchecked, for a layout whose
+        files this module does not know."""
+        if not self.indexed:
+            return True
+        path = self.shard_file(shard)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise StoreError(f"{self.name}: shard file {path} ({self.span(shard)}) cannot be read: {err}") from err
+        try:
+            self._index(shard, fd, path)
+        finally:
+            os.close(fd)
+        return True
+
     def _checked(self, clips: Sequence[int] | np.ndarray) -> np.ndarray:
         clips = np.asarray(clips, dtype=np.int64).reshape(-1)  # (n,)
         outside = (clips < 0) | (clips >= self.num_clips)
@@ -132,24 +183,49 @@ class ClipReader:
             raise IndexError(f"{self.name}: clip {clips[outside][0]} out of range for {self.num_clips} clips")
         return clips
 
-    def _read_zarr(self, clips: np.ndarray) -> np.ndarray:
-        unique, inverse = np.unique(clips, return_inverse=True)
-        values = np.require(self.array.oindex[unique], requirements="W")  # (unique clips, *clip shape)
-        return values if np.array_equal(unique, clips) else values[inverse]
-
-    def _read_direct(self, clips: np.ndarray, rows: np.ndarray | list[np.ndarray]) -> None:
-        """Clip ``clips[i]`` into ``rows[i]`` ((chunk bytes,) uint8), shard by shard."""
+    def _by_shard(self, clips: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(shard, slots of ``clips`` in it, ascending) for each shard the clips are in, in order."""
         shards = clips // self.shard_size
         by_shard = np.argsort(shards, kind="stable")  # slots grouped by shard, ascending within
         cuts = np.flatnonzero(np.diff(shards[by_shard])) + 1
         for slots in np.split(by_shard, cuts) if len(clips) else []:
-            shard = int(shards[slots[0]])
+            yield int(shards[slots[0]]), slots
+
+    def _read_zarr(self, clips: np.ndarray) -> np.ndarray:
+        """Through Zarr, a shard at a time: its index checked first, a decoding error naming it."""
+        out = np.empty((len(clips), *self.clip_shape), self.dtype)
+        for shard, slots in self._by_shard(clips):
+            self.check_shard(shard)  # Zarr reads an emptied or cut file as the fill value
+            unique, inverse = np.unique(clips[slots], return_inverse=True)
+            try:
+                values = self.array.oindex[unique]  # (unique clips, *clip shape)
+            except DECODE_ERRORS as err:
+                bad = ", ".join(map(str, self._undecodable(unique)))
+                raise StoreError(f"{self.name}: shard file {self.shard_file(shard)} ({self.span(shard)}): clip(s) "
+                                 f"{bad} do not decode, damaged ({err})") from err
+            out[slots] = values[inverse]
+        return out
+
+    def _undecodable(self, clips: np.ndarray) -> list[int]:
+        """Those of ``clips`` that Zarr cannot decode, one read each (after a read of them all failed)."""
+        bad = []
+        for clip in clips.tolist():
+            try:
+                self.array[clip]
+            except DECODE_ERRORS:
+                bad.append(clip)
+        return bad
+
+    def _read_direct(self, clips: np.ndarray, rows: np.ndarray | list[np.ndarray]) -> None:
+        """Clip ``clips[i]`` into ``rows[i]`` ((chunk bytes,) uint8), shard by shard."""
+        for shard, slots in self._by_shard(clips):
             self._read_shard(shard, clips[slots] - shard * self.shard_size, slots, rows)
 
     def _read_shard(self, shard: int, local: np.ndarray, slots: np.ndarray,
                     rows: np.ndarray | list[np.ndarray]) -> None:
         """Clips ``local`` (within the shard) into ``rows[slots]`` (slots ascending): one preadv
-        for each run of consecutive slots whose clips lie back to back in the file."""
+        for each run of consecutive slots whose clips lie back to back in the file; every clip's
+        crc32c checked, all that fail named in one error."""
         path = self.shard_file(shard)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -157,29 +233,61 @@ class ClipReader:
             for slot in slots:
                 rows[slot].view(self.dtype)[...] = self.fill
             return
+        except OSError as err:
+            raise StoreError(f"{self.name}: shard file {path} ({self.span(shard)}) cannot be read: {err}") from err
+        bad: list[int] = []  # clips whose crc32c does not match
         try:
             starts = self._index(shard, fd, path)[local, 0]  # (n,) byte offsets, MISSING if not written
             written = starts != MISSING
             joins = (written[1:] & written[:-1] & (np.diff(slots) == 1)  # (n-1,): clip k+1 goes on k's read
-                     & (starts[1:] == starts[:-1] + np.uint64(self.chunk_bytes)))
+                     & (starts[1:] == starts[:-1] + np.uint64(self.stored_bytes)))
             for run in np.split(np.arange(len(slots)), np.flatnonzero(~joins) + 1):
                 first = slots[run[0]]
                 if not written[run[0]]:  # a clip not written is a run of its own
                     rows[first].view(self.dtype)[...] = self.fill
-                elif isinstance(rows, np.ndarray):  # consecutive rows of one array: one buffer
-                    self._pread(fd, [memoryview(rows[first:first + len(run)]).cast("B")], int(starts[run[0]]), path)
-                else:
-                    self._pread(fd, [memoryview(rows[s]) for s in slots[run]], int(starts[run[0]]), path)
+                    continue
+                # consecutive rows of one array, or each clip its own array
+                one = isinstance(rows, np.ndarray)
+                targets = rows[first:first + len(run)] if one else [rows[s] for s in slots[run]]
+                failing = self._read_run(fd, path, shard, int(starts[run[0]]), targets)
+                bad += [shard * self.shard_size + int(local[run[i]]) for i in failing]
         finally:
             os.close(fd)
+        if bad:
+            raise StoreError(f"{self.name}: shard file {path} ({self.span(shard)}): clip(s) "
+                             f"{', '.join(map(str, sorted(set(bad))))} fail their checksum (crc32c), damaged")
 
-    def _pread(self, fd: int, buffers: list[memoryview], offset: int, path: Path) -> None:
+    def _read_run(self, fd: int, path: Path, shard: int, offset: int,
+                  targets: np.ndarray | list[np.ndarray]) -> list[int]:
+        """Clips stored back to back from byte ``offset`` on into ``targets`` ((chunk bytes,) uint8
+        each: rows of one array, or a list); the positions in ``targets`` whose crc32c fails."""
+        if not self.checksummed:
+            one = isinstance(targets, np.ndarray)  # consecutive rows of one array: one buffer
+            self._pread(fd, [memoryview(targets).cast("B")] if one else [memoryview(t) for t in targets],
+                        offset, path, shard)
+            return []
+        if self.chunk_bytes >= SCATTER_BYTES:  # each clip straight into its row, its crc32c beside it
+            sums = np.empty((len(targets), 4), np.uint8)
+            self._pread(fd, [view for t, s in zip(targets, sums) for view in (memoryview(t), memoryview(s))],
+                        offset, path, shard)
+            data = targets
+        else:  # small clips (status, flags): the run into one buffer, then copied out
+            run = np.empty((len(targets), self.stored_bytes), np.uint8)
+            self._pread(fd, [memoryview(run).cast("B")], offset, path, shard)
+            data, sums = run[:, :self.chunk_bytes], run[:, self.chunk_bytes:]
+            for target, values in zip(targets, data):
+                target[...] = values
+        stored = np.ascontiguousarray(sums).view("<u4").reshape(-1)  # (n,)
+        return [i for i, (values, crc) in enumerate(zip(data, stored)) if google_crc32c.value(values) != crc]
+
+    def _pread(self, fd: int, buffers: list[memoryview], offset: int, path: Path, shard: int) -> None:
         """Fill ``buffers`` (bytes) from byte ``offset`` of the file on, IOV_MAX buffers per call; a
         short read goes on where it stopped."""
         while buffers:
             got = os.preadv(fd, buffers[:IOV_MAX], offset)
             if got == 0:
-                raise StoreError(f"{self.name}: shard file {path} ends at byte {offset}, inside a clip")
+                raise StoreError(f"{self.name}: shard file {path} ({self.span(shard)}) ends at byte {offset}, "
+                                 "inside a clip: cut short")
             offset += got
             while buffers and got >= len(buffers[0]):
                 got -= len(buffers.pop(0))
@@ -195,18 +303,19 @@ class ClipReader:
             return cached[1]
         data_end = stat.st_size - self.index_bytes
         if data_end < 0:
-            raise StoreError(f"{self.name}: shard file {path} has {stat.st_size} bytes, "
-                             f"shorter than its index ({self.index_bytes} bytes)")
+            raise StoreError(f"{self.name}: shard file {path} ({self.span(shard)}) has {stat.st_size} bytes, "
+                             f"shorter than its index ({self.index_bytes} bytes): emptied or cut short")
         raw = os.pread(fd, self.index_bytes, data_end)
         stored, computed = int.from_bytes(raw[-4:], "little"), google_crc32c.value(raw[:-4])
         if stored != computed:
-            raise StoreError(f"{self.name}: the index of shard file {path} is damaged "
-                             f"(crc32c {computed:#010x}, stored {stored:#010x})")
-        index = np.frombuffer(raw, "<u8", count=2 * self.shard_size).reshape(self.shard_size, 2)
+            raise StoreError(f"{self.name}: the index of shard file {path} is damaged ({self.span(shard)}; crc32c "
+                             f"{computed:#010x}, stored {stored:#010x}): the file was changed, cut short or replaced")
+        index = np.frombuffer(raw, "<u8", count=(self.index_bytes - 4) // 8).reshape(-1, 2)
         written = index[:, 0] != MISSING
-        if ((index[~written, 1] != MISSING).any() or (index[written, 1] != self.chunk_bytes).any()
-                or (index[written, 0] + self.chunk_bytes > data_end).any()):
+        sizes, end = index[written, 1], np.uint64(data_end)
+        if ((index[~written, 1] != MISSING).any() or (self.direct and (sizes != self.stored_bytes).any())
+                or (sizes > end).any() or (index[written, 0] > end - np.minimum(sizes, end)).any()):
             raise StoreError(f"{self.name}: the index of shard file {path} does not match the array "
-                             f"(clips of {self.chunk_bytes} bytes before byte {data_end})")
+                             f"({self.span(shard)}; clips before byte {data_end})")
         self._indexes[shard] = (version, index)
         return index

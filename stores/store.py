@@ -4,7 +4,7 @@ Layout (N clips, S clips per shard):
 
     STORE/zarr.json                 group attributes: schema version, encoders, extraction config, labels
     STORE/<feature>/                float16 features (N, ...): one clip per inner chunk, S clips per shard
-    STORE/<feature>/c/<k>/0/.../0   shard k's file: its clips' bytes, then their index (see stores/reader.py)
+    STORE/<feature>/c/<k>/0/.../0   shard k's file: its clips' bytes (each checksummed), their index (stores/reader.py)
     STORE/status/                   uint8 (N,): 0 pending, 1 ok, 2 failed; sharded like the features
     STORE/<text>/                   strings (N,), S clips per chunk: ids, subtitles, labels, descriptions, reasons...
     STORE/<text>/c/<k>              chunk k: the strings of shard k's clips (zstd), so one clip's text is read alone
@@ -37,14 +37,15 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import zarr
 from numcodecs import VLenUTF8, Zstd
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from xmei.errors import UserError
 
 if TYPE_CHECKING:
     from stores.reader import ClipReader
 
-__all__ = ["FAILED", "OK", "PENDING", "SCHEMA_VERSION", "FeatureStore", "StoreError", "create_store"]
+__all__ = ["FAILED", "OK", "PENDING", "PARTIAL", "SCHEMA_VERSION", "FeatureStore", "StoreError", "create_store",
+           "remove_dead_partials"]
 
 SCHEMA_VERSION = 1
 PENDING, OK, FAILED = 0, 1, 2
@@ -52,7 +53,16 @@ STATUS_NAMES = {PENDING: "pending", OK: "ok", FAILED: "failed"}
 
 
 class StoreError(UserError, ValueError):
-    """A store that is missing, of another schema, or inconsistent."""
+    """A store that is missing, of another schema, inconsistent or damaged; the message names the
+    file and, where there is one, the array, shard and clips."""
+
+
+# Zarr errors of a file that does not decode: a checksum that does not match (ValueError), zstd
+# that does not decompress (RuntimeError), a file that cannot be read (OSError)
+DECODE_ERRORS = (ValueError, RuntimeError, OSError)
+# A clip without audio has all-zero audio features, window lengths and flag, and Zarr writes no
+# chunk equal to the fill value: a shard none of whose clips has audio has no file in these arrays.
+AUDIO_ARRAYS = ("audio", "audio_lengths", "has_audio")
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ def create_store(path: str | Path, n: int, shard_size: int, features: dict[str, 
     path = Path(path)
     if path.exists():
         raise StoreError(f"{path} exists already")
-    _remove_dead_partials(path)
+    remove_dead_partials(path)
     partial = path.with_name(f"{path.name}{PARTIAL}{os.getpid()}")
     try:
         _write_store(partial, n, shard_size, features, texts, ints, attrs, compression)
@@ -90,15 +100,18 @@ def create_store(path: str | Path, n: int, shard_size: int, features: dict[str, 
 PARTIAL = ".partial-"  # PATH.partial-<pid>: a store being created by process <pid>
 
 
-def _remove_dead_partials(path: Path) -> None:
-    """Remove ``PATH.partial-<pid>`` folders whose process is gone (a creation that was killed)."""
+def remove_dead_partials(path: Path) -> None:
+    """Remove ``PATH.partial-<pid>`` folders (or files) whose process is gone (a write that was killed)."""
     if not path.parent.is_dir():
         return
     for folder in path.parent.iterdir():
         pid = folder.name[len(path.name) + len(PARTIAL):]
         if not (folder.name.startswith(path.name + PARTIAL) and pid.isdigit()) or _alive(int(pid)):
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -117,7 +130,10 @@ def _write_store(path: Path, n: int, shard_size: int, features: dict[str, Featur
                  texts: dict[str, list[str]], ints: dict[str, np.ndarray], attrs: dict[str, Any],
                  compression: str) -> None:
     group = zarr.open_group(path, mode="w-", zarr_format=3)
-    compressors = [ZstdCodec(level=1)] if compression == "zstd" else None
+    # every clip's bytes carry a checksum (crc32c, or zstd's own), as each shard's index does: a
+    # damaged file is an error when it is read, never other features
+    compressors = [ZstdCodec(level=1, checksum=True)] if compression == "zstd" else [Crc32cCodec()]
+    checked = ZstdCodec(level=0, checksum=True)  # texts and ints: zstd with its checksum
     shard = min(shard_size, n)
     for name, spec in {**features, "status": FeatureSpec((), "uint8")}.items():
         group.create_array(name, shape=(n, *spec.shape), dtype=spec.dtype, chunks=(1, *spec.shape),
@@ -125,14 +141,72 @@ def _write_store(path: Path, n: int, shard_size: int, features: dict[str, Featur
     for name, values in texts.items():
         if len(values) != n:
             raise StoreError(f"text array {name!r} has {len(values)} values for {n} clips")
-        group.create_array(name, shape=(n,), dtype=str, chunks=(shard,))[:] = np.array(values, dtype=str)
+        group.create_array(name, shape=(n,), dtype=str, chunks=(shard,),
+                           compressors=checked)[:] = np.array(values, dtype=str)
     for name, values in ints.items():
-        array = group.create_array(name, shape=values.shape, dtype="int32", chunks=(shard, *values.shape[1:]))
+        array = group.create_array(name, shape=values.shape, dtype="int32", chunks=(shard, *values.shape[1:]),
+                                   compressors=checked)
         array[...] = values.astype(np.int32)
     group.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "num_clips": n, "shard_size": shard,
                         "features": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in features.items()},
                         "texts": list(texts), "ints": list(ints)})
     (path / "failures").mkdir()
+
+
+def read_json(path: Path, what: str, kind: type = dict) -> Any:
+    """The JSON ``kind`` (object or list) in ``path``: a StoreError naming the file when it is
+    missing, unreadable, not JSON or not a ``kind``. ``what`` says what the file holds."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError as err:
+        raise StoreError(f"{path} is missing ({what})") from err
+    except UnicodeDecodeError as err:
+        raise StoreError(f"{path} is not JSON text ({err}): {what}, damaged") from err
+    except OSError as err:
+        raise StoreError(f"{path} cannot be read ({what}): {err}") from err
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        state = "is empty" if not text.strip() else f"is not valid JSON ({err})"
+        raise StoreError(f"{path} {state}: {what}, damaged") from err
+    if not isinstance(value, kind):
+        raise StoreError(f"{path} holds a JSON {type(value).__name__}, not a{'n object' if kind is dict else ' list'}: "
+                         f"{what}, damaged")
+    return value
+
+
+STORE_ATTRIBUTES = {"num_clips": int, "shard_size": int, "features": dict, "texts": list, "ints": list}
+
+
+def _store_attributes(path: Path) -> dict[str, Any]:
+    """The attributes in the store's zarr.json, checked: schema version, and the keys this code reads."""
+    meta_path = path / "zarr.json"
+    meta = read_json(meta_path, "the store's attributes")
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "group" or not isinstance(meta.get("attributes"), dict):
+        raise StoreError(f"{meta_path}: not the attributes of a Zarr v3 group (zarr_format "
+                         f"{meta.get('zarr_format')!r}, node_type {meta.get('node_type')!r}), damaged")
+    return check_attributes(meta["attributes"], str(meta_path))
+
+
+def check_attributes(attrs: dict[str, Any], where: str) -> dict[str, Any]:
+    """``attrs`` (a store's attributes, from ``where``) when of this schema version and holding the
+    keys this code reads; else a StoreError naming ``where`` and the key."""
+    version = attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"{where}: schema version {version}, this code reads {SCHEMA_VERSION}")
+    for key, kind in STORE_ATTRIBUTES.items():
+        if key not in attrs:
+            raise StoreError(f"{where}: the store's attribute {key!r} is missing, damaged")
+        value = attrs[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise StoreError(f"{where}: the store's attribute {key!r} is {value!r}, expected a {kind.__name__}")
+    if attrs["shard_size"] < 1 or attrs["num_clips"] < 0:
+        raise StoreError(f"{where}: shard_size {attrs['shard_size']}, num_clips {attrs['num_clips']}: expected "
+                         "at least 1 clip per shard and 0 clips or more")
+    for name, spec in attrs["features"].items():
+        if not (isinstance(spec, dict) and isinstance(spec.get("shape"), list) and isinstance(spec.get("dtype"), str)):
+            raise StoreError(f"{where}: features.{name} is {spec!r}, expected {{'shape': [...], 'dtype': '...'}}")
+    return attrs
 
 
 def _plain_chunks(meta: dict) -> bool:
@@ -160,17 +234,23 @@ class FeatureStore:
         visual = store.clip_reader("visual").read([5, 2])   # (2, *clip shape), straight from the shard files
         for index, shard in store.iter_shards():   # dict of arrays over one shard, read sequentially
             ...
+
+    A damaged store is a :class:`StoreError` naming the file (and the array, shard and clips): on
+    opening for the store's zarr.json, on first use for an array's, on reading for a shard or chunk
+    file; :meth:`check_files` finds missing and damaged shard files without decoding a clip.
     """
 
     def __init__(self, path: str | Path, mode: str = "r"):
         self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
-            raise StoreError(f"{self.path} is not a feature store (no zarr.json)")
-        self.group = zarr.open_group(self.path, mode=mode, zarr_format=3)
-        self.attrs: dict[str, Any] = dict(self.group.attrs)
-        version = self.attrs.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: schema version {version}, this code reads {SCHEMA_VERSION}")
+        if not (self.path / "zarr.json").exists():
+            what = ("it does not exist" if not self.path.exists() else "a file, not a folder" if not self.path.is_dir()
+                    else "an empty folder" if not any(self.path.iterdir()) else "a folder without zarr.json")
+            raise StoreError(f"{self.path} is not a feature store (a folder xmei extract makes): {what}")
+        self.attrs: dict[str, Any] = _store_attributes(self.path)
+        try:
+            self.group = zarr.open_group(self.path, mode=mode, zarr_format=3)
+        except (ValueError, TypeError, KeyError) as err:
+            raise StoreError(f"{self.path / 'zarr.json'}: not a readable Zarr group ({err}), damaged") from err
         self.features: list[str] = list(self.attrs["features"])
         self.texts: list[str] = list(self.attrs["texts"])
         self.ints: list[str] = list(self.attrs["ints"])
@@ -190,8 +270,18 @@ class FeatureStore:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self)))
 
     def array(self, name: str) -> zarr.Array:
+        """Array ``name``, its zarr.json read and checked once."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            meta_path = self.path / name / "zarr.json"
+            what = f"the metadata of array {name!r}"
+            meta = read_json(meta_path, what)
+            if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+                raise StoreError(f"{meta_path}: not a Zarr v3 array (zarr_format {meta.get('zarr_format')!r}, "
+                                 f"node_type {meta.get('node_type')!r}): {what}, damaged")
+            try:
+                self._arrays[name] = self.group[name]
+            except (ValueError, TypeError, KeyError) as err:
+                raise StoreError(f"{meta_path}: {what}, damaged ({type(err).__name__}: {err})") from err
         return self._arrays[name]
 
     def clip_reader(self, name: str) -> ClipReader:
@@ -214,31 +304,61 @@ class FeatureStore:
         other layout through Zarr. ~0.9 s for 1M strings in chunks of 64, where Zarr takes 3-6 s."""
         array = self.array(name)
         folder = self.path / name
-        meta = json.loads((folder / "zarr.json").read_text())
+        meta = read_json(folder / "zarr.json", f"the metadata of array {name!r}")
         if not _plain_chunks(meta):
-            return array[...]
+            return self._zarr_rows(name, slice(None))
         decompress = Zstd().decode if len(meta["codecs"]) == 2 else bytes
         decode = VLenUTF8().decode if meta["data_type"] == "string" else lambda raw: np.frombuffer(raw, "<i4")
         out = np.full(array.shape, array.fill_value, array.dtype)
         rows = array.chunks[0]
         for k, start in enumerate(range(0, len(out), rows)):
-            try:  # the key of chunk (k, 0, ..., 0); a chunk all fill value is not written
-                raw = folder.joinpath("c", str(k), *["0"] * (out.ndim - 1)).read_bytes()
+            path = self._chunk_file(name, k)  # chunk (k, 0, ..., 0); a chunk all fill value is not written
+            try:
+                raw = path.read_bytes()
             except FileNotFoundError:
                 continue
+            except OSError as err:
+                raise StoreError(f"{name}: chunk file {path} (clips {start}-{start + rows - 1}) cannot be read: {err}")
             stop = min(start + rows, len(out))
-            out[start:stop] = decode(decompress(raw)).reshape(array.chunks)[:stop - start]  # a last chunk is whole
+            try:
+                out[start:stop] = decode(decompress(raw)).reshape(array.chunks)[:stop - start]  # a last chunk is whole
+            except (ValueError, RuntimeError, TypeError) as err:
+                raise StoreError(f"{name}: chunk file {path} (clips {start}-{stop - 1}) does not decode, "
+                                 f"damaged: {err}") from err
         return out
 
+    def _chunk_file(self, name: str, k: int) -> Path:
+        """The file of chunk (k, 0, ..., 0) of a text or int array (rows k*S ... k*S + S-1)."""
+        return self.path.joinpath(name, "c", str(k), *["0"] * (self.array(name).ndim - 1))
+
+    def _zarr_rows(self, name: str, rows: slice | int):
+        """Rows of a text or int array through Zarr; a chunk that does not decode is a StoreError
+        naming its file(s) and clips."""
+        try:
+            return self.array(name)[rows]
+        except DECODE_ERRORS as err:
+            n, per_chunk = len(self), self.array(name).chunks[0]
+            first, stop = (rows, rows + 1) if isinstance(rows, int) else rows.indices(n)[:2]
+            chunks = range(first // per_chunk, (stop - 1) // per_chunk + 1)
+            files = ", ".join(str(self._chunk_file(name, k)) for k in chunks)
+            raise StoreError(f"{name}: clips {first}-{stop - 1} do not decode from chunk file(s) {files}, "
+                             f"damaged: {err}") from err
+
     def _read(self, name: str, rows: slice | int):
-        """Rows of an array, decoding only the chunks that hold them: for a text or int array the
-        chunk of S clips of each row. A store written with texts and ints in one chunk over all
-        clips has them read whole, once, and kept."""
+        """Rows of an array, decoding only the chunks that hold them: a per-clip array's clips
+        through its :class:`ClipReader`, for a text or int array the chunk of S clips of each row. A
+        store written with texts and ints in one chunk over all clips has them read whole, once,
+        and kept."""
+        if name in self.features or name == "status":
+            reader = self.clip_reader(name)
+            if isinstance(rows, slice):
+                return reader.read(np.arange(*rows.indices(len(self))))
+            return reader.read([rows])[0]
         if (name in self.texts or name in self.ints) and self.array(name).chunks[0] > self.shard_size:
             if name not in self._whole:
                 self._whole[name] = self.read_whole(name)
             return self._whole[name][rows]
-        return self.array(name)[rows]
+        return self._zarr_rows(name, rows)
 
     def done_shards(self) -> set[int]:
         """Shards whose every clip is ok or failed: a rerun skips them."""
@@ -261,6 +381,97 @@ class FeatureStore:
             rows = slice(self.shard_range(shard).start, self.shard_range(shard).stop)
             yield shard, {name: self._read(name, rows) for name in names}
 
+    # ------------------------------------------------------------------ checks without decoding
+
+    def shape_problems(self) -> list[str]:
+        """Arrays that do not open, or whose shape or dtype is not what the attributes say."""
+        problems, n = [], len(self)
+        for name in [*self.features, "status", *self.texts, *self.ints]:
+            try:
+                array = self.array(name)
+            except StoreError as err:
+                problems.append(str(err))
+                continue
+            spec = {**self.attrs["features"], "status": {"shape": [], "dtype": "uint8"}}.get(name)
+            if spec is not None and (tuple(array.shape) != (n, *spec["shape"]) or str(array.dtype) != spec["dtype"]):
+                problems.append(f"{name}: shape {tuple(array.shape)} dtype {array.dtype} in "
+                                f"{self.path / name / 'zarr.json'}, the store's attributes say "
+                                f"{(n, *spec['shape'])} {spec['dtype']}")
+            elif array.shape[0] != n:
+                problems.append(f"{name}: {array.shape[0]} rows in {self.path / name / 'zarr.json'} for {n} clips")
+        return problems
+
+    def file_problems(self, names: list[str] | None = None) -> dict[tuple[str, int], str]:
+        """What is wrong with the shard files of per-clip arrays (``names``, default all), seen
+        without decoding a clip, by (array, shard): a file whose index is damaged (each index is
+        read and checked: 16 bytes a clip), or no file for a shard that holds ok clips (Zarr would
+        read zeros in their place). ``status`` (and ``has_audio``, which says which shards must have
+        audio files) are read, their unreadable shards reported too."""
+        names = [*self.features, "status"] if names is None else list(names)
+        problems: dict[tuple[str, int], str] = {}
+        ok = self._read_each_shard("status", problems) == OK
+        has_audio = self._read_each_shard("has_audio", problems) == 1 if "has_audio" in self.features else None
+        for name in names:
+            reader = self.clip_reader(name)
+            for shard in range(self.num_shards):
+                if (name, shard) in problems:
+                    continue
+                try:
+                    if reader.check_shard(shard):
+                        continue
+                except StoreError as err:
+                    problems[name, shard] = str(err)
+                    continue
+                rows = self.shard_range(shard)
+                oks = int(ok[rows.start:rows.stop].sum())
+                if oks and self._needs_file(name, shard, has_audio):
+                    problems[name, shard] = (f"{name}: shard file {reader.shard_file(shard)} ({reader.span(shard)}) "
+                                             f"is missing, yet {oks} of its clips are ok: they would read as zeros")
+        return problems
+
+    def _needs_file(self, name: str, shard: int, has_audio: np.ndarray | None) -> bool:
+        """Whether a shard holding ok clips must have a file of array ``name``: always, but for the
+        audio arrays of a shard without audio (see AUDIO_ARRAYS)."""
+        if name not in AUDIO_ARRAYS or has_audio is None:
+            return True
+        rows = self.shard_range(shard)
+        if has_audio[rows.start:rows.stop].any():
+            return True
+        # has_audio and audio_lengths are non-zero for the same clips, audio features only where has_audio is 1
+        partners = {"has_audio": ("audio_lengths", "audio"), "audio_lengths": ("has_audio",), "audio": ()}[name]
+        return any(p in self.features and self.clip_reader(p).shard_file(shard).exists() for p in partners)
+
+    def _read_each_shard(self, name: str, problems: dict[tuple[str, int], str]) -> np.ndarray:
+        """(N, ...): a per-clip array whole; a shard that cannot be read goes into ``problems`` and
+        reads as the fill value."""
+        reader = self.clip_reader(name)
+        try:
+            return reader.read(np.arange(len(self)))
+        except StoreError:
+            pass
+        values = np.full((len(self), *reader.clip_shape), reader.array.fill_value, reader.dtype)
+        for shard in range(self.num_shards):
+            rows = self.shard_range(shard)
+            try:
+                values[rows.start:rows.stop] = reader.read(np.arange(rows.start, rows.stop))
+            except StoreError as err:
+                problems[name, shard] = str(err)
+        return values
+
+    def check_files(self, names: list[str]) -> None:
+        """Before training or evaluating on the per-clip arrays ``names``: every array opens with
+        the attributes' shape and dtype, and :meth:`file_problems` finds nothing; else a StoreError
+        listing what is wrong. Cheap (no clip decoded): a damaged clip is found when it is read."""
+        problems = [*self.shape_problems()]
+        if not problems:
+            problems += self.file_problems(names).values()
+        if problems:
+            shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+            raise StoreError(f"{self.path} is damaged (`xmei stores verify {self.path}` checks every clip):\n  "
+                             + "\n  ".join(shown))
+
+    # ------------------------------------------------------------------ writing
+
     def write_shard(self, shard: int, features: dict[str, np.ndarray], status: np.ndarray,
                     failures: list[dict[str, str]]) -> None:
         """Write one whole shard: features, then its failures file, then its status (last)."""
@@ -272,6 +483,10 @@ class FeatureStore:
             if values.shape[0] != expected:
                 raise StoreError(f"shard {shard}: {name} has {values.shape[0]} clips, the shard {expected}")
             self.array(name)[rows] = values
+            if not self.clip_reader(name).shard_file(shard).exists():
+                # all its clips are zeros (silence an encoder maps to zeros): written all the same, so
+                # a missing shard file always means a lost one (Zarr skips chunks of the fill value)
+                self.array(name).with_config({"write_empty_chunks": True})[rows] = values
         (self.path / "failures" / f"shard_{shard:05d}.json").write_text(json.dumps(failures, ensure_ascii=False))
         self.array("status")[rows] = status
 
@@ -280,7 +495,33 @@ class FeatureStore:
         rows = []
         for shard in sorted(self.done_shards()):  # a pending shard's file may be left by a killed run
             path = self.path / "failures" / f"shard_{shard:05d}.json"
-            rows += json.loads(path.read_text()) if path.exists() else []
+            if path.exists():
+                found = read_json(path, f"the failed clips of shard {shard}", list)
+                if not all(isinstance(row, dict) and "video_id" in row for row in found):
+                    raise StoreError(f"{path}: expected a list of failed clips, each with its video_id, damaged")
+                rows += found
+        return rows
+
+    def logged_failures(self) -> list[dict[str, str]]:
+        """The rows of ``failures.jsonl`` (empty when there is none); a line that is not a failed
+        clip's JSON is a StoreError naming it."""
+        log, rows = self.path / "failures.jsonl", []
+        if not log.exists():
+            return rows
+        try:
+            lines = log.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise StoreError(f"{log} cannot be read: {err}") from err
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise StoreError(f"{log} line {number} is not JSON ({err}), damaged: rerun xmei extract "
+                                 "to rewrite the log") from err
+            if not isinstance(row, dict) or "video_id" not in row:
+                raise StoreError(f"{log} line {number} is not a failed clip (no video_id), damaged: rerun "
+                                 "xmei extract to rewrite the log")
+            rows.append(row)
         return rows
 
     def write_failures_log(self) -> Path:

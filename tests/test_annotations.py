@@ -54,7 +54,7 @@ def test_good_file_reads_with_labels_normalized(tmp_path, media, cfg, jsonl):
 
 def test_absolute_media_paths_ignore_the_root(tmp_path, media, cfg):
     path = dump(tmp_path / "a.json", [record(0, video_path=str(media / "videos" / "v0.mp4"), audio_path="")])
-    records = read_annotations(path, cfg.emotions, cfg.intents, tmp_path / "elsewhere")
+    records = read_annotations(path, cfg.emotions, cfg.intents, tmp_path / "elsewhere", allow_absolute=True)
     assert records[0].video_file(tmp_path / "elsewhere") == media / "videos" / "v0.mp4"
 
 

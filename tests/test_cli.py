@@ -85,6 +85,8 @@ def test_config_command_applies_overrides_and_reports_errors(tmp_path):
     assert result.exit_code == 2 and "run.bogus: unknown key" in flat(result.stderr)
     result = run("config", "--config", ROOT / "tests" / "data" / "published_config.yaml")
     assert result.exit_code == 0 and "warning" in result.stderr and "run.task" in result.stderr
+    for name in ("config.json", "preprocessor_config.json"):  # a model folder, as far as --check looks
+        (tmp_path / name).write_text("{}")
     result = run("config", "--config", ROOT / "configs" / "xmei_qwen.yaml", "--check",
                  "--set", f"model.visual_encoder_path={tmp_path}")
     assert result.exit_code == 1

@@ -115,6 +115,10 @@ def test_models_dir_overrides_checkpoint_paths(tmp_path):
 
 def test_missing_paths_name_their_keys(tmp_path):
     cfg = load_config(None, [f"model.visual_encoder_path={tmp_path}"])
+    with pytest.raises(ConfigError, match="model.visual_encoder_path: .* is not a model folder .* no config.json"):
+        cfg.require_paths(["model.visual_encoder_path"])
+    for name in ("config.json", "preprocessor_config.json"):
+        (tmp_path / name).write_text("{}")
     cfg.require_paths(["model.visual_encoder_path"])
     with pytest.raises(ConfigError) as err:
         cfg.require_paths(["model.visual_encoder_path", "model.llama_model_path"])

@@ -87,11 +87,11 @@ def _crop(frame: np.ndarray, size: int = 224) -> np.ndarray:
 
 
 def draw_attention(checkpoints: list[Path], store_path: Path, video_id: str, media_root: Path, out: Path,
-                   device: torch.device | str = "cpu") -> tuple[list[Path], list[str]]:
+                   device: torch.device | str = "cpu", llm: Path | None = None) -> tuple[list[Path], list[str]]:
     """The PNGs for one clip, each checkpoint loaded onto ``device``: ``attention_<id>.png`` (the
     sampled frames, then a row per checkpoint and query group) when a model uses video, and
     ``audio_attention_<id>.png`` (the waveform, then the windows shaded by attention) when one uses
-    audio. Returns the paths written and a note for each map that could not be drawn; a clip with no
+    audio; ``llm`` overrides the base LLM folder the checkpoints record. Returns the paths written and a note for each map that could not be drawn; a clip with no
     map at all is a ValueError giving the reasons."""
     store = FeatureStore(store_path)
     ids = [str(v) for v in store.read_whole("video_id")]
@@ -101,7 +101,7 @@ def draw_attention(checkpoints: list[Path], store_path: Path, video_id: str, med
     rows: dict[str, list[tuple[str, np.ndarray]]] = {"video": [], "audio": []}
     notes = []
     for checkpoint in checkpoints:
-        model = XMEIQwen.from_checkpoint(checkpoint, device=device)
+        model = XMEIQwen.from_checkpoint(checkpoint, llm=llm, device=device)
         for modality, maps_of in (("video", attention_maps), ("audio", audio_attention)):
             if modality not in model.settings.modalities:
                 continue

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from xmei.errors import UserError
+from xmei.errors import UserError, read_text
 from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, DEFAULT_SYNONYMS, LabelSet
 
 __all__ = [
@@ -38,6 +38,14 @@ MODEL_SUBDIRS = {
     "audio_encoder": "model.acoustic_encoder_path",
     "llm": "model.llama_model_path",
     "caption_tokenizer": "model.caption_tokenizer_path",
+}
+
+# What a checkpoint folder of each model key must hold to be loaded (each tuple: one of these).
+CHECKPOINT_FILES = {
+    "model.visual_encoder_path": [("config.json",), ("preprocessor_config.json",)],
+    "model.acoustic_encoder_path": [("config.json",), ("preprocessor_config.json",)],
+    "model.llama_model_path": [("config.json",), ("tokenizer_config.json", "tokenizer.json")],
+    "model.caption_tokenizer_path": [("tokenizer_config.json", "tokenizer.json", "vocab.txt")],
 }
 
 # Keys of the published config that select LAVIS registry entries there and mean nothing
@@ -97,7 +105,7 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    media_root: Path | None = None  # video_path / audio_path are relative to it unless absolute
+    media_root: Path | None = None  # video_path / audio_path are relative to it (see extract.allow_absolute_paths)
     annotations: dict[str, Path] = field(default_factory=dict)  # split name -> annotation file
     face_or_frame: str = "multiframe"  # full frames; face crops are not supported
 
@@ -143,6 +151,9 @@ class ExtractConfig:
     device: str = "auto"  # auto (every GPU when present, else cpu) | cpu | cuda (every GPU) | cuda:N (one)
     workers_per_gpu: int = 1  # local workers sharing one GPU (never more than one unless asked)
     decode_workers: int = 0  # decode processes per worker; 0: the cores available to the worker
+    # media paths in the annotations stay inside the media root; true also accepts absolute ones
+    # (a path climbing out with '..' is refused either way). Not part of what a store is made with.
+    allow_absolute_paths: bool = False
 
 
 @dataclass
@@ -196,7 +207,8 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def require_paths(self, keys: Iterable[str]) -> None:
-        """Raise ConfigError naming every key in ``keys`` whose path is unset or missing."""
+        """Raise ConfigError naming every key in ``keys`` whose path is unset or missing, or, for a
+        checkpoint key (CHECKPOINT_FILES), is not a folder holding that checkpoint's files."""
         problems = []
         for key in keys:
             value = self.get(key)
@@ -204,6 +216,12 @@ class Config:
                 problems.append(f"{key}: not set (give it in the config, with --set {key}=DIR, or with --models DIR)")
             elif not Path(value).exists():
                 problems.append(f"{key}: {value} does not exist")
+            elif key in CHECKPOINT_FILES:
+                lacking = [" or ".join(names) for names in CHECKPOINT_FILES[key]
+                           if not any((Path(value) / name).is_file() for name in names)]
+                if lacking:
+                    problems.append(f"{key}: {value} is not a model folder (save_pretrained's layout): "
+                                    f"it has no {', no '.join(lacking)}")
         if problems:
             raise ConfigError("\n".join(problems))
 
@@ -232,12 +250,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.load(path.read_text(), Loader=_Loader) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raw = _read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
@@ -260,6 +273,21 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
 
 
 # ---------------------------------------------------------------------------------------------
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document of a config file, or a ConfigError naming the file and the line."""
+    text = read_text(path, "config file", ConfigError)
+    try:
+        return yaml.load(text, Loader=_Loader) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err)
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start is not None:
+            what += f" ({context} at line {start.line + 1})"
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}") from None
+
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader that reads ``1e-5`` as a float (YAML 1.2), as the published config writes it."""
@@ -295,7 +323,7 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def _apply_models_dir(raw: dict, models_dir: Path) -> None:
     if not models_dir.is_dir():
-        raise ConfigError(f"--models {models_dir}: no such folder")
+        raise ConfigError(f"--models {models_dir}: " + ("not a folder" if models_dir.exists() else "no such folder"))
     missing = [sub for sub in MODEL_SUBDIRS if not (models_dir / sub).is_dir()]
     if missing:
         raise ConfigError(f"--models {models_dir}: missing subfolder(s) {missing}; "

@@ -7,6 +7,14 @@ DataLoader workers share them), features are read from the shard files a whole b
 tokenizer (a :class:`~xmei.prompt.PromptBuilder`) runs where the samples are made: in DataLoader
 workers.
 
+No record ends a run. A sample too long for ``max_length`` is cut (see :mod:`xmei.prompt`), and
+one that cannot be made at all keeps its place as its bare prompt with no target token (labels
+all -100): it adds nothing to the loss, and a batch keeps its size, so every rank still takes
+part in every step. Each training sample says so in its ``FLAGS`` (``position``, ``truncated``,
+``skipped``), which collate stacks into (B,) tensors: they travel with the batch out of the
+worker processes, and the trainer pops them before the forward to count and log them
+(:meth:`StoreSamples.failure` tells why a skipped sample failed).
+
 :class:`EpochSampler` fixes each epoch's order from (seed, epoch) alone: shards in a shuffled
 order, clips shuffled within a buffer of ``shuffle_shards`` shards, so reads stay within a few
 shard files at a time; O(N log N) in numpy (~0.3 s at a million clips). The order does not depend
@@ -23,14 +31,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stores import OK, ClipReader, FeatureStore
-from xmei.prompt import PromptBuilder
+from xmei.errors import UserError
+from xmei.prompt import IGNORE, PromptBuilder
 
-__all__ = ["EpochSampler", "PackedStrings", "StoreSamples", "feature_facts", "loader"]
+__all__ = ["FLAGS", "EpochSampler", "PackedStrings", "StoreSamples", "feature_facts", "loader"]
 
 FEATURES = {"video": "visual", "audio": "audio"}  # modality (batch key) -> store array
 CAPTIONS = ("video_caption_ids", "video_caption_mask", "audio_caption_ids", "audio_caption_mask")
 TEXTS = ("video_id", "subtitle", "emotion", "intent", "explanation")
 MODALITIES = tuple(FEATURES)
+FLAGS = ("position", "truncated", "skipped")  # per training sample; not model inputs: popped before the forward
 
 
 def feature_facts(store: FeatureStore) -> dict[str, int]:
@@ -86,6 +96,8 @@ class StoreSamples(Dataset):
             if lacking:
                 raise ValueError(f"{path}: no {' or '.join(lacking)} features, which model.modalities "
                                  f"{list(self.modalities)} needs")
+            # a missing or damaged shard file: an error now (no clip decoded), not zeros or a stop mid-epoch
+            store.check_files([*(FEATURES[m] for m in self.modalities), "has_audio"])
         facts = [feature_facts(s) for s in stores]
         for path, store, f in zip(self.paths[1:], stores[1:], facts[1:]):
             if f != facts[0] or stores[0].attrs["encoders"] != store.attrs["encoders"]:
@@ -158,12 +170,28 @@ class StoreSamples(Dataset):
                 if hide and m in self.modalities:
                     sample[f"{m}_caption_mask"] = np.zeros_like(sample[f"{m}_caption_mask"])
         texts = {n: self.strings[n][position] for n in TEXTS}
-        if self.builder is not None:
-            encoded = self.builder.encode(texts["subtitle"], texts["emotion"], texts["intent"], texts["explanation"])
-            sample["input_ids"], sample["labels"] = encoded.input_ids, encoded.labels
-        else:
+        if self.builder is None:
             sample["texts"] = texts
+            return sample
+        try:
+            encoded = self.builder.encode(texts["subtitle"], texts["emotion"], texts["intent"], texts["explanation"])
+            ids, labels, truncated, skipped = encoded.input_ids, encoded.labels, encoded.truncated, False
+        except Exception:  # noqa: BLE001 - whatever one record does, the run goes on; the trainer reports it
+            ids = self.builder.prompt("")
+            labels, truncated, skipped = [IGNORE] * len(ids), False, True
+        sample.update(input_ids=ids, labels=labels, position=np.int64(position), truncated=np.bool_(truncated),
+                      skipped=np.bool_(skipped))
         return sample
+
+    def failure(self, position: int) -> str:
+        """Why the sample at ``position`` could not be made ("" if it can): it is made again here,
+        in this process (skipped samples are few)."""
+        texts = {n: self.strings[n][position] for n in TEXTS}
+        try:
+            self.builder.encode(texts["subtitle"], texts["emotion"], texts["intent"], texts["explanation"])
+        except Exception as e:  # noqa: BLE001 - as in _sample
+            return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        return ""
 
 
 class EpochSampler(Sampler[int]):

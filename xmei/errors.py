@@ -9,8 +9,9 @@ and keeps its traceback. This module imports nothing of the project: both stages
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-__all__ = ["UserError", "debugging", "message_of"]
+__all__ = ["UserError", "debugging", "message_of", "read_text"]
 
 DEBUG_VARIABLE = "XMEI_DEBUG"
 
@@ -36,3 +37,22 @@ def message_of(err: BaseException) -> str:
         if at >= 0:
             return text[at + len(marker):].strip()
     return text
+
+
+def read_text(path: Path, what: str, error: type[UserError] = UserError) -> str:
+    """The UTF-8 text of a file the user gave (``what``: "config file", ...); ``error`` naming the
+    file when it is a folder, missing, unreadable, or not UTF-8 (with the byte and line)."""
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise error(f"cannot read {path}: {err.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise error(f"{path}: not UTF-8 text: byte {err.start} (line {line}) is 0x{data[err.start]:02x}; "
+                    "save the file as UTF-8") from None

@@ -7,23 +7,47 @@ max_new_tokens before the end-of-turn token; absent from older files and baselin
 intent, explanation (parsed; emotion / intent null when the answer could not be parsed),
 ref_emotion, ref_intent, ref_explanation; and, from `xmei eval --compare-free`, free: the same
 clip's freely decoded answer {text, cut_off, emotion, intent, explanation} beside a constrained one.
+
+Reading one (`xmei score`): a missing *answer* field (emotion, intent, explanation; null in
+`eval`'s files) is an invalid answer; a missing or unknown *reference*, a field of the wrong
+type, a line that is not a JSON object, a repeated video_id and an empty file are errors naming
+the file and line.
+
+Outputs are written into ``OUT/.outputs.partial-<pid>`` and renamed into ``OUT`` together once
+all are written (:func:`staged`), so a kill leaves the earlier evaluation's files in ``OUT`` whole
+and unchanged, never half a file next to a whole one; the next run removes the dead partial folder.
 """
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from stores.store import PARTIAL, remove_dead_partials  # the stores' partial folders: one convention
 from xmei.classification import classification_report, joint_report, plot_confusion
+from xmei.errors import UserError
 from xmei.text_metrics import explanation_metrics
 
-__all__ = ["read_predictions", "score", "write_predictions", "write_report"]
+__all__ = ["EvaluationError", "check_out", "check_store_labels", "read_predictions", "score", "staged",
+           "write_predictions", "write_report"]
 
-REQUIRED = ("video_id", "emotion", "intent", "explanation", "ref_emotion", "ref_intent", "ref_explanation")
+REFERENCES = ("video_id", "ref_emotion", "ref_intent", "ref_explanation")  # missing: an error
+ANSWERS = ("emotion", "intent", "explanation")  # missing: an invalid answer (null)
+STAGING = ".outputs"  # OUT/.outputs.partial-<pid>: the outputs process <pid> is writing
+JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+              type(None): "null"}  # the names a message gives Python's types
 TITLES = {"bleu4": "BLEU-4", "rouge_l": "ROUGE-L", "meteor": "METEOR", "bertscore": "BERTScore", "bleurt": "BLEURT",
           "cider_d": "CIDEr-D"}
 DECODING = {True: "emotion and intent constrained to the labels", False: "decoded freely"}  # results["constrained"]
 PUBLISHED_ORDER = ("bleu4", "rouge_l", "meteor", "bertscore", "bleurt", "cider_d")  # the paper's table
+
+
+class EvaluationError(UserError, ValueError):
+    """A predictions file, output folder or store that evaluation cannot use; the message names
+    it and, where there is one, the line and field."""
 
 
 def write_predictions(rows: list[dict], path: Path) -> None:
@@ -31,23 +55,133 @@ def write_predictions(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_predictions(path: Path) -> list[dict]:
-    """Rows of a predictions file; a missing field is an error naming the line and field."""
-    rows = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+def read_predictions(path: Path, emotions, intents) -> list[dict]:
+    """The rows of a predictions file, each answer field present (null where it was missing).
+    Raises :class:`EvaluationError` naming the file, line and field of what cannot be scored
+    (a reference must be a label or synonym of ``emotions`` / ``intents``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise EvaluationError(f"{path} is a folder, not a predictions file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise EvaluationError(f"{path}: cannot read the predictions file ({err.strerror or err})") from None
+    rows, lines, seen = [], [], {}  # seen: video_id -> line
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):  # not splitlines(): U+2028 may sit in a string
+        where = f"{path}: line {lineno}"
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise EvaluationError(f"{where} is not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                  f"{err.start + 1})") from None
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {lineno} is not valid JSON: {err.msg}") from None
-        missing = [f for f in REQUIRED if f not in row]
-        if missing:
-            raise ValueError(f"{path}: line {lineno} ({row.get('video_id')!r}) lacks {missing}")
+            raise EvaluationError(f"{where} is not valid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise EvaluationError(f"{where} is a JSON {_json_type(row)}, expected an object with {list(REFERENCES)} "
+                                  f"and {list(ANSWERS)}")
+        row = _checked_row(row, f"{where} ({row.get('video_id')!r})", emotions, intents)
+        if row["video_id"] in seen:
+            raise EvaluationError(f"{where} repeats video_id {row['video_id']!r} of line {seen[row['video_id']]}")
+        seen[row["video_id"]] = lineno
         rows.append(row)
+        lines.append(lineno)
     if not rows:
-        raise ValueError(f"{path}: no predictions")
+        raise EvaluationError(f"{path} holds no predictions (an empty file)")
+    lacking = [lineno for row, lineno in zip(rows, lines) if "free" not in row]
+    if lacking and len(lacking) < len(rows):
+        raise EvaluationError(f"{path}: line {lacking[0]} has no free answer where other lines have one")
     return rows
+
+
+def _checked_row(row: dict, where: str, emotions, intents) -> dict:
+    """``row`` with each answer field present; an error for a missing reference or a wrong type."""
+    missing = [f for f in REFERENCES if f not in row]
+    if missing:
+        raise EvaluationError(f"{where} lacks {missing}: a reference is needed to score the answer")
+    _expect(row, where, "video_id", str)
+    _expect(row, where, "ref_explanation", str)
+    for field, labels in (("ref_emotion", emotions), ("ref_intent", intents)):
+        _expect(row, where, field, str)
+        if labels.normalize(row[field]) is None:
+            raise EvaluationError(f"{where}: {field} {row[field]!r} is none of the config's {labels.kind} labels "
+                                  f"{list(labels.labels)} (nor their synonyms)")
+    row = {**row, **_answers(row, where)}
+    if "free" in row:
+        if not isinstance(row["free"], dict):
+            raise EvaluationError(f"{where}: free is a JSON {_json_type(row['free'])}, expected an object")
+        row["free"] = {**row["free"], **_answers(row["free"], f"{where} free")}
+    return row
+
+
+def _answers(row: dict, where: str) -> dict:
+    """The answer fields of ``row``, None where missing (an invalid answer); a wrong type is an error."""
+    for field in ANSWERS:
+        if row.get(field) is not None:
+            _expect(row, where, field, str)
+    _expect(row, where, "text", str)
+    _expect(row, where, "cut_off", bool)
+    return {field: row.get(field) for field in ANSWERS}
+
+
+def _expect(row: dict, where: str, field: str, kind: type) -> None:
+    """A field that is present has the JSON type of ``kind``."""
+    if field in row and not isinstance(row[field], kind):
+        raise EvaluationError(f"{where}: {field} is a JSON {_json_type(row[field])}, expected a {JSON_TYPES[kind]}")
+
+
+def _json_type(value) -> str:
+    return JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def check_store_labels(store, path: Path, emotions, intents, config: str) -> None:
+    """The label sets a store was extracted with (its attributes) are the config's, in any order;
+    an error naming both otherwise. ``config`` names where the config came from."""
+    held = store.attrs.get("labels")
+    if held is None:
+        return
+    for key, labels in (("emotions", emotions), ("intents", intents)):
+        if set(held.get(key, ())) != set(labels.labels):
+            raise EvaluationError(f"{path} was extracted with the {labels.kind} labels {held.get(key)}, but {config} "
+                                  f"has {list(labels.labels)}: evaluate on a store of the checkpoint's label sets")
+
+
+def check_out(out: Path) -> None:
+    """``out`` can be (or become) the folder of the outputs: not a file, nor under one."""
+    out = Path(out)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise EvaluationError(f"--out {out}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK):
+                raise EvaluationError(f"--out {out}: {folder} is not writable")
+            return
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A folder to write the outputs into: ``OUT/.outputs.partial-<pid>``. On leaving without an
+    error its files are renamed into ``OUT``, each replacing its earlier version whole (same
+    folder: atomic), and it is removed. On an error ``OUT`` is left as it was and the partial
+    folder kept (predictions written before scoring failed are not lost; the error's note names
+    it) until the next run into ``OUT`` removes it, as it removes those of killed runs."""
+    out = Path(out)
+    check_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_dead_partials(out / STAGING)
+    partial = out / f"{STAGING}{PARTIAL}{os.getpid()}"
+    partial.mkdir()
+    try:
+        yield partial
+    except BaseException as err:
+        err.add_note(f"the outputs written so far are in {partial}")
+        raise
+    for file in sorted(partial.iterdir(), key=lambda f: f.name == "results.json"):  # results.json last
+        os.replace(file, out / file.name)
+    partial.rmdir()
 
 
 def score(rows: list[dict], emotions, intents, eval_cfg) -> dict[str, Any]:
@@ -74,6 +208,10 @@ def _classification(rows: list[dict], emotions, intents) -> dict[str, Any]:
     correct = {}
     for kind, labels in (("emotion", emotions), ("intent", intents)):
         refs = [labels.normalize(r[f"ref_{kind}"]) or r[f"ref_{kind}"] for r in rows]
+        unknown = [(r["video_id"], ref) for r, ref in zip(rows, refs) if ref not in labels.labels]
+        if unknown:
+            raise EvaluationError(f"{len(unknown)} references are not {kind} labels of the config "
+                                  f"{list(labels.labels)} (first: clip {unknown[0][0]!r}, {unknown[0][1]!r})")
         preds = [labels.normalize(r[kind]) if r[kind] else None for r in rows]
         results[kind] = classification_report(refs, preds, labels.labels)
         correct[kind] = [p == t for p, t in zip(preds, refs)]

@@ -10,7 +10,8 @@ ablations); a clip without audio (``has_audio`` 0) gives the audio LQ-Former its
 (plus any ``lora_modules_to_save``) train. A checkpoint is a folder: ``trainable.safetensors``
 (LQ-Formers + projections), ``adapter/`` (peft ``save_pretrained``), ``xmei_model.json`` (the
 settings: the config's model section as it is, and stage 1's feature facts) and ``config.yaml``
-(the resolved run config, when given); loading never unpickles.
+(the resolved run config, when given); loading never unpickles, and checks every file first
+(``verify_checkpoint``, xmei.checkpoint): a damaged one is an error naming it.
 
 The two placeholders are the only tokens added to the LLM's tokenizer (the delimiters are plain
 text). Where the embedding table has no spare rows for them it grows, and the new input and
@@ -27,15 +28,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from xmei.checkpoint import (ADAPTER_FILES, CHECKPOINT_FILES, CheckpointError, check_files, check_safetensors,
+                             check_tensors, checkpoint_folder, loading, read_json)
 from xmei.config import ModelConfig
 from xmei.distributed import llm_dtype
 from xmei.lqformer import LQFormer, LQFormerConfig
 from xmei.prompt import AUDIO_TOKEN, PLACEHOLDER_TOKENS, VIDEO_TOKEN, PromptBuilder
 
-__all__ = ["CHECKPOINT_FILES", "FeatureFacts", "XMEIQwen", "XMEISettings"]
+__all__ = ["CHECKPOINT_FILES", "FeatureFacts", "XMEIQwen", "XMEISettings", "verify_checkpoint"]
 
-CHECKPOINT_FILES = {"settings": "xmei_model.json", "trainable": "trainable.safetensors", "adapter": "adapter",
-                    "llm": "llm", "config": "config.yaml"}
 MODALITIES = ("video", "audio")
 PLACEHOLDERS = dict(zip(MODALITIES, (VIDEO_TOKEN, AUDIO_TOKEN)))
 
@@ -69,6 +70,13 @@ class XMEISettings:
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m in MODALITIES if m in self.model.modalities)
 
+    @property
+    def llm_part(self) -> str | None:
+        """What of the LLM a checkpoint holds: "adapter" (LoRA), "llm" (the whole LLM trained) or
+        None (frozen: the base LLM alone)."""
+        m = self.model
+        return None if m.frozen_llm else "adapter" if m.use_lora else "llm"
+
     def queries(self, modality: str) -> int:
         """Placeholder tokens (LQ-Former outputs) of a modality; 0 when the model does not use it."""
         if modality not in self.modalities:
@@ -95,17 +103,32 @@ class XMEISettings:
 
     @classmethod
     def from_json(cls, data: dict, source: Path) -> "XMEISettings":
-        """Back from ``to_json``; a checkpoint of an earlier layout or unknown keys are an error."""
-        if set(data) != {"model", "features"}:
-            raise ValueError(f"{source}: model settings of an earlier xmei (keys {sorted(data)[:4]}...); "
-                             "retrain with this version")
+        """Back from ``to_json``; a checkpoint of an earlier layout or unknown keys are a CheckpointError."""
+        if set(data) != {"model", "features"} or not all(isinstance(data[k], dict) for k in data):
+            raise CheckpointError(f"{source}: model settings of an earlier xmei (keys {sorted(data)[:4]}...); "
+                                  "retrain with this version")
         known = {f.name: f for f in fields(ModelConfig)}
         unknown = sorted(set(data["model"]) - set(known))
         if unknown:
-            raise ValueError(f"{source}: unknown model settings {unknown} (a newer xmei?)")
+            raise CheckpointError(f"{source}: unknown model settings {unknown} (a newer xmei?)")
         paths = {name for name, f in known.items() if "Path" in str(f.type)}
         model = {k: Path(v) if k in paths and v is not None else v for k, v in data["model"].items()}
-        return cls(ModelConfig(**model), FeatureFacts(**data["features"]))
+        try:
+            return cls(ModelConfig(**model), FeatureFacts(**data["features"]))
+        except TypeError as e:  # a feature fact missing or unknown
+            raise CheckpointError(f"{source}: model settings of another xmei: {e}") from None
+
+
+def verify_checkpoint(folder: str | Path, config: bool = True) -> XMEISettings:
+    """The settings of a checkpoint folder, after the cheap checks of every file it needs (present,
+    JSON / YAML parse, safetensors headers match their files' sizes; config.yaml when ``config``):
+    a damaged file, a folder that is not a checkpoint, settings of another layout are a
+    CheckpointError naming it. The tensors are not read."""
+    folder = checkpoint_folder(folder)
+    file = folder / CHECKPOINT_FILES["settings"]
+    settings = XMEISettings.from_json(read_json(file), file)
+    check_files(folder, settings.llm_part, config)
+    return settings
 
 
 def _add_placeholders(llm: nn.Module, tokenizer) -> None:
@@ -255,37 +278,72 @@ class XMEIQwen(nn.Module):
     @classmethod
     def from_checkpoint(cls, folder: str | Path, llm: str | None = None, trainable: bool = False,
                         device: torch.device | str = "cpu") -> "XMEIQwen":
-        """Restore a checkpoint onto ``device``; ``llm`` overrides the base LLM folder recorded in it."""
-        from peft import PeftModel
+        """Restore a checkpoint onto ``device``; ``llm`` overrides the base LLM folder recorded in it.
+        Every file is checked before it loads (``verify_checkpoint``), and a load that still fails
+        names its file: a CheckpointError."""
+        from peft import PeftConfig, get_peft_model
 
         folder = Path(folder)
-        file = folder / CHECKPOINT_FILES["settings"]
-        settings = XMEISettings.from_json(json.loads(file.read_text()), file)
+        settings = verify_checkpoint(folder, config=False)
         if llm is not None:
             settings.model.llama_model_path = Path(llm)
-        full = folder / CHECKPOINT_FILES["llm"]
-        base, tokenizer = _load_llm(str(full) if full.is_dir() else str(settings.model.llama_model_path),
-                                    torch.device(device))
-        adapter = folder / CHECKPOINT_FILES["adapter"]
+        if settings.llm_part == "llm":
+            source = folder / CHECKPOINT_FILES["llm"]
+        else:
+            source = settings.model.llama_model_path
+            if source is None or not Path(source).is_dir():
+                said = "given" if llm is not None else f"recorded in {folder / CHECKPOINT_FILES['settings']}"
+                raise CheckpointError(f"the base LLM folder {source} ({said}) does not exist (moved or deleted?): "
+                                      "point at it with --set model.llama_model_path=DIR or --models DIR")
+        with loading(source):
+            base, tokenizer = _load_llm(str(source), torch.device(device))
         bare = copy.deepcopy(settings)  # built without an adapter, which loads next
         bare.model.use_lora, bare.model.frozen_llm, bare.model.caption_embeddings_from = False, True, None
         model = cls(bare, base, tokenizer)
         model.settings = settings
-        if adapter.is_dir():  # the adapter's weights load onto the base model's device
-            model.llm = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
-        elif full.is_dir():
+        if settings.llm_part == "adapter":  # as PeftModel.from_pretrained, the weights checked before they load
+            lora_file = folder / CHECKPOINT_FILES["adapter"] / ADAPTER_FILES["config"]
+            with loading(lora_file):
+                lora = PeftConfig.from_pretrained(str(lora_file.parent))
+                lora.inference_mode = not trainable
+                lora.base_model_name_or_path = base.name_or_path  # the base LLM where it is now: no warning
+                model.llm = get_peft_model(base, lora)
+            model.load_adapter(folder)  # onto the base model's device
+            if not trainable:
+                model.llm.eval()
+        elif settings.llm_part == "llm":
             model.llm.requires_grad_(trainable)
         model.load_trainable(folder)
         return model
 
     def load_trainable(self, folder: str | Path) -> None:
-        """Load the LQ-Formers and projections of a checkpoint folder, checking every key."""
+        """Load the LQ-Formers and projections of a checkpoint folder; the file's names and shapes
+        are checked against this model's first (another model size is an error naming the file)."""
         from safetensors.torch import load_file
 
-        weights = load_file(Path(folder) / CHECKPOINT_FILES["trainable"])
-        for name, module in self.trainable_modules().items():
-            part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
-            result = module.load_state_dict(part, strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise ValueError(f"{folder}: {name} weights missing {result.missing_keys}, "
-                                 f"unexpected {result.unexpected_keys}")
+        file = Path(folder) / CHECKPOINT_FILES["trainable"]
+        modules = self.trainable_modules()
+        check_tensors(file, check_safetensors(file), {f"{name}.{k}": tuple(v.shape) for name, module in modules.items()
+                                                      for k, v in module.state_dict().items()})
+        with loading(file):
+            weights = load_file(file)
+            for name, module in modules.items():
+                module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")})
+
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The LoRA adapter's tensors as a checkpoint holds them (peft's names, no embedding rows)."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.llm, save_embedding_layers=False)
+        return {k: tuple(v.shape) for k, v in state.items()}
+
+    def load_adapter(self, folder: str | Path) -> None:
+        """Load a checkpoint folder's LoRA adapter weights into this model's adapter, their names
+        and shapes checked first (peft itself only warns about missing ones)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        file = Path(folder) / CHECKPOINT_FILES["adapter"] / ADAPTER_FILES["weights"]
+        check_tensors(file, check_safetensors(file), self.adapter_shapes())
+        with loading(file):
+            set_peft_model_state_dict(self.llm, load_file(file))

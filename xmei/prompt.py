@@ -11,8 +11,16 @@ Assistant target:
 
 ``chat`` renders the user message through the tokenizer's chat template; ``plain`` writes
 ``###Human: {user} ###Assistant: `` as the published code did. Labels are -100 everywhere but on
-the target (and its end-of-turn token). Past ``max_length`` the subtitle is cut, never the
-placeholders or the target. A batch is padded to its own longest sequence.
+the target (and its end-of-turn token). A batch is padded to its own longest sequence.
+
+Past ``max_length`` a sample is cut, in this order (``Encoded.truncated`` says it was):
+1. the subtitle, from its end, down to nothing;
+2. then the explanation, from its end: the target becomes "The user's emotion is {emotion},
+   intent is {intent}. The underlying reason is: {the explanation's first tokens}" + end token.
+The placeholders, the rest of the prompt, the labels' head (up to "is:") and the end token are
+never cut, so the loss always covers the emotion and the intent. A sample whose fixed prompt,
+head and end token alone exceed ``max_length`` cannot be made: :class:`PromptError` (the
+trainer checks every label pair of the sets at start-up). A generation prompt cuts its subtitle.
 """
 from __future__ import annotations
 
@@ -21,14 +29,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["IGNORE", "PLACEHOLDER_TOKENS", "PromptBuilder", "answer_text", "collate", "user_text"]
+from xmei.errors import UserError
+
+__all__ = ["IGNORE", "PLACEHOLDER_TOKENS", "PromptBuilder", "PromptError", "answer_text", "collate", "user_text"]
 
 IGNORE = -100
 VIDEO_TOKEN, AUDIO_TOKEN = "<ImageHere>", "<AudioHere>"
 PLACEHOLDER_TOKENS = (VIDEO_TOKEN, AUDIO_TOKEN)
 QUESTION = (' The subtitle of this video is "{subtitle}". Identify the speaker\'s emotion and intent based on '
             "the {sources}. Then, provide a reasoning explaining why they co-occur.")
-ANSWER = "The user's emotion is {emotion}, intent is {intent}. The underlying reason is: {explanation}."
+ANSWER_HEAD = "The user's emotion is {emotion}, intent is {intent}. The underlying reason is:"
+ANSWER = ANSWER_HEAD + " {explanation}."
 _SUBTITLE = "\x00subtitle\x00"  # a sentinel that no template or tokenizer produces
 
 
@@ -45,15 +56,21 @@ def answer_text(emotion: str, intent: str, explanation: str) -> str:
     return ANSWER.format(emotion=emotion, intent=intent, explanation=explanation.strip().rstrip("."))
 
 
+class PromptError(UserError, ValueError):
+    """A max_length that cannot hold the fixed parts of a prompt or of a sample."""
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False  # the subtitle or the explanation was cut to fit max_length
 
 
 class PromptBuilder:
     """Token ids of prompt + target for one sample, built from pieces so that only the subtitle
-    is ever cut: [prefix][subtitle][suffix][target][end]. 0 queries: the modality is not used."""
+    and the explanation are ever cut: [prefix][subtitle][suffix][target][end]. 0 queries: the
+    modality is not used."""
 
     def __init__(self, tokenizer, video_queries: int, audio_queries: int, prompt_format: str = "chat",
                  max_length: int = 1024):
@@ -77,26 +94,47 @@ class PromptBuilder:
                                  f"is {token} a special token of the tokenizer?")
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # verbose=False: a text past the model's length is no mistake here (it is cut), so no warning
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def prompt(self, subtitle: str, budget: int | None = None) -> list[int]:
         """Prompt ids for generation, the subtitle cut to fit ``budget`` tokens (default max_length)."""
         budget = self.max_length if budget is None else budget
         room = budget - len(self.prefix) - len(self.suffix)
         if room < 0:
-            raise ValueError(f"max_length {self.max_length} cannot hold the prompt's "
-                             f"{len(self.prefix) + len(self.suffix)} fixed tokens")
+            raise PromptError(f"max_length {self.max_length} cannot hold the prompt's "
+                              f"{len(self.prefix) + len(self.suffix)} fixed tokens")
         return self.prefix + self._ids(subtitle)[:room] + self.suffix
 
+    def required_length(self, emotion: str, intent: str) -> int:
+        """The fewest tokens a sample with these labels takes: the fixed prompt, the answer's head
+        (up to "is:") and the end token, the subtitle and the explanation cut away."""
+        head = self._ids(ANSWER_HEAD.format(emotion=emotion, intent=intent))
+        return len(self.prefix) + len(self.suffix) + len(head) + len(self.end)
+
     def encode(self, subtitle: str, emotion: str, intent: str, explanation: str) -> Encoded:
-        target = self._ids(answer_text(emotion, intent, explanation)) + self.end
-        prompt = self.prompt(subtitle, self.max_length - len(target))
-        return Encoded(prompt + target, [IGNORE] * len(prompt) + target)
+        """Prompt + target ids, and labels (-100 on the prompt), cut to ``max_length`` by the rule
+        of the module docstring. Raises :class:`PromptError` when even the cut sample cannot fit."""
+        target = self._ids(answer_text(emotion, intent, explanation))  # without the end token
+        subtitle_ids = self._ids(subtitle)
+        room = self.max_length - len(self.prefix) - len(self.suffix) - len(self.end)  # subtitle + target
+        truncated = len(subtitle_ids) + len(target) > room
+        if truncated:
+            need = self.required_length(emotion, intent)
+            if need > self.max_length:
+                raise PromptError(f"max_length {self.max_length} cannot hold the prompt without its subtitle, the "
+                                  f"answer up to its explanation (emotion {emotion[:40]!r}, intent {intent[:40]!r}) "
+                                  f"and the end token: {need} tokens")
+            target = target[:room]  # need <= max_length: the head is within room, only explanation tokens go
+            subtitle_ids = subtitle_ids[:room - len(target)]  # nothing left of it when the target was cut
+        prompt, target = self.prefix + subtitle_ids + self.suffix, target + self.end
+        return Encoded(prompt + target, [IGNORE] * len(prompt) + target, truncated)
 
 
 def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad ``input_ids``/``labels`` to the batch's longest sequence (right padding) and stack the
-    rest. Each sample: input_ids, labels (lists) and feature arrays / tensors."""
+    rest. Each sample: input_ids, labels (lists) and feature arrays / tensors; scalars (the
+    per-sample flags of :mod:`xmei.data`) become (B,) tensors."""
     longest = max(len(s["input_ids"]) for s in samples)
     ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)

@@ -13,6 +13,13 @@ the step weighs the same, whatever micro-batch or rank it is in) -> agree on the
 non-finite loss on any rank stops every rank) -> clip -> optimizer step -> log -> checkpoint.
 N processes with batch b therefore take the same steps as one process with batch N*b.
 
+No record ends a run: a sample past ``model.max_length`` is cut (subtitle, then explanation; see
+xmei.prompt), one that cannot be made stays in its batch without target tokens (xmei.data) and
+is logged with its clip; each step's record counts both (``truncated``, ``skipped``, over all
+ranks), and so does the validation's. ``strict``: a sample that cannot be made stops every rank
+instead, naming the clip. A max_length too short for the labels of any (emotion, intent) pair is
+refused at start-up.
+
 A checkpoint holds the model checkpoint (safetensors + adapter + config) and the trainer state
 (optimizer, scheduler, each rank's RNG, the data position in samples, and the run's shape:
 processes x batch x accumulation), so ``resume`` continues exactly: the same per-step losses as an
@@ -35,10 +42,10 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 from stores import FeatureStore
-from xmei.data import EpochSampler, StoreSamples, feature_facts, loader
+from xmei.data import FLAGS, EpochSampler, StoreSamples, feature_facts, loader
 from xmei.distributed import Distributed, single_process_env
 from xmei.errors import UserError
-from xmei.model import CHECKPOINT_FILES, XMEIQwen, XMEISettings
+from xmei.model import XMEIQwen, XMEISettings
 from xmei.prompt import IGNORE, collate
 from xmei.schedule import linear_warmup_cosine_lr, resolve_warmup
 
@@ -49,8 +56,11 @@ DEEPSPEED_DIR = "deepspeed"
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
-    """The finished checkpoints of a run, oldest first (a ``.partial`` one was cut off by a kill)."""
-    return sorted(p for p in Path(output_dir).glob("checkpoints/step_*") if not p.name.endswith(".partial"))
+    """The finished checkpoints of a run, oldest first: step_N folders only (a ``.partial`` one was
+    cut off by a kill; one renamed aside, e.g. ``step_N.damaged``, is left alone)."""
+    from xmei.checkpoint import checkpoints as finished
+
+    return finished(output_dir)
 
 
 class TrainError(UserError, RuntimeError):
@@ -95,7 +105,7 @@ def target_tokens(labels: torch.Tensor) -> int:
 
 class Trainer:
     def __init__(self, cfg, stores: list[Path], val_store: Path | None, output_dir: Path, engine: str = "torch",
-                 resume: bool = False, rebatch: bool = False, progress=None):
+                 resume: bool = False, rebatch: bool = False, progress=None, strict: bool = False):
         """Check the inputs; nothing heavy happens before :meth:`setup`."""
         if engine not in ("torch", "deepspeed"):
             raise TrainError(f"--engine must be 'torch' or 'deepspeed', got {engine!r}")
@@ -104,6 +114,7 @@ class Trainer:
         self.cfg, self.stores, self.val_store = cfg, [Path(p) for p in stores], val_store
         self.output_dir, self.engine_name, self.resume, self.rebatch = Path(output_dir), engine, resume, rebatch
         self.progress = progress  # callable(step, total, record) or None
+        self.strict = strict  # a sample that cannot be made is an error, not skipped
         done = checkpoints(self.output_dir)
         if done and not resume:
             raise TrainError(f"{self.output_dir} holds checkpoints already: pass --resume to continue, "
@@ -138,6 +149,16 @@ class Trainer:
             torch.manual_seed(run.seed + self.rank)
         builder = self.model.prompt_builder()
         self.train_data = StoreSamples(self.stores, builder, settings.modalities)
+        labels = self.train_data.labels
+        need, emotion, intent = max((builder.required_length(e, i), e, i)
+                                    for e in labels["emotions"] for i in labels["intents"])
+        if need > builder.max_length:
+            raise TrainError(f"model.max_length {builder.max_length} cannot hold a training sample with the labels "
+                             f"{emotion!r} / {intent!r}: the prompt without its subtitle, the answer up to its "
+                             f"explanation and the end token take {need} tokens; set model.max_length to at least {need}")
+        # samples cut to max_length and samples that could not be made, over all ranks, in this process's run
+        self.faults = {"truncated": 0, "skipped": 0, "val_truncated": 0, "val_skipped": 0}
+        self.skipped_clips: list[dict] = []  # rank 0: {"clip", "reason", "where"} of each skipped sample
         self.train_data.hide_captions(cfg.model.caption_dropout, run.seed)
         if len(self.train_data) == 0:
             raise TrainError(f"no ok clip in {[str(p) for p in self.stores]}")
@@ -254,8 +275,9 @@ class Trainer:
                 more_in_epoch = self.position.samples_in_epoch + per_step <= self.epoch_samples
                 if self.position.step % run.save_every_steps == 0 and more_in_epoch:
                     self.save_checkpoint()
-            record["val_loss"] = self.validate() if self.val_data else None
-            self._log({"epoch": self.position.epoch, "step": self.position.step, "val_loss": record["val_loss"]})
+            val = self.validate() if self.val_data else {"val_loss": None}
+            record["val_loss"] = val["val_loss"]
+            self._log({"epoch": self.position.epoch, "step": self.position.step, **val})
             self.position.epoch, self.position.samples_in_epoch = self.position.epoch + 1, 0
             self.save_checkpoint()
         return record
@@ -265,8 +287,16 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step
         micro = [next(batches) for _ in range(self.shape.gradient_accumulation_steps)]
         waited = time.perf_counter() - start
+        flags = [{k: b.pop(k) for k in FLAGS} for b in micro]  # (B,) each; not model inputs
+        truncated = sum(int(f["truncated"].sum()) for f in flags)
+        skipped = [p for f in flags for p in f["position"][f["skipped"]].tolist()]
         clips, tokens = sum(len(b["input_ids"]) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)
-        counts = self.dist.all_sum(torch.tensor([sum(target_tokens(b["labels"]) for b in micro), clips, tokens, waited]))
+        counts = self.dist.all_sum(torch.tensor([sum(target_tokens(b["labels"]) for b in micro), clips, tokens, waited,
+                                                 truncated, len(skipped)]))
+        where = f"step {self.position.step + 1} (epoch {self.position.epoch})"
+        skipped_clips = self._skipped(self.train_data, skipped, where) if counts[5] else []
+        self.faults["truncated"] += int(counts[4])
+        self.faults["skipped"] += int(counts[5])
         targets = torch.tensor(max(counts[0].item(), 1.0), device=self.device)  # of the whole step, all ranks
         # DDP and DeepSpeed average gradients over ranks (and DeepSpeed over micro-batches): undo it,
         # so the gradient is that of the sum over the step's tokens divided by their number
@@ -305,25 +335,52 @@ class Trainer:
                   "grad_norm": grad_norm,  # before clipping
                   "samples": self.position.samples, "clips_per_s": counts[1].item() / seconds,
                   "tokens": int(counts[2].item()), "target_tokens": int(counts[0].item()),
-                  "data_wait": counts[3].item() / self.world / seconds, "seconds": seconds}
+                  "data_wait": counts[3].item() / self.world / seconds, "seconds": seconds,
+                  "truncated": int(counts[4]), "skipped": int(counts[5])}
+        if skipped_clips:
+            record["skipped_clips"] = skipped_clips
         self._log(record)
         return record
 
+    def _skipped(self, data: StoreSamples, positions: list[int], where: str) -> list[dict]:
+        """Called by every rank when any rank skipped samples (``positions``: this rank's): rank 0
+        returns and keeps every rank's {clip, reason}, the others get []. Under ``strict`` every
+        rank stops instead, rank 0 naming the clips."""
+        mine = [{"clip": data.strings["video_id"][p], "reason": data.failure(p)} for p in positions]
+        gathered = self.dist.gather(mine)
+        clips = [c for part in gathered for c in part] if gathered is not None else []
+        if self.strict:
+            named = "; ".join(f"clip {c['clip']}: {c['reason']}" for c in clips) or "a clip of another rank"
+            raise TrainError(f"--strict: {where}: a sample cannot be made ({named}); the checkpoints written so far "
+                             f"are kept in {self.output_dir}. Without --strict such a sample is skipped and counted")
+        self.skipped_clips += [{**c, "where": where} for c in clips]
+        return clips
+
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean loss per target token over the val store: every ok clip once, split over the ranks,
-        the sums gathered from all of them."""
+    def validate(self) -> dict:
+        """Mean loss per target token over the val store (``val_loss``): every ok clip once, split
+        over the ranks, the sums gathered from all of them; and the samples cut (``val_truncated``)
+        or skipped (``val_skipped``, with ``val_skipped_clips`` when any)."""
         self.model.eval()  # the bare model: no collective inside its forward, so ranks may differ in batches
         sampler = EpochSampler(self.val_data, 0, shuffle=False, rank=self.rank, world=self.world)
-        total = torch.zeros(2)  # loss summed over target tokens, target tokens
+        total = torch.zeros(4)  # loss summed over target tokens, target tokens, samples truncated, skipped
+        skipped = []  # this rank's positions
         for batch in self.loader(self.val_data, sampler, self.cfg.run.batch_size_eval):
+            flags = {k: batch.pop(k) for k in FLAGS}
+            skipped += flags["position"][flags["skipped"]].tolist()
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self.autocast:
                 loss_sum = self.model(batch, num_items_in_batch=1).loss  # divided by 1: the sum
-            total += torch.tensor([loss_sum.item(), target_tokens(batch["labels"])])
+            total += torch.tensor([loss_sum.item(), target_tokens(batch["labels"]), int(flags["truncated"].sum()),
+                                   int(flags["skipped"].sum())])
         self.model.train()
-        loss, count = self.dist.all_sum(total).tolist()
-        return loss / max(count, 1)
+        loss, count, truncated, lost = self.dist.all_sum(total).tolist()
+        where = f"validation after epoch {self.position.epoch}"
+        clips = self._skipped(self.val_data, skipped, where) if lost else []
+        self.faults["val_truncated"] += int(truncated)
+        self.faults["val_skipped"] += int(lost)
+        record = {"val_loss": loss / max(count, 1), "val_truncated": int(truncated), "val_skipped": int(lost)}
+        return {**record, "val_skipped_clips": clips} if clips else record
 
     def _log(self, record: dict) -> None:
         if self.rank != 0:
@@ -332,9 +389,10 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, record["step"])
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["step"])
+                tag = f"val/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}"
+                self.tensorboard.add_scalar(tag, value, record["step"])
+        if self.wandb is not None:  # numbers only: the skipped clips are in train.jsonl
+            self.wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=record["step"])
         if self.progress:
             self.progress(record["step"], self.total_steps, record)
 
@@ -344,6 +402,9 @@ class Trainer:
         """checkpoints/step_NNNNNNN: the model checkpoint + trainer state; keeps the last K."""
         folder = self.output_dir / "checkpoints" / f"step_{self.position.step:07d}"
         partial_folder = folder.with_name(folder.name + ".partial")
+        if self.rank == 0 and partial_folder.exists():  # left by a kill: none of its files may slip in
+            shutil.rmtree(partial_folder)
+        self.dist.barrier()
         if self.engine:  # every rank writes its part of the ZeRO state
             self.engine.save_checkpoint(str(partial_folder / DEEPSPEED_DIR), tag="state",
                                         exclude_frozen_parameters=True)  # not the 7B frozen weights
@@ -368,28 +429,55 @@ class Trainer:
         return folder
 
     def _load_state(self, folder: Path) -> None:
-        from safetensors.torch import load_file
+        """Resume from ``folder``. A damaged file is an error naming it and the earlier checkpoint a
+        resume could start from instead: never a silent fall-back to it, the user decides."""
+        from xmei.checkpoint import CheckpointError
 
-        state = torch.load(folder / STATE_FILE, weights_only=True)  # tensors and plain values only
-        if "shape" not in state:
+        try:
+            self._restore(folder)
+        except CheckpointError as e:
+            earlier = [p for p in checkpoints(self.output_dir) if p.name < folder.name]
+            hint = (f"to resume from {earlier[-1].name} instead, move {folder} out of {folder.parent} (or rename it, "
+                    f"e.g. to {folder.name}.damaged)" if earlier else
+                    "no earlier checkpoint is kept: restore the file, or start a new --output-dir")
+            raise TrainError(f"{e}. {folder.name} cannot be resumed from; {hint}") from e
+
+    def _restore(self, folder: Path) -> None:
+        """Every file checked first (present, whole), then the weights, optimizer, schedule, position, RNG."""
+        from xmei.checkpoint import DAMAGED, CheckpointError, check_deepspeed, check_torch_file, loading
+        from xmei.model import verify_checkpoint
+
+        state_file, deepspeed_dir = folder / STATE_FILE, folder / DEEPSPEED_DIR
+        verify_checkpoint(folder)  # settings, config, trainable weights, adapter
+        check_torch_file(state_file)
+        if self.engine:
+            check_deepspeed(deepspeed_dir / "state", self.rank)
+        with loading(state_file):
+            state = torch.load(state_file, weights_only=True)  # tensors and plain values only
+        if isinstance(state, dict) and "position" in state and "shape" not in state:
             raise TrainError(f"{folder} was written by an earlier xmei whose trainer state lacks the run's shape and "
                              "the samples seen: it cannot be resumed; start a new --output-dir (its weights load "
                              "with `xmei eval --checkpoint`)")
-        saved = Shape(**state["shape"])
+        needed = {"position", "shape", "rng", "cuda_rng", *(() if self.engine else ("optimizer", "scheduler"))}
+        if not isinstance(state, dict) or needed - state.keys():
+            raise CheckpointError(f"{state_file} is not a trainer state of this xmei ({DAMAGED})")
+        with loading(state_file):
+            saved, position = Shape(**state["shape"]), Position(**state["position"])
         if saved != self.shape:
             self._check_rebatch(folder, saved)
         self.model.load_trainable(folder)
         if self.engine:
-            self.engine.load_checkpoint(str(folder / DEEPSPEED_DIR), tag="state", load_module_strict=False)
+            with loading(deepspeed_dir):
+                loaded, _ = self.engine.load_checkpoint(str(deepspeed_dir), tag="state", load_module_strict=False)
+            if loaded is None:  # DeepSpeed only warns
+                raise CheckpointError(f"{deepspeed_dir}: DeepSpeed found no states to load")
         else:
-            from peft import set_peft_model_state_dict
-
-            adapter = folder / CHECKPOINT_FILES["adapter"] / "adapter_model.safetensors"
-            if adapter.exists():
-                set_peft_model_state_dict(self.model.llm, load_file(adapter))
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.position = Position(**state["position"])
+            if self.model.settings.llm_part == "adapter":
+                self.model.load_adapter(folder)
+            with loading(state_file):
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+        self.position = position
         if saved != self.shape:  # the same sample, the schedule at the step these samples make now
             self.position.step = self.position.samples // self.shape.samples_per_step
             self.scheduler.last_epoch = self.position.step

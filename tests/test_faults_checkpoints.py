@@ -1,0 +1,263 @@
+"""Fault suite: damaged checkpoints. `xmei eval`, `predict`, `attention` and `train --resume` on a
+checkpoint with a missing, cut, overwritten or foreign file, a folder that is not a checkpoint,
+a base LLM that moved: each ends with exit status 1 and an error naming the file, no traceback,
+and every file of the run kept as it was."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, config
+from faults import assert_clean_error, assert_kept, snapshot, xmei
+from xmei.train import Trainer
+
+TRAIN = ("run.batch_size_train=4", "run.batch_size_eval=8", "run.num_workers=0", "run.warmup_steps=2",
+         "run.init_lr=2e-3", "run.min_lr=1e-4", "run.warmup_lr=1e-5", "run.max_epoch=1", "run.save_every_steps=3",
+         "run.keep_checkpoints=10", "eval.max_new_tokens=8")
+LAST, EARLIER = "checkpoints/step_0000006", "checkpoints/step_0000003"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, patch_store, tmp_path_factory) -> Path:
+    """One tiny run of one epoch (6 steps): checkpoints step_0000003 and step_0000006. Tests copy it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    trainer = Trainer(config(tiny_models, *TRAIN), [patch_store], None, out)
+    trainer.setup()
+    trainer.train()
+    trainer.cleanup()
+    return out
+
+
+@pytest.fixture
+def run(trained, tmp_path) -> Path:
+    """A copy of the trained run, to damage."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+# ----------------------------------------------------------------------------- damages
+
+def cut(path: Path) -> None:
+    """The first half of the file: a write cut off by a kill or a full disk."""
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def garbage(path: Path) -> None:
+    """As many random bytes as the file had."""
+    path.write_bytes(random.Random(0).randbytes(path.stat().st_size))
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def earlier_layout(path: Path) -> None:
+    """Settings as an earlier xmei wrote them: one flat mapping."""
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data["features"], "llm_path": str(data["model"]["llama_model_path"])}))
+
+
+def newer_layout(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["model"]["mixture_of_lqformers"] = 4
+    path.write_text(json.dumps(data))
+
+
+def other_size(path: Path) -> None:
+    """The same tensors at half the width: a checkpoint of another model size."""
+    save_file({k: v[..., :max(v.shape[-1] // 2, 1)].contiguous() if v.dim() else v for k, v in load_file(path).items()},
+              path)
+
+
+def fewer_keys(path: Path) -> None:
+    weights = load_file(path)
+    save_file({k: v for k, v in sorted(weights.items())[1:]}, path)
+
+
+# one case per kind of damage, spread over the files (each CLI run costs seconds)
+DAMAGES = {  # id: (file in the last checkpoint, damage, words the error says besides the file's path)
+    "settings-missing": ("xmei_model.json", remove, "is missing"),
+    "settings-cut": ("xmei_model.json", cut, "not valid JSON"),
+    "settings-earlier-layout": ("xmei_model.json", earlier_layout, "earlier xmei"),
+    "settings-newer-layout": ("xmei_model.json", newer_layout, "mixture_of_lqformers"),
+    "config-cut": ("config.yaml", cut, "cut off"),
+    "config-garbage": ("config.yaml", garbage, "not UTF-8"),
+    "trainable-cut": ("trainable.safetensors", cut, "cut off"),
+    "trainable-garbage": ("trainable.safetensors", garbage, "not a whole safetensors file"),
+    "trainable-other-model-size": ("trainable.safetensors", other_size, "wrong shapes"),
+    "adapter-folder-missing": ("adapter", remove, "is missing"),
+    "adapter-config-cut": ("adapter/adapter_config.json", cut, "not valid JSON"),
+    "adapter-weights-cut": ("adapter/adapter_model.safetensors", cut, "cut off"),
+    "adapter-weights-fewer-keys": ("adapter/adapter_model.safetensors", fewer_keys, "lacks"),
+}
+
+
+def eval_args(checkpoint: Path, store: Path, out: Path) -> tuple:
+    return "eval", "--checkpoint", checkpoint, "--store", store, "--out", out
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_eval_names_the_damaged_file(case, run, patch_store, tmp_path):
+    name, damage, words = DAMAGES[case]
+    damage(run / LAST / name)
+    kept = snapshot(run)
+    result = xmei(*eval_args(run / LAST, patch_store, tmp_path / "eval"))
+    assert_clean_error(result, run / LAST / name, words)
+    assert_kept(kept)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_predict_and_attention_name_the_damaged_file(run, patch_store, corpus, tmp_path):
+    cut(run / LAST / "trainable.safetensors")
+    kept = snapshot(run)
+    result = xmei("predict", corpus / "videos" / "synth_00000.mp4", "--subtitle", "Hi.", "--checkpoint", run / LAST)
+    assert_clean_error(result, run / LAST / "trainable.safetensors")
+    # the second checkpoint is checked as it loads
+    result = xmei("attention", "--checkpoint", run / EARLIER, "--checkpoint", run / LAST, "--store", patch_store,
+                  "--clip", "synth_00004", "--out", tmp_path / "maps", "--media-root", corpus)
+    assert_clean_error(result, run / LAST / "trainable.safetensors")
+    assert_kept(kept)
+
+
+@pytest.fixture(scope="module")
+def full_llm(trained, tmp_path_factory) -> Path:
+    """A checkpoint of a run that trained the whole LLM (model.use_lora false): its own llm/ folder."""
+    import yaml
+
+    from xmei.model import XMEIQwen, XMEISettings
+
+    source = trained / LAST
+    data = json.loads((source / "xmei_model.json").read_text())
+    data["model"]["use_lora"] = False
+    model = XMEIQwen(XMEISettings.from_json(data, source))
+    folder = tmp_path_factory.mktemp("full") / "step_0000001"
+    model.save_checkpoint(folder, config=yaml.safe_load((source / "config.yaml").read_text()))
+    restored = XMEIQwen.from_checkpoint(folder)  # whole, it loads
+    assert restored.settings.llm_part == "llm" and not hasattr(restored.llm, "peft_config")
+    return folder
+
+
+def test_a_damaged_full_llm_folder_is_named(full_llm, patch_store, tmp_path):
+    checkpoint = Path(shutil.copytree(full_llm, tmp_path / "step_0000001"))
+    cut(checkpoint / "llm" / "model.safetensors")
+    kept = snapshot(checkpoint)
+    result = xmei(*eval_args(checkpoint, patch_store, tmp_path / "eval"))
+    assert_clean_error(result, checkpoint / "llm" / "model.safetensors", "cut off")
+    assert_kept(kept)
+
+
+# ----------------------------------------------------------------------------- not a checkpoint
+
+NEWEST = f"e.g. the newest, --checkpoint {{run}}/{LAST}"
+NOT_CHECKPOINTS = {  # id: (folder given, relative to the run, or None for the tiny models folder; words said)
+    "missing-folder": ("checkpoints/step_0000099", ["does not exist"]),
+    "a-models-folder": (None, ["is not an xmei checkpoint"]),
+    "the-run-folder": (".", ["is a training run's folder", NEWEST]),
+    "a-partial-checkpoint": ("checkpoints/step_0000009.partial", ["cut off while being written",
+                                                                  f"e.g. the newest, {{run}}/{LAST}"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_CHECKPOINTS))
+def test_a_folder_that_is_not_a_checkpoint(case, run, tiny_models, patch_store, tmp_path):
+    where, words = NOT_CHECKPOINTS[case]
+    folder = tiny_models if where is None else run / where
+    if case == "a-partial-checkpoint":  # a kill while step 9 was written: all but config.yaml
+        shutil.copytree(run / LAST, folder, ignore=shutil.ignore_patterns("config.yaml"))
+    kept = snapshot(run)
+    result = xmei(*eval_args(folder, patch_store, tmp_path / "eval"))
+    assert_clean_error(result, folder, *(w.format(run=run) for w in words))
+    assert_kept(kept)
+
+
+def test_a_base_llm_that_moved_is_named_with_how_to_point_at_it(run, tiny_models, patch_store, tmp_path):
+    from xmei.model import XMEIQwen
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_models / "llm", moved)
+    for name in ("xmei_model.json", "config.yaml"):  # recorded where it was before the move
+        file = run / LAST / name
+        file.write_text(file.read_text().replace(str(tiny_models / "llm"), str(tmp_path / "was-here")))
+    kept = snapshot(run)
+    result = xmei(*eval_args(run / LAST, patch_store, tmp_path / "eval"))
+    assert_clean_error(result, f"the base LLM folder {tmp_path / 'was-here'}", "--set model.llama_model_path=DIR",
+                       "--models DIR")
+    assert_kept(kept)
+    assert XMEIQwen.from_checkpoint(run / LAST, llm=moved).settings.model.llama_model_path == moved
+    pointed = xmei(*eval_args(run / LAST, patch_store, tmp_path / "eval"), "--set", f"model.llama_model_path={moved}",
+                   "--set", "eval.max_new_tokens=20")  # as the message says: the run evaluates
+    assert pointed.returncode == 0, pointed.stderr[-3000:]
+    assert (tmp_path / "eval" / "predictions.jsonl").is_file()
+
+
+# ----------------------------------------------------------------------------- train --resume
+
+def resume(tiny_models: Path, store: Path, out: Path, *extra: str):
+    sets = [a for s in (*TRAIN, "run.max_epoch=2") for a in ("--set", s)]
+    return xmei("train", "--config", ROOT / "configs" / "tiny.yaml", "--models", tiny_models, "--store", store,
+                "--output-dir", out, *sets, "--resume", *extra)
+
+
+RESUME_DAMAGES = {  # id: (file in the last checkpoint, damage, words)
+    "state-cut": ("trainer_state.pt", cut, "not a whole torch file"),
+    "adapter-weights-fewer-keys": ("adapter/adapter_model.safetensors", fewer_keys, "lacks"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_DAMAGES))
+def test_resume_names_the_damaged_file_and_the_earlier_checkpoint(case, run, tiny_models, patch_store):
+    name, damage, words = RESUME_DAMAGES[case]
+    damage(run / LAST / name)
+    kept = snapshot(run)
+    result = resume(tiny_models, patch_store, run)
+    assert_clean_error(result, run / LAST / name, words, f"to resume from step_0000003 instead, move {run / LAST} out "
+                                                         f"of {run / 'checkpoints'}")
+    assert_kept(kept)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
+
+
+def test_resume_of_an_earlier_trainer_state_is_refused(run, tiny_models, patch_store):
+    import torch
+
+    state = torch.load(run / LAST / "trainer_state.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "shape"}, run / LAST / "trainer_state.pt")
+    kept = snapshot(run)
+    assert_clean_error(resume(tiny_models, patch_store, run), run / LAST, "earlier xmei")
+    assert_kept(kept)
+
+
+def test_resume_with_deepspeed_needs_the_deepspeed_states(run, tiny_models, patch_store):
+    """A run trained with --engine torch has no DeepSpeed states to resume with --engine deepspeed."""
+    kept = snapshot(run)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    result = xmei("train", "--config", ROOT / "configs" / "tiny.yaml", "--models", tiny_models, "--store", patch_store,
+                  "--output-dir", run, *[a for s in TRAIN for a in ("--set", s)], "--resume", "--engine", "deepspeed",
+                  env=env)
+    assert_clean_error(result, run / LAST / "deepspeed" / "state", "--engine torch")
+    assert_kept(kept)
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_whole_one(run, tiny_models, patch_store):
+    partial = run / "checkpoints" / "step_0000009.partial"  # the kill came while step 9 was written
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes((run / LAST / "trainable.safetensors").read_bytes()[:1000])
+    kept = snapshot(run / EARLIER, run / LAST)
+    result = resume(tiny_models, patch_store, run)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "done: 12 steps" in result.stdout
+    assert_kept(kept)
+    records = [json.loads(line) for line in (run / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))  # on from step 6, once each
+    from xmei.model import verify_checkpoint
+
+    for step in (9, 12):  # written whole this time
+        verify_checkpoint(run / "checkpoints" / f"step_{step:07d}")
