@@ -359,6 +359,10 @@ def eval_cmd(
                                      "[default: eval.constrained]", show_default=False)] = None,
     compare_free: Annotated[bool, typer.Option(help="Also decode freely (twice the generation time), "
                                                     "for results.json's free_decoding.")] = False,
+    html: Annotated[bool, typer.Option("--html", help="Also write OUT/report.html, the browsable page of every "
+                                                      "clip (as `xmei report OUT --store STORE` does).")] = False,
+    media_root: Annotated[Optional[Path], typer.Option(help="With --html: where the clips' videos are, for the "
+                                                            "frames (default as in `xmei attention`).")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
 ):
     """Generate for every ok clip of a store, then score: classification and the six explanation metrics.
@@ -384,6 +388,7 @@ def eval_cmd(
     check_out(out)  # a wrong path or store: an error naming it, before the model loads
     check_store_labels(_open_store(store), store, cfg.emotions, cfg.intents,
                        f"--config {config}" if config else f"the config of {checkpoint}")
+    root = _store_media_root(cfg, media_root, store) if html else None  # a bad root: an error before generating
     dist = _distributed(cfg)
     model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device)
     try:
@@ -413,6 +418,44 @@ def eval_cmd(
             f"{kind} accuracy {free[kind]['accuracy']:.4f} ({free[kind]['invalid']} invalid)"
             for kind in ("emotion", "intent")))
     console.print(f"predictions {out / 'predictions.jsonl'}, results {out / 'results.json'}, report {report}")
+    if html:
+        _write_page(cfg, out, store, root, None)
+
+
+@app.command("report")
+def report_cmd(
+    eval_dir: Annotated[Path, typer.Argument(metavar="EVAL_DIR", help="An evaluation folder (`xmei eval --out` or "
+                                                                      "`xmei score --out`).")],
+    store: Annotated[Optional[Path], typer.Option(help="The evaluated store: subtitles, captions and frames.")] = None,
+    media_root: Annotated[Optional[Path], typer.Option(help="Where the clips' videos are (default as in "
+                                                            "`xmei attention`, from the store's annotation file).")] = None,
+    compare: Annotated[Optional[Path], typer.Option(help="Another evaluation of the same clips: its labels on each "
+                                                         "card and a disagree filter.")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+):
+    """Write EVAL_DIR/report.html: the metric tables, the confusion matrices and a card for every clip
+    (frames, subtitle, captions, reference vs predicted), filterable and sortable in the browser, no server."""
+    cfg = _config(config, set_, models)
+    root = _store_media_root(cfg, media_root, store) if store is not None else None
+    _write_page(cfg, eval_dir, store, root, compare)
+
+
+def _store_media_root(cfg: Config, given: Path | None, store: Path) -> Path | None:
+    """The media root of a store's clips, resolved as `xmei attention` does."""
+    return _media_root(cfg, given, Path(_open_store(store).attrs.get("annotations", ".")))
+
+
+def _write_page(cfg: Config, eval_dir: Path, store: Path | None, root: Path | None, compare: Path | None) -> None:
+    from xmei.report import ASSETS, build_report
+
+    synonyms = {kind: dict(labels.synonyms) for kind, labels in (("emotion", cfg.emotions), ("intent", cfg.intents))}
+    with _progress(disable=store is None) as bar:
+        task = bar.add_task("report", total=None)
+        page = build_report(eval_dir, store=store, media_root=root, compare=compare, synonyms=synonyms,
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+    assets = page.parent / ASSETS
+    size = page.stat().st_size + sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
+    console.print(f"wrote {page} ({size / 1e6:.1f} MB with {ASSETS}/); open it in a browser, no server needed")
 
 
 @app.command("score")
@@ -506,12 +549,11 @@ def attention(
     """Heatmaps of the LQ-Formers' cross-attention: the visual one over each sampled frame's patch
     grid, the audio one over the audio windows on the waveform (each for the models that use it)."""
     from pipeline.decode import MediaError
-    from stores import FeatureStore
     from xmei.attention import draw_attention
 
     cfg = _checkpoint_config(checkpoint[0], config, set_, models)
     device = _distributed(cfg).device
-    root = _media_root(cfg, media_root, Path(FeatureStore(store).attrs.get("annotations", ".")))
+    root = _store_media_root(cfg, media_root, store)
     if root is None:
         _fail("no media root: give --media-root")
     for video_id in clip:

@@ -29,7 +29,7 @@ def test_only_working_commands_are_registered():
 
     group = typer.main.get_command(app)
     assert set(group.commands) == {"config", "synth", "validate", "models", "extract", "stores", "train", "eval",
-                                   "score", "predict", "attention", "demo"}
+                                   "score", "report", "predict", "attention", "demo"}
     assert set(group.commands["models"].commands) == {"tiny"}
     assert set(group.commands["stores"].commands) == {"info", "verify", "export", "import"}
     result = run("models", "--help")

@@ -54,8 +54,9 @@ def xmei(*args, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def test_eval_writes_every_metric_and_score_reproduces_it(checkpoint, patch_store, metric_models, tmp_path):
-    xmei("eval", "--checkpoint", checkpoint, "--store", patch_store, "--out", tmp_path / "eval", *metric_models)
+def test_eval_writes_every_metric_and_score_reproduces_it(checkpoint, patch_store, corpus, metric_models, tmp_path):
+    xmei("eval", "--checkpoint", checkpoint, "--store", patch_store, "--out", tmp_path / "eval", *metric_models,
+         "--html", "--media-root", corpus)
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and {"video_id", "text", "cut_off", "emotion", "intent", "explanation", "ref_emotion",
                                 "ref_intent", "ref_explanation"} <= rows[0].keys()
@@ -78,6 +79,16 @@ def test_eval_writes_every_metric_and_score_reproduces_it(checkpoint, patch_stor
     again = json.loads((tmp_path / "score" / "results.json").read_text())
     for key in ("emotion", "intent", "joint", "explanation", "count", "cut_off"):
         assert again[key] == results[key], key
+
+    # --html: the page of every clip, with its sampled frames (tests/test_report.py checks the page itself)
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert page.count('<article class="card"') == 24 and page.count("<script") == 1
+    frames = sorted((tmp_path / "eval" / "report_files").iterdir())
+    assert len(frames) == 24 * 8 and all(f"report_files/{f.name}" in page for f in frames)
+    # xmei report on `score`'s folder (its results name the predictions file), beside eval's: no disagreement
+    done = xmei("report", tmp_path / "score", "--compare", tmp_path / "eval")
+    assert f"wrote {tmp_path / 'score' / 'report.html'}" in done.stdout
+    assert 'data-disagree="1"' not in (tmp_path / "score" / "report.html").read_text()
 
 
 def test_score_reports_unavailable_metrics_and_still_completes(checkpoint, patch_store, tmp_path):

@@ -1,0 +1,292 @@
+"""`xmei report`: the browsable page of an evaluation, from hand-made predictions (no model).
+
+The page is checked with the standard library's HTML parser: a card per clip, the cards each
+filter selects counted from the rows, confusion cells, escaping, --compare, thumbnails; and a
+2,000-clip page for its build time and size. A real browser is a later increment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stores import create_store
+from test_reader import SPECS
+from xmei.classification import classification_report, joint_report
+from xmei.config import Config
+from xmei.evaluate import write_predictions, write_report
+from xmei.report import ASSETS, ReportError, build_report, clip_rouge_l
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIL = "<script>alert(1)</script>"
+EMOTIONS, INTENTS = Config().emotions, Config().intents
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    """``n`` predictions of every kind: right, one label wrong, both wrong, invalid (null labels
+    and explanation), a label synonym ("joy") as `xmei score` may read."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        ref_e, ref_i = EMOTIONS.labels[i % 7], INTENTS.labels[(i // 7) % 9]
+        kind = int(rng.integers(6))
+        emotion = ref_e if kind in (0, 2) else EMOTIONS.labels[(i + 1 + kind) % 7]
+        intent = ref_i if kind in (0, 1) else INTENTS.labels[(i + 2 + kind) % 9]
+        explanation = f"the speaker sounds {emotion} and is {intent} about clip {i}"
+        if kind == 5:
+            emotion = intent = explanation = None  # an unparsed answer
+        elif emotion == "happy" and kind == 1:
+            emotion = "joy"  # a synonym: the happy label
+        rows.append({"video_id": f"clip_{i:05d}", "text": f"raw answer {i}", "cut_off": kind == 5,
+                     "emotion": emotion, "intent": intent, "explanation": explanation, "ref_emotion": ref_e,
+                     "ref_intent": ref_i, "ref_explanation": f"the speaker is {ref_e} and is {ref_i} in clip {i}"})
+    return rows
+
+
+def canon(label, labels) -> str:
+    return labels.normalize(label) if label else "invalid"
+
+
+def expected(rows: list[dict]) -> dict[str, set[str]]:
+    """The clips each filter must show, computed from the rows."""
+    out = {k: set() for k in ("correct", "emotion", "intent", "both", "invalid")}
+    for r in rows:
+        e_ok = canon(r["emotion"], EMOTIONS) == r["ref_emotion"]
+        i_ok = canon(r["intent"], INTENTS) == r["ref_intent"]
+        out["correct" if e_ok and i_ok else "emotion" if i_ok else "intent" if e_ok else "both"].add(r["video_id"])
+        if r["emotion"] is None or r["intent"] is None:
+            out["invalid"].add(r["video_id"])
+    return out
+
+
+def quick_results(rows: list[dict]) -> dict:
+    """results.json as `score` makes it (its classification functions), the explanation metrics
+    stubbed, one unavailable (the real ones run Java for seconds)."""
+    results = {"count": len(rows), "model": "hand-made"}
+    flags = {}
+    for kind, labels in (("emotion", EMOTIONS), ("intent", INTENTS)):
+        preds = [labels.normalize(r[kind]) if r[kind] else None for r in rows]
+        results[kind] = classification_report([r[f"ref_{kind}"] for r in rows], preds, labels.labels)
+        flags[kind] = [p == r[f"ref_{kind}"] for p, r in zip(preds, rows)]
+    results["joint"] = joint_report(results["emotion"], results["intent"], flags["emotion"], flags["intent"])
+    results["explanation"] = {m: {"value": 0.25} for m in ("bleu4", "meteor", "rouge_l", "cider_d", "bertscore")}
+    results["explanation"]["bleurt"] = {"unavailable": "no eval.bleurt_checkpoint <set>"}
+    return results
+
+
+def eval_folder(path: Path, rows: list[dict], with_report: bool = False) -> Path:
+    """predictions.jsonl and results.json (``with_report``: written by `score`'s write_report, with
+    report.md and the PNGs, as `xmei score` leaves them)."""
+    write_predictions(rows, path / "predictions.jsonl")
+    if with_report:
+        write_report(quick_results(rows), path, EMOTIONS, INTENTS, "test")
+    else:
+        (path / "results.json").write_text(json.dumps(quick_results(rows)))
+    return path
+
+
+def tiny_video(path: Path, frames: int = 10) -> Path:
+    """A real mp4 of ``frames`` 160x120 frames (PyAV)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for k in range(frames):
+            image = np.full((120, 160, 3), 20 * k, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def text_store(path: Path, rows: list[dict]) -> Path:
+    """A store of the rows' clips (texts only; no features are read): the first clip's video is a
+    real mp4, the others' are missing; the second's subtitle holds a script tag."""
+    n = len(rows)
+    texts = {"video_id": [r["video_id"] for r in rows],
+             "subtitle": [EVIL if i == 1 else f"subtitle {i}" for i in range(n)],
+             "video_description": [f"a face, clip {i}" for i in range(n)],
+             "audio_description": [f"a voice, clip {i}" for i in range(n)],
+             "video_path": ["video/clip0.mp4"] + [f"video/missing_{i}.mp4" for i in range(1, n)]}
+    create_store(path, n, 8, SPECS, texts, {}, {"extract": {"num_frames": 4}})
+    return path
+
+
+class Page(HTMLParser):
+    """Cards (their attributes and text), confusion cells, script elements and images of a page."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.cards, self.cells, self.scripts, self.images, self._card = [], [], 0, [], None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "article" and "card" in attrs.get("class", "").split():
+            self._card = {**attrs, "text": ""}
+            self.cards.append(self._card)
+        elif tag == "td" and "data-kind" in attrs:
+            self.cells.append(attrs)
+        elif tag == "script":
+            self.scripts += 1
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        if tag == "article":
+            self._card = None
+
+    def handle_data(self, data):
+        if self._card is not None:
+            self._card["text"] += data
+
+    def ids(self, **attrs) -> set[str]:
+        """video_ids of the cards with these data attributes (data_ref_emotion="sad", ...)."""
+        want = {k.replace("_", "-"): v for k, v in attrs.items()}
+        return {c["text"].split()[0] for c in self.cards if all(c.get(k) == v for k, v in want.items())}
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    rows = make_rows(40)
+    rows[3]["explanation"] = rows[3]["ref_explanation"] = EVIL + " & more"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def page(rows, tmp_path_factory) -> tuple[Page, Path]:
+    base = tmp_path_factory.mktemp("report")
+    folder = eval_folder(base / "eval", rows, with_report=True)
+    tiny_video(base / "media" / "video" / "clip0.mp4")
+    path = build_report(folder, store=text_store(base / "store", rows), media_root=base / "media")
+    return Page(path.read_text()), folder
+
+
+def test_every_clip_has_one_card_and_each_filter_selects_its_clips(rows, page):
+    parsed, _ = page
+    assert [c["text"].split()[0] for c in parsed.cards] == [r["video_id"] for r in rows]
+    want = expected(rows)
+    assert all(want.values())  # every filter has clips here
+    for outcome in ("correct", "emotion", "intent", "both"):
+        assert parsed.ids(data_outcome=outcome) == want[outcome], outcome
+    assert parsed.ids(data_invalid="1") == want["invalid"]
+    for r in rows:  # the label filters: by reference and by predicted label
+        e, i = r["ref_emotion"], canon(r["intent"], INTENTS)
+        assert r["video_id"] in parsed.ids(data_ref_emotion=e) & parsed.ids(data_pred_intent=i)
+    assert len(parsed.ids(data_pred_emotion="happy")) == sum(canon(r["emotion"], EMOTIONS) == "happy" for r in rows)
+    scores = {c["text"].split()[0]: float(c["data-score"]) for c in parsed.cards}
+    assert all(abs(scores[r["video_id"]] - clip_rouge_l(r["explanation"] or "", r["ref_explanation"])) < 1e-4
+               for r in rows)
+
+
+def test_confusion_cells_count_the_rows_and_agree_with_results(rows, page):
+    parsed, folder = page
+    results = json.loads((folder / "results.json").read_text())
+    for kind, labels in (("emotion", EMOTIONS), ("intent", INTENTS)):
+        cells = [c for c in parsed.cells if c["data-kind"] == kind]
+        assert len(cells) == len(labels) * (len(labels) + 1)  # with the invalid column
+        for cell in cells:
+            n = sum(r[f"ref_{kind}"] == cell["data-ref"] and canon(r[kind], labels) == cell["data-pred"] for r in rows)
+            assert int(cell["data-count"]) == n
+            # a cell shows the cards whose reference and predicted labels are the cell's
+            assert len(parsed.ids(**{f"data_ref_{kind}": cell["data-ref"],
+                                     f"data_pred_{kind}": cell["data-pred"]})) == n
+        grid = [[int(c["data-count"]) for c in cells[i * (len(labels) + 1):(i + 1) * (len(labels) + 1)]]
+                for i in range(len(labels))]
+        assert grid == results[kind]["confusion"]
+
+
+def test_texts_show_as_text_and_frames_or_a_note(page):
+    parsed, folder = page
+    assert parsed.scripts == 1  # the page's own
+    html = (folder / "report.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert EVIL in parsed.cards[1]["text"] and EVIL + " & more" in parsed.cards[3]["text"]
+    assert parsed.images == [f"{ASSETS}/000000_{k}.jpg" for k in range(4)]  # clip 0's 4 frames, relative
+    from PIL import Image
+    assert max(Image.open(folder / parsed.images[0]).size) <= 128
+    assert "frames not shown" in parsed.cards[2]["text"] and "missing video file" in parsed.cards[2]["text"]
+    assert "not drawn on this page yet" in html and "unavailable" in html
+
+
+def test_compare_marks_the_clips_whose_labels_differ(rows, tmp_path):
+    other = [dict(r) for r in rows[:-1]]  # the last clip is not in the other evaluation
+    for k in (0, 5, 9):
+        other[k]["intent"] = INTENTS.labels[(INTENTS.labels.index(rows[k]["ref_intent"]) + 1) % 9] \
+            if rows[k]["intent"] is not None and canon(rows[k]["intent"], INTENTS) == rows[k]["ref_intent"] \
+            else rows[k]["ref_intent"]
+    other[12]["emotion"] = None  # now invalid
+    path = build_report(eval_folder(tmp_path / "a", rows), compare=eval_folder(tmp_path / "b", other))
+    parsed = Page(path.read_text())
+    differ = {r["video_id"] for r, o in zip(rows, other)
+              if canon(r["emotion"], EMOTIONS) != canon(o["emotion"], EMOTIONS)
+              or canon(r["intent"], INTENTS) != canon(o["intent"], INTENTS)}
+    assert len(differ) >= 3
+    assert parsed.ids(data_disagree="1") == differ
+    assert "not in the compared evaluation" in parsed.cards[-1]["text"]
+    assert f"({len(differ)} clips answered differently; 1 clips only here, 0 only there)" in path.read_text()
+
+
+def test_a_folder_without_results_or_predictions_is_a_clear_error(rows, tmp_path):
+    folder = eval_folder(tmp_path / "eval", rows[:5])
+    (folder / "predictions.jsonl").unlink()
+    with pytest.raises(ReportError, match="predictions.jsonl does not exist"):
+        build_report(folder)
+    with pytest.raises(ReportError, match="results.json does not exist"):
+        build_report(tmp_path)
+    (folder / "results.json").write_text("{not json")
+    with pytest.raises(ReportError, match="results.json is not valid JSON"):
+        build_report(folder)
+
+
+def xmei(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_cli_report_writes_the_page_and_a_missing_file_ends_cleanly(rows, tmp_path):
+    folder = eval_folder(tmp_path / "eval", rows[:10])
+    done = xmei("report", folder)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {folder / 'report.html'}" in done.stdout and "MB" in done.stdout
+    (folder / "predictions.jsonl").unlink()
+    failed = xmei("report", folder)
+    assert failed.returncode == 1
+    assert "predictions.jsonl does not exist" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_a_2000_clip_page_builds_quickly_and_stays_small(tmp_path):
+    rows = make_rows(2000, seed=1)
+    folder = eval_folder(tmp_path / "eval", rows)
+    start = time.perf_counter()
+    page = build_report(folder)
+    seconds = time.perf_counter() - start
+    size = page.stat().st_size / 1e6
+    print(f"2,000 clips: report.html {size:.2f} MB (no thumbnails), built in {seconds:.1f} s")
+    parsed = Page(page.read_text())
+    assert len(parsed.cards) == 2000
+    assert parsed.ids(data_invalid="1") == expected(rows)["invalid"]
+    assert size < 10 and seconds < 20
+
+
+def test_a_damaged_results_file_is_named(rows, tmp_path):
+    folder = eval_folder(tmp_path / "eval", rows[:5])
+    results = json.loads((folder / "results.json").read_text())
+    del results["joint"]
+    (folder / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ReportError, match=r"results.json lacks a field the report shows \(.*joint"):
+        build_report(folder)
+    (folder / "results.json").write_text("[]")
+    with pytest.raises(ReportError, match="lacks the emotion / intent label lists"):
+        build_report(folder)
