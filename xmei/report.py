@@ -106,7 +106,8 @@ def build_report(eval_dir: Path, store: Path | None = None, media_root: Path | N
     frames_note = _add_store(cards, Path(store), media_root, assets, progress) if store is not None else \
         "no store given: no subtitles, captions or frames (xmei report EVAL_DIR --store STORE)"
     html = _render(eval_dir / "results.json", name=_name(results, eval_dir), results=results,
-                   labels={k: list(v.labels) for k, v in labels.items()}, cards=cards, confusion=confusion, other=other, frames_note=frames_note, not_drawn=NOT_DRAWN,
+                   labels={k: list(v.labels) for k, v in labels.items()}, cards=cards, confusion=confusion,
+                   other=other, frames_note=frames_note, not_drawn=NOT_DRAWN,
                    outcomes=OUTCOMES, invalid=INVALID, titles=TITLES, metric_order=PUBLISHED_ORDER,
                    counts=_counts(cards))
     page = eval_dir / PAGE

@@ -42,10 +42,11 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 from stores import FeatureStore
+from xmei.checkpoint import DAMAGED, CheckpointError, check_deepspeed, check_torch_file, checkpoints, loading
 from xmei.data import FLAGS, EpochSampler, StoreSamples, feature_facts, loader
 from xmei.distributed import Distributed, single_process_env
 from xmei.errors import UserError
-from xmei.model import XMEIQwen, XMEISettings
+from xmei.model import XMEIQwen, XMEISettings, verify_checkpoint
 from xmei.prompt import IGNORE, collate
 from xmei.schedule import linear_warmup_cosine_lr, resolve_warmup
 
@@ -53,14 +54,6 @@ __all__ = ["TrainError", "TrainWarning", "Trainer", "checkpoints"]
 
 STATE_FILE = "trainer_state.pt"  # torch.save of tensors and plain values; loaded with weights_only=True
 DEEPSPEED_DIR = "deepspeed"
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    """The finished checkpoints of a run, oldest first: step_N folders only (a ``.partial`` one was
-    cut off by a kill; one renamed aside, e.g. ``step_N.damaged``, is left alone)."""
-    from xmei.checkpoint import checkpoints as finished
-
-    return finished(output_dir)
 
 
 class TrainError(UserError, RuntimeError):
@@ -431,8 +424,6 @@ class Trainer:
     def _load_state(self, folder: Path) -> None:
         """Resume from ``folder``. A damaged file is an error naming it and the earlier checkpoint a
         resume could start from instead: never a silent fall-back to it, the user decides."""
-        from xmei.checkpoint import CheckpointError
-
         try:
             self._restore(folder)
         except CheckpointError as e:
@@ -444,9 +435,6 @@ class Trainer:
 
     def _restore(self, folder: Path) -> None:
         """Every file checked first (present, whole), then the weights, optimizer, schedule, position, RNG."""
-        from xmei.checkpoint import DAMAGED, CheckpointError, check_deepspeed, check_torch_file, loading
-        from xmei.model import verify_checkpoint
-
         state_file, deepspeed_dir = folder / STATE_FILE, folder / DEEPSPEED_DIR
         verify_checkpoint(folder)  # settings, config, trainable weights, adapter
         check_torch_file(state_file)
