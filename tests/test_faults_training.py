@@ -173,6 +173,18 @@ def test_a_max_length_no_sample_fits_is_refused_at_start_up(tiny_models, long_st
     assert_kept(before)
 
 
+def test_a_store_without_the_features_the_model_uses_is_named(tiny_models, patch_store, tmp_path):
+    store = Path(shutil.copytree(patch_store, tmp_path / "store"))
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["features"]["audio"]  # as a store extracted without audio features says
+    (store / "zarr.json").write_text(json.dumps(meta))
+    before = snapshot(store)
+    result = xmei("train", *TRAIN, "--models", tiny_models, "--store", store, "--output-dir", tmp_path / "run")
+    assert_clean_error(result, f"{store}: no audio features, which model.modalities ['video', 'audio'] needs")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert_kept(before)
+
+
 def test_a_sample_that_cannot_be_made_is_skipped_and_counted(tiny_models, damaged_store, tmp_path):
     store, clip = damaged_store
     out = tmp_path / "run"

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from stores import OK, ClipReader, FeatureStore
+from stores import OK, ClipReader, FeatureStore, StoreError
 from xmei.errors import UserError
 from xmei.prompt import IGNORE, PromptBuilder
 
@@ -94,14 +94,14 @@ class StoreSamples(Dataset):
         for path, store in zip(self.paths, stores):
             lacking = [FEATURES[m] for m in self.modalities if FEATURES[m] not in store.features]
             if lacking:
-                raise ValueError(f"{path}: no {' or '.join(lacking)} features, which model.modalities "
+                raise StoreError(f"{path}: no {' or '.join(lacking)} features, which model.modalities "
                                  f"{list(self.modalities)} needs")
             # a missing or damaged shard file: an error now (no clip decoded), not zeros or a stop mid-epoch
             store.check_files([*(FEATURES[m] for m in self.modalities), "has_audio"])
         facts = [feature_facts(s) for s in stores]
         for path, store, f in zip(self.paths[1:], stores[1:], facts[1:]):
             if f != facts[0] or stores[0].attrs["encoders"] != store.attrs["encoders"]:
-                raise ValueError(f"{path}: features {f} from other encoders or settings than {self.paths[0]}")
+                raise StoreError(f"{path}: features {f} from other encoders or settings than {self.paths[0]}")
         self.facts = facts[0]
         self.labels = stores[0].attrs["labels"]
         self.shard_size = [s.shard_size for s in stores]
