@@ -1,10 +1,10 @@
-"""Classification metrics for the parsed emotion / intent, in numpy.
+"""Classification metrics for the parsed emotion / intent, on scikit-learn.
 
-Invalid predictions (None: the answer named no known label) count as wrong. The definitions are
-scikit-learn's with ``labels=labels, zero_division=0`` where an invalid prediction is an extra
-class string outside ``labels``: it lowers accuracy and the recall of its reference class, but is
-not a class of its own in the averages. Like scikit-learn, the macro averages (``macro_f1``,
-``uar``) include every label given, so a label with no reference sample contributes 0.
+Invalid predictions (None: the answer named no known label) count as wrong. Every score is
+scikit-learn's with ``labels=labels, zero_division=0``, an invalid prediction being an extra
+class name outside ``labels``: it lowers accuracy and the recall of its reference class, but is
+not a class of its own in the averages. The macro averages (``macro_f1``, ``uar``) include every
+label given, so a label with no reference sample contributes 0.
 """
 from __future__ import annotations
 
@@ -12,18 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 __all__ = ["INVALID", "classification_report", "correct", "joint_report", "plot_confusion"]
 
 INVALID = "invalid"  # name of the confusion matrix's last column
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """num / den elementwise, 0 where den is 0."""
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    out = np.zeros_like(num)
-    np.divide(num, den, out=out, where=den > 0)
-    return out
 
 
 def correct(references: Sequence[str], predictions: Sequence[str | None]) -> list[bool]:
@@ -42,43 +35,41 @@ def classification_report(references: Sequence[str], predictions: Sequence[str |
     ints / floats (JSON-ready). Raises ValueError on different lengths, a reference outside
     ``labels``, or a prediction that is neither None nor in ``labels``.
     """
-    labels = tuple(labels)
+    labels = list(labels)
     if len(set(labels)) != len(labels):
-        raise ValueError(f"labels repeat: {list(labels)}")
+        raise ValueError(f"labels repeat: {labels}")
     if len(references) != len(predictions):
         raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
-    index = {label: i for i, label in enumerate(labels)}
-    k = len(labels)
-    unknown_refs = sorted({r for r in references if r not in index}, key=str)
+    unknown_refs = sorted(set(references) - set(labels), key=str)
     if unknown_refs:
-        raise ValueError(f"reference labels {unknown_refs} are not in {list(labels)}")
-    unknown_preds = sorted({p for p in predictions if p is not None and p not in index}, key=str)
+        raise ValueError(f"reference labels {unknown_refs} are not in {labels}")
+    unknown_preds = sorted(set(predictions) - set(labels) - {None}, key=str)
     if unknown_preds:
-        raise ValueError(f"predicted labels {unknown_preds} are neither None (invalid) nor in {list(labels)}")
+        raise ValueError(f"predicted labels {unknown_preds} are neither None (invalid) nor in {labels}")
 
-    rows = np.fromiter((index[r] for r in references), dtype=np.int64, count=len(references))
-    cols = np.fromiter((k if p is None else index[p] for p in predictions), dtype=np.int64, count=len(predictions))
-    confusion = np.zeros((k, k + 1), dtype=np.int64)
-    np.add.at(confusion, (rows, cols), 1)
-
-    count = len(references)
-    tp = np.diag(confusion[:, :k]).astype(np.int64)
-    support = confusion.sum(axis=1)  # includes the invalid column: those are misses
-    predicted = confusion[:, :k].sum(axis=0)
-    fp, fn = predicted - tp, support - tp
-    precision = _ratio(tp, predicted)
-    recall = _ratio(tp, support)
-    f1 = _ratio(2 * tp, 2 * tp + fp + fn)  # = 2PR/(P+R), as scikit-learn computes it
-    total = support.sum()
+    k, count = len(labels), len(references)
+    if count == 0:  # scikit-learn refuses empty input; every score is 0
+        confusion = np.zeros((k, k + 1), dtype=np.int64)
+        precision = recall = f1 = support = np.zeros(k)
+        accuracy = weighted_f1 = macro_f1 = uar = 0.0
+    else:
+        invalid = "?" * (1 + max(map(len, labels)))  # longer than every label, so not one of them
+        predicted = [invalid if p is None else p for p in predictions]
+        confusion = confusion_matrix(references, predicted, labels=labels + [invalid])[:k]  # (k, k + 1)
+        precision, recall, f1, support = precision_recall_fscore_support(
+            references, predicted, labels=labels, zero_division=0)
+        accuracy = accuracy_score(references, predicted)
+        weighted_f1 = np.average(f1, weights=support)  # what average="weighted" computes
+        macro_f1, uar = f1.mean(), recall.mean()  # average="macro" of F1 and of recall
 
     return {
-        "labels": list(labels),
+        "labels": labels,
         "count": count,
         "invalid": int(confusion[:, k].sum()),
-        "accuracy": float(tp.sum() / count) if count else 0.0,
-        "weighted_f1": float((f1 * support).sum() / total) if total else 0.0,
-        "macro_f1": float(f1.mean()) if k else 0.0,
-        "uar": float(recall.mean()) if k else 0.0,
+        "accuracy": float(accuracy),
+        "weighted_f1": float(weighted_f1),
+        "macro_f1": float(macro_f1),
+        "uar": float(uar),
         "per_class": {
             label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                     "support": int(support[i])}
@@ -123,7 +114,7 @@ def plot_confusion(report: dict, labels: Sequence[str], path: Path, title: str) 
     if matrix.shape != (k, k + 1):
         raise ValueError(f"the confusion matrix is {matrix.shape}, expected {(k, k + 1)} for labels {labels}")
     support = matrix.sum(axis=1, keepdims=True)
-    share = _ratio(matrix, np.broadcast_to(support, matrix.shape))
+    share = matrix / np.maximum(support, 1)  # a row without support is all 0
 
     fig = Figure(figsize=(2.2 + 0.85 * (k + 1), 1.8 + 0.7 * k), dpi=120, layout="constrained")
     ax = fig.add_subplot()
