@@ -419,7 +419,7 @@ def eval_cmd(
             for kind in ("emotion", "intent")))
     console.print(f"predictions {out / 'predictions.jsonl'}, results {out / 'results.json'}, report {report}")
     if html:
-        _write_page(cfg, out, store, root, None)
+        _write_page(cfg, out, store, root, None, model)
 
 
 @app.command("report")
@@ -431,13 +431,24 @@ def report_cmd(
                                                             "`xmei attention`, from the store's annotation file).")] = None,
     compare: Annotated[Optional[Path], typer.Option(help="Another evaluation of the same clips: its labels on each "
                                                          "card and a disagree filter.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="The evaluated checkpoint, with --store: each clip's "
+                                                            "attention maps (only its LQ-Formers load).")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
 ):
     """Write EVAL_DIR/report.html: the metric tables, the confusion matrices and a card for every clip
-    (frames, subtitle, captions, reference vs predicted), filterable and sortable in the browser, no server."""
+    (frames, waveform with its audio windows, attention with --checkpoint, subtitle, captions, reference
+    vs predicted), filterable and sortable in the browser, no server. The filters are kept in the
+    URL's fragment: report.html#outcome=intent shows the intent errors."""
     cfg = _config(config, set_, models)
     root = _store_media_root(cfg, media_root, store) if store is not None else None
-    _write_page(cfg, eval_dir, store, root, compare)
+    model = None
+    if checkpoint is not None:
+        from xmei.model import LQFormers
+
+        if store is None:
+            _fail("--checkpoint draws the attention over a store's clips: give --store too")
+        model = LQFormers.from_checkpoint(checkpoint, _distributed(cfg).device)
+    _write_page(cfg, eval_dir, store, root, compare, model)
 
 
 def _store_media_root(cfg: Config, given: Path | None, store: Path) -> Path | None:
@@ -445,13 +456,14 @@ def _store_media_root(cfg: Config, given: Path | None, store: Path) -> Path | No
     return _media_root(cfg, given, Path(_open_store(store).attrs.get("annotations", ".")))
 
 
-def _write_page(cfg: Config, eval_dir: Path, store: Path | None, root: Path | None, compare: Path | None) -> None:
+def _write_page(cfg: Config, eval_dir: Path, store: Path | None, root: Path | None, compare: Path | None,
+                model=None) -> None:
     from xmei.report import ASSETS, build_report
 
     synonyms = {kind: dict(labels.synonyms) for kind, labels in (("emotion", cfg.emotions), ("intent", cfg.intents))}
     with _progress(disable=store is None) as bar:
         task = bar.add_task("report", total=None)
-        page = build_report(eval_dir, store=store, media_root=root, compare=compare, synonyms=synonyms,
+        page = build_report(eval_dir, store=store, media_root=root, compare=compare, synonyms=synonyms, model=model,
                             progress=lambda done, total: bar.update(task, completed=done, total=total))
     assets = page.parent / ASSETS
     size = page.stat().st_size + sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
@@ -558,7 +570,7 @@ def attention(
         _fail("no media root: give --media-root")
     for video_id in clip:
         try:
-            paths, notes = draw_attention(checkpoint, store, video_id, root, out, device, cfg.model.llama_model_path)
+            paths, notes = draw_attention(checkpoint, store, video_id, root, out, device)
         except (KeyError, ValueError, MediaError) as e:
             _fail(e, 1)
         for note in notes:
@@ -620,6 +632,7 @@ def demo(
         console.print(f"report ({name}): {path}")
     console.print(f"confusion matrices: {', '.join(summary['confusion'])}")
     console.print(f"attention maps: {', '.join(summary['attention'])}")
+    console.print(f"browsable page (every test clip, A+V+T beside the Q-Former; open it in a browser): {summary['page']}")
     console.print(f"elapsed: {summary['seconds'] / 60:.1f} minutes")
 
 

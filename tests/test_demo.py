@@ -29,8 +29,14 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path):
             assert result["invalid"] == 0, name  # one epoch on 28 clips: labels are valid all the same
     assert summary["epochs"] == {"A+V+T": 1, "V+T": 1, "A+T": 1, "Q-Former (learned queries)": 1}
     assert set(summary["check"]["checks"]) and isinstance(summary["check"]["holds"], bool)
-    for path in [*summary["reports"].values(), *summary["confusion"], *summary["attention"]]:
+    for path in [*summary["reports"].values(), *summary["confusion"], *summary["attention"], summary["page"]]:
         assert Path(path).is_file(), path
+    page = Path(summary["page"])  # A+V+T's evaluation beside the Q-Former's, every test clip with its images
+    assert page == tmp_path / "demo" / "eval" / "a_v_t" / "report.html" and "browsable page" in first.stdout
+    html = page.read_text()
+    test_clips = len((page.parent / "predictions.jsonl").read_text().splitlines())
+    assert html.count('<article class="card"') == test_clips and "compared with" in html
+    assert html.count("_attention.jpg") == test_clips
     assert "features zeroed" in first.stdout and "attention maps:" in first.stdout and "chance" in first.stdout
     assert "modality check" in first.stdout and "elapsed:" in first.stdout
     report = (tmp_path / "demo" / "report.md").read_text()

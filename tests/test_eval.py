@@ -80,15 +80,27 @@ def test_eval_writes_every_metric_and_score_reproduces_it(checkpoint, patch_stor
     for key in ("emotion", "intent", "joint", "explanation", "count", "cut_off"):
         assert again[key] == results[key], key
 
-    # --html: the page of every clip, with its sampled frames (tests/test_report.py checks the page itself)
+    # --html: the page of every clip, with its frames, the visual attention over them and, where the
+    # clip has audio, its waveform and windows (tests/test_report.py checks the page itself)
+    from stores import FeatureStore
+
     page = (tmp_path / "eval" / "report.html").read_text()
     assert page.count('<article class="card"') == 24 and page.count("<script") == 1
-    frames = sorted((tmp_path / "eval" / "report_files").iterdir())
-    assert len(frames) == 24 * 8 and all(f"report_files/{f.name}" in page for f in frames)
-    # xmei report on `score`'s folder (its results name the predictions file), beside eval's: no disagreement
-    done = xmei("report", tmp_path / "score", "--compare", tmp_path / "eval")
+    images = {f.name: f for f in (tmp_path / "eval" / "report_files").iterdir()}
+    heard = int(FeatureStore(patch_store).clip_reader("has_audio").read(range(24)).sum())
+    assert 0 < heard < 24 and page.count("no audio: the video has no audio track") == 24 - heard
+    for kind, count in (("frames.jpg", 24), ("attention.jpg", 24), ("audio.png", heard)):
+        assert sum(name.endswith(kind) for name in images) == count, kind
+    assert all(f"report_files/{name}" in page for name in images)
+    assert Image.open(images["000000_attention.jpg"]).size == (8 * 66 - 2, 2 * 66 - 2)  # 8 frames, 2 query groups
+    # xmei report on `score`'s folder (its results name the predictions file), beside eval's: no disagreement;
+    # with --checkpoint only the LQ-Formers load, and they draw the same attention as eval's whole model
+    done = xmei("report", tmp_path / "score", "--compare", tmp_path / "eval", "--store", patch_store,
+                "--media-root", corpus, "--checkpoint", checkpoint)
     assert f"wrote {tmp_path / 'score' / 'report.html'}" in done.stdout
     assert 'data-disagree="1"' not in (tmp_path / "score" / "report.html").read_text()
+    again = {f.name: f.read_bytes() for f in (tmp_path / "score" / "report_files").iterdir()}
+    assert again == {name: f.read_bytes() for name, f in images.items()}
 
 
 def test_score_reports_unavailable_metrics_and_still_completes(checkpoint, patch_store, tmp_path):

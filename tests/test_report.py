@@ -1,13 +1,16 @@
 """`xmei report`: the browsable page of an evaluation, from hand-made predictions (no model).
 
 The page is checked with the standard library's HTML parser: a card per clip, the cards each
-filter selects counted from the rows, confusion cells, escaping, --compare, thumbnails; and a
-2,000-clip page for its build time and size. A real browser is a later increment.
+filter selects counted from the rows, confusion cells, escaping, --compare, images; a 2,000-clip
+page for its build time and size; and in a real headless browser (Debian's chromium, installed
+here when missing): a screenshot, and the page's own script filtering and sorting the cards from
+the URL's fragment, read back from the DOM it leaves.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -110,15 +113,29 @@ def tiny_video(path: Path, frames: int = 10) -> Path:
 
 
 def text_store(path: Path, rows: list[dict]) -> Path:
-    """A store of the rows' clips (texts only; no features are read): the first clip's video is a
-    real mp4, the others' are missing; the second's subtitle holds a script tag."""
+    """A store of the rows' clips (texts only; no features are read): the first two clips' video is
+    a real mp4 without sound, the first's audio a wav file; the others' are missing; the second's
+    subtitle holds a script tag. 4 frames and 3 audio windows of 0.5 s a clip."""
     n = len(rows)
     texts = {"video_id": [r["video_id"] for r in rows],
              "subtitle": [EVIL if i == 1 else f"subtitle {i}" for i in range(n)],
              "video_description": [f"a face, clip {i}" for i in range(n)],
              "audio_description": [f"a voice, clip {i}" for i in range(n)],
-             "video_path": ["video/clip0.mp4"] + [f"video/missing_{i}.mp4" for i in range(1, n)]}
-    create_store(path, n, 8, SPECS, texts, {}, {"extract": {"num_frames": 4}})
+             "video_path": ["video/clip0.mp4"] * 2 + [f"video/missing_{i}.mp4" for i in range(2, n)],
+             "audio_path": ["audio/clip0.wav"] + [""] * (n - 1)}
+    create_store(path, n, 8, SPECS, texts, {}, {"extract": {"num_frames": 4, "num_audio_clips": 3,
+                                                            "audio_clip_seconds": 0.5}})
+    return path
+
+
+def tiny_wav(path: Path, seconds: float = 2.0) -> Path:
+    """A 16 kHz wav: silence, with a loud burst in the second quarter."""
+    import soundfile
+
+    wave = np.zeros(int(16000 * seconds), np.float32)
+    wave[len(wave) // 4:len(wave) // 2] = 0.8 * np.sin(np.arange(len(wave) // 4) / 5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, wave, 16000)
     return path
 
 
@@ -168,6 +185,7 @@ def page(rows, tmp_path_factory) -> tuple[Page, Path]:
     base = tmp_path_factory.mktemp("report")
     folder = eval_folder(base / "eval", rows, with_report=True)
     tiny_video(base / "media" / "video" / "clip0.mp4")
+    tiny_wav(base / "media" / "audio" / "clip0.wav")
     path = build_report(folder, store=text_store(base / "store", rows), media_root=base / "media")
     return Page(path.read_text()), folder
 
@@ -212,11 +230,37 @@ def test_texts_show_as_text_and_frames_or_a_note(page):
     html = (folder / "report.html").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert EVIL in parsed.cards[1]["text"] and EVIL + " & more" in parsed.cards[3]["text"]
-    assert parsed.images == [f"{ASSETS}/000000_{k}.jpg" for k in range(4)]  # clip 0's 4 frames, relative
+    # clips 0 and 1: their 4 frames in one strip (relative links); clip 0 its wav's waveform and windows
+    assert parsed.images == [f"{ASSETS}/{name}" for name in ("000000_frames.jpg", "000000_audio.png",
+                                                              "000001_frames.jpg")]
     from PIL import Image
-    assert max(Image.open(folder / parsed.images[0]).size) <= 128
+    assert Image.open(folder / parsed.images[0]).size == (4 * 96 + 3 * 2, 72)  # 160x120 frames at 72 px high
+    assert "no audio: the video has no audio track" in parsed.cards[1]["text"]
     assert "frames not shown" in parsed.cards[2]["text"] and "missing video file" in parsed.cards[2]["text"]
-    assert "not drawn on this page yet" in html and "unavailable" in html
+    assert "audio not shown" in parsed.cards[2]["text"] and "no model given: no attention maps" in html
+    assert "2.0 s; below, the 3 sampled windows of 0.5 s" in parsed.cards[0]["text"] and "unavailable" in html
+
+
+def test_the_audio_strip_marks_each_sampled_window_over_the_waveform(page):
+    """Each window's lane is grey exactly over the window's span as stage 1 spreads them, and the
+    waveform's envelope is drawn where the sound is loud (the wav's second quarter)."""
+    from PIL import Image
+
+    from pipeline.decode import window_starts
+    from xmei.report import AUDIO_SIZE
+
+    _, folder = page
+    strip = np.asarray(Image.open(folder / ASSETS / "000000_audio.png").convert("RGB")).astype(int)
+    width, wave_height, lane = AUDIO_SIZE
+    assert strip.shape == (wave_height + 4 + 3 * lane, width, 3)
+    starts, size = window_starts(32000, 3, 8000), 8000  # 2 s at 16 kHz, 3 windows of 0.5 s
+    for w, start in enumerate(starts):
+        row = strip[wave_height + 4 + w * lane + 1]
+        grey = np.flatnonzero((row == 170).all(axis=1))
+        assert abs(grey[0] - start * width / 32000) <= 1 and abs(grey[-1] - (start + size) * width / 32000) <= 2
+    inked = (strip[:wave_height] < 200).all(axis=2).sum(axis=0)  # dark pixels per column of the waveform
+    quarter = width // 4
+    assert inked[quarter + 5:2 * quarter - 5].min() > wave_height / 2 > inked[2 * quarter + 5:].max()
 
 
 def test_compare_marks_the_clips_whose_labels_differ(rows, tmp_path):
@@ -290,3 +334,66 @@ def test_a_damaged_results_file_is_named(rows, tmp_path):
     (folder / "results.json").write_text("[]")
     with pytest.raises(ReportError, match="lacks the emotion / intent label lists"):
         build_report(folder)
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+@pytest.fixture(scope="session")
+def chromium() -> list[str]:
+    """Headless chromium's command line; Debian's package is installed when missing (as root)."""
+    if shutil.which("chromium") is None:
+        if os.geteuid() != 0:
+            pytest.fail("the browser tests need chromium: apt-get install chromium (as root)")
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:  # stale package lists
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600, check=True)
+            subprocess.run(install, capture_output=True, timeout=900, check=True)
+    return ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+            "--virtual-time-budget=5000"]
+
+
+def browse(chromium: list[str], page: Path, fragment: str = "", *options: str) -> str:
+    """What chromium prints for the page opened at ``#fragment`` (its DOM with --dump-dom)."""
+    done = subprocess.run([*chromium, *options, f"{page.resolve().as_uri()}{fragment}"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def shown(dom: str) -> list[str]:
+    """video_ids of the cards the page's script left visible, in page order."""
+    return [c["text"].split()[0] for c in Page(dom).cards if "hidden" not in c["class"].split()]
+
+
+def test_the_page_renders_in_a_real_browser(chromium, page, tmp_path):
+    from PIL import Image
+
+    _, folder = page
+    shot = tmp_path / "report.png"
+    browse(chromium, folder / "report.html", "", f"--screenshot={shot}", "--window-size=1280,1600")
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 1600) and shot.stat().st_size > 50_000
+    pixels = np.asarray(image).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 100  # tables, tags and the clip's frames: not a blank or error page
+    # the clip's frames were loaded from report_files/ (relative to the page): a dark 4-frame strip
+    dom = browse(chromium, folder / "report.html", "", "--dump-dom")
+    assert f'src="{ASSETS}/000000_frames.jpg"' in dom and len(Page(dom).cards) == 40
+
+
+def test_the_pages_script_filters_and_sorts_from_the_url(chromium, rows, page):
+    """report.html#outcome=intent shows the intent errors of predictions.jsonl, and only them; labels
+    and sort work the same way, and the counter says how many are shown."""
+    _, folder = page
+    lines = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    want = expected(lines)
+    dom = browse(chromium, folder / "report.html", "#outcome=intent", "--dump-dom")
+    assert set(shown(dom)) == want["intent"] and want["intent"]
+    assert f'<span id="shown">{len(want["intent"])}</span>' in dom
+    happy_both = [r["video_id"] for r in lines if canon(r["emotion"], EMOTIONS) == "happy"
+                  and r["video_id"] in want["both"]]
+    assert happy_both
+    assert shown(browse(chromium, folder / "report.html", "#outcome=both&pred-emotion=happy", "--dump-dom")) == \
+        happy_both
+    ordered = [c for c in Page(browse(chromium, folder / "report.html", "#sort=asc", "--dump-dom")).cards]
+    scores = [float(c["data-score"]) for c in ordered]
+    assert scores == sorted(scores) and len(ordered) == 40

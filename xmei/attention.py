@@ -21,12 +21,12 @@ from PIL import Image
 
 from pipeline.decode import SAMPLE_RATE, read_audio, read_frames, window_starts
 from stores import FeatureStore
-from xmei.model import XMEIQwen
+from xmei.model import LQFormers, XMEIQwen
 
-__all__ = ["attention_maps", "audio_attention", "draw_attention"]
+__all__ = ["attention_maps", "audio_attention", "center_crop", "draw_attention"]
 
 
-def attention_maps(model: XMEIQwen, clip: dict) -> dict[str, np.ndarray]:
+def attention_maps(model: XMEIQwen | LQFormers, clip: dict) -> dict[str, np.ndarray]:
     """{group name: (F, P, P) attention over each frame's patches} for one store clip."""
     if "video" not in model.settings.modalities:
         raise ValueError(f"attention maps are the visual LQ-Former's; this model uses only {model.settings.modalities}")
@@ -44,7 +44,7 @@ def attention_maps(model: XMEIQwen, clip: dict) -> dict[str, np.ndarray]:
     return _groups(model, per_frame)
 
 
-def audio_attention(model: XMEIQwen, clip: dict) -> dict[str, np.ndarray]:
+def audio_attention(model: XMEIQwen | LQFormers, clip: dict) -> dict[str, np.ndarray]:
     """{group name: (W,) attention over the audio windows} for one store clip with audio."""
     if "audio" not in model.settings.modalities:
         raise ValueError(f"audio attention is the audio LQ-Former's; this model uses only {model.settings.modalities}")
@@ -56,7 +56,7 @@ def audio_attention(model: XMEIQwen, clip: dict) -> dict[str, np.ndarray]:
     return _groups(model, _cross_attention(model, "audio", audio, clip))  # (Q, W) -> {group: (W,)}
 
 
-def _cross_attention(model: XMEIQwen, modality: str, features: torch.Tensor, clip: dict) -> torch.Tensor:
+def _cross_attention(model: XMEIQwen | LQFormers, modality: str, features: torch.Tensor, clip: dict) -> torch.Tensor:
     """The LQ-Former's cross-attention weights averaged over layers and heads: (Q, keys)."""
     lqformer = getattr(model, f"{modality}_lqformer").eval()
     device = features.device
@@ -67,7 +67,7 @@ def _cross_attention(model: XMEIQwen, modality: str, features: torch.Tensor, cli
     return torch.stack(out.cross_attentions).mean((0, 2))[0].float().cpu()  # (layers, B, heads, Q, K) -> (Q, K)
 
 
-def _groups(model: XMEIQwen, per_query: torch.Tensor) -> dict[str, np.ndarray]:
+def _groups(model: XMEIQwen | LQFormers, per_query: torch.Tensor) -> dict[str, np.ndarray]:
     """The queries' maps (Q, ...) averaged within the caption and learned groups (or two halves)."""
     language = model.settings.model.query_mode == "language"
     split = model.settings.features.caption_tokens if language else per_query.shape[0] // 2
@@ -76,7 +76,7 @@ def _groups(model: XMEIQwen, per_query: torch.Tensor) -> dict[str, np.ndarray]:
     return {names[0]: per_query[:split].mean(0).numpy(), names[1]: per_query[split:].mean(0).numpy()}
 
 
-def _crop(frame: np.ndarray, size: int = 224) -> np.ndarray:
+def center_crop(frame: np.ndarray, size: int = 224) -> np.ndarray:
     """What CLIP's processor sees: shortest edge to ``size``, then a center crop."""
     image = Image.fromarray(frame)
     scale = size / min(image.size)
@@ -87,12 +87,12 @@ def _crop(frame: np.ndarray, size: int = 224) -> np.ndarray:
 
 
 def draw_attention(checkpoints: list[Path], store_path: Path, video_id: str, media_root: Path, out: Path,
-                   device: torch.device | str = "cpu", llm: Path | None = None) -> tuple[list[Path], list[str]]:
+                   device: torch.device | str = "cpu") -> tuple[list[Path], list[str]]:
     """The PNGs for one clip, each checkpoint loaded onto ``device``: ``attention_<id>.png`` (the
     sampled frames, then a row per checkpoint and query group) when a model uses video, and
     ``audio_attention_<id>.png`` (the waveform, then the windows shaded by attention) when one uses
-    audio; ``llm`` overrides the base LLM folder the checkpoints record. Returns the paths written and a note for each map that could not be drawn; a clip with no
-    map at all is a ValueError giving the reasons."""
+    audio (only their LQ-Formers load, not the LLM). Returns the paths written and a note for each
+    map that could not be drawn; a clip with no map at all is a ValueError giving the reasons."""
     store = FeatureStore(store_path)
     ids = [str(v) for v in store.read_whole("video_id")]
     if video_id not in ids:
@@ -101,7 +101,7 @@ def draw_attention(checkpoints: list[Path], store_path: Path, video_id: str, med
     rows: dict[str, list[tuple[str, np.ndarray]]] = {"video": [], "audio": []}
     notes = []
     for checkpoint in checkpoints:
-        model = XMEIQwen.from_checkpoint(checkpoint, llm=llm, device=device)
+        model = LQFormers.from_checkpoint(checkpoint, device=device)
         for modality, maps_of in (("video", attention_maps), ("audio", audio_attention)):
             if modality not in model.settings.modalities:
                 continue
@@ -145,7 +145,7 @@ def _draw_frames(frames: np.ndarray, rows: list[tuple[str, np.ndarray]], video_i
     for r, (label, maps) in enumerate(rows):
         for c in range(cols):
             ax = axes[r][c]
-            ax.imshow(_crop(frames[c]))
+            ax.imshow(center_crop(frames[c]))
             if maps is not None:
                 heat = maps[c] / max(float(maps[c].max()), 1e-12)
                 ax.imshow(heat, cmap="jet", alpha=0.5, extent=(0, 224, 224, 0), interpolation="bilinear")

@@ -3,7 +3,8 @@
 synthetic corpus -> tiny models -> extract (train / val / test) -> train the seed's table (A+V+T,
 V+T, A+T with language queries, and the learned-query Q-Former) -> eval on test (labels
 constrained; for A+V+T also free decoding, the descriptions removed, the features zeroed, and
-its no-audio clips with the absence flag ignored) -> attention maps -> one report. Every stage
+its no-audio clips with the absence flag ignored) -> attention maps -> one report, and the
+browsable page of A+V+T's evaluation beside the Q-Former's (eval/a_v_t/report.html). Every stage
 reuses what an earlier run left when it is complete (the stores and training resume), so the
 demo is rerunnable.
 
@@ -69,7 +70,8 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
     from xmei.distributed import Distributed
     from xmei.evaluate import score, write_predictions, write_report
     from xmei.generate import GenerationSettings, generate_store, generation_config
-    from xmei.model import XMEIQwen
+    from xmei.model import LQFormers, XMEIQwen
+    from xmei.report import build_report
     from xmei.train import Trainer, checkpoints
 
     began = time.perf_counter()
@@ -134,6 +136,10 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
     clip = next(c for c in _ok_ids(stores / "test") if c not in silent)  # one with audio: both maps
     attention, _ = draw_attention([finished["A+V+T"], finished["Q-Former (learned queries)"]], stores / "test",
                                   clip, data, out / "eval", device)
+    _step(say, "report page")
+    page = build_report(out / "eval" / _slug("A+V+T"), store=stores / "test", media_root=data,
+                        compare=out / "eval" / _slug("Q-Former (learned queries)"),
+                        model=LQFormers.from_checkpoint(finished["A+V+T"], device))
     summary = {"results": {k: {"emotion_accuracy": v["emotion"]["accuracy"], "intent_accuracy": v["intent"]["accuracy"],
                                "emotion_weighted_f1": v["emotion"]["weighted_f1"],
                                "intent_weighted_f1": v["intent"]["weighted_f1"],
@@ -146,7 +152,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
                                                      ("A+V+T", "A+V+T, absent audio not flagged")}},
                "reports": {k: str(out / "eval" / _slug(k) / "report.md") for k in results},
                "confusion": [str(out / "eval" / _slug("A+V+T") / f"confusion_{k}.png") for k in ("emotion", "intent")],
-               "attention": [str(p) for p in attention], "checkpoints": {k: str(v) for k, v in finished.items()},
+               "attention": [str(p) for p in attention], "page": str(page), "checkpoints": {k: str(v) for k, v in finished.items()},
                "seconds": time.perf_counter() - began}
     summary["check"] = _modality_check(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -216,6 +222,7 @@ def _write_report(out: Path, summary: dict) -> Path:
               "- Q-Former (learned queries): the standard Q-Former (32 learnable queries), trained as A+V+T", "",
               "BERTScore: all-MiniLM-L6-v2, layer 6 (a stand-in for roberta-large).", "", "## Files", ""]
     lines += [f"- report ({k}): {v}" for k, v in summary["reports"].items()]
+    lines += [f"- browsable page (A+V+T beside the Q-Former, every clip): {summary['page']}"]
     lines += [f"- confusion matrix: {p}" for p in summary["confusion"]] + [f"- attention map: {p}" for p in summary["attention"]] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

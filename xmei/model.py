@@ -35,7 +35,7 @@ from xmei.distributed import llm_dtype
 from xmei.lqformer import LQFormer, LQFormerConfig
 from xmei.prompt import AUDIO_TOKEN, PLACEHOLDER_TOKENS, VIDEO_TOKEN, PromptBuilder
 
-__all__ = ["CHECKPOINT_FILES", "FeatureFacts", "XMEIQwen", "XMEISettings", "verify_checkpoint"]
+__all__ = ["CHECKPOINT_FILES", "FeatureFacts", "LQFormers", "XMEIQwen", "XMEISettings", "load_weights", "verify_checkpoint"]
 
 MODALITIES = ("video", "audio")
 PLACEHOLDERS = dict(zip(MODALITIES, (VIDEO_TOKEN, AUDIO_TOKEN)))
@@ -117,6 +117,42 @@ class XMEISettings:
             return cls(ModelConfig(**model), FeatureFacts(**data["features"]))
         except TypeError as e:  # a feature fact missing or unknown
             raise CheckpointError(f"{source}: model settings of another xmei: {e}") from None
+
+
+def load_weights(folder: str | Path, modules: dict[str, nn.Module], partial: bool = False) -> None:
+    """Load a checkpoint folder's trainable weights into ``modules`` ({key prefix: module}); the
+    file's names and shapes are checked against the modules' first (another model size is an error
+    naming the file). ``partial``: the file may hold other modules too, which are not read."""
+    from safetensors import safe_open
+
+    file = Path(folder) / CHECKPOINT_FILES["trainable"]
+    found = check_safetensors(file)
+    if partial:
+        found = {k: v for k, v in found.items() if k.split(".", 1)[0] in modules}
+    check_tensors(file, found, {f"{name}.{k}": tuple(v.shape) for name, module in modules.items()
+                                for k, v in module.state_dict().items()})
+    with loading(file), safe_open(str(file), "pt") as weights:
+        for name, module in modules.items():
+            module.load_state_dict({k[len(name) + 1:]: weights.get_tensor(k) for k in found if k.startswith(name + ".")})
+
+
+class LQFormers(nn.Module):
+    """A checkpoint's LQ-Formers without its LLM: all that attention maps need (a 7B LLM is not
+    loaded for them). Attributes as :class:`XMEIQwen`'s: ``settings``, ``video_lqformer``, ..."""
+
+    def __init__(self, settings: XMEISettings):
+        super().__init__()
+        self.settings = settings
+        for modality in settings.modalities:
+            setattr(self, f"{modality}_lqformer", LQFormer(settings.lqformer(modality)))
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path, device: torch.device | str = "cpu") -> "LQFormers":
+        settings = verify_checkpoint(folder, config=False)
+        model = cls(settings)
+        load_weights(folder, {f"{m}_lqformer": getattr(model, f"{m}_lqformer") for m in settings.modalities},
+                     partial=True)
+        return model.to(device).eval()
 
 
 def verify_checkpoint(folder: str | Path, config: bool = True) -> XMEISettings:
@@ -317,18 +353,8 @@ class XMEIQwen(nn.Module):
         return model
 
     def load_trainable(self, folder: str | Path) -> None:
-        """Load the LQ-Formers and projections of a checkpoint folder; the file's names and shapes
-        are checked against this model's first (another model size is an error naming the file)."""
-        from safetensors.torch import load_file
-
-        file = Path(folder) / CHECKPOINT_FILES["trainable"]
-        modules = self.trainable_modules()
-        check_tensors(file, check_safetensors(file), {f"{name}.{k}": tuple(v.shape) for name, module in modules.items()
-                                                      for k, v in module.state_dict().items()})
-        with loading(file):
-            weights = load_file(file)
-            for name, module in modules.items():
-                module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")})
+        """Load the LQ-Formers and projections of a checkpoint folder (:func:`load_weights`)."""
+        load_weights(folder, self.trainable_modules())
 
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
         """The LoRA adapter's tensors as a checkpoint holds them (peft's names, no embedding rows)."""

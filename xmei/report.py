@@ -4,14 +4,21 @@ Reads an evaluation folder (``results.json`` and ``predictions.jsonl`` of `xmei 
 `xmei score`, whose results name the predictions file) and writes beside them::
 
     EVAL_DIR/report.html         the page: metric tables, both confusion matrices, one card a clip
-    EVAL_DIR/report_files/       the sampled frames as ~96 px JPEGs (only with a store and media root)
+    EVAL_DIR/report_files/       a clip's images, small and lazy-loaded (only with a store and media root):
+        <i>_frames.jpg           its sampled frames in a row, 72 px high
+        <i>_attention.jpg        (with a model) the visual LQ-Former's attention over each frame, one row
+                                 per query group: the maps of `xmei attention`, 64 px a frame
+        <i>_audio.png            its waveform with the sampled audio windows marked, one lane a window;
+                                 with a model the lanes are shaded by the audio LQ-Former's attention
 
 The page needs no server and no network: its script and style are inline, its images beside it
 (relative links). Filtering and sorting happen in the browser over data attributes of the cards:
 ``data-outcome`` (correct / emotion / intent / both: which of the two labels are wrong, an invalid
 label counting as wrong), ``data-invalid`` (1: the answer named no label for emotion or intent),
 ``data-ref-emotion`` ... ``data-pred-intent`` (``invalid`` for an invalid prediction),
-``data-score`` (the clip's ROUGE-L, below) and, with ``--compare``, ``data-disagree``.
+``data-score`` (the clip's ROUGE-L, below) and, with ``--compare``, ``data-disagree``. The
+filters and the sort are kept in the URL's fragment (``report.html#outcome=intent&pred-emotion=sad``):
+a link opens the page filtered.
 
 The clip's own explanation score is pycocoevalcap's ROUGE-L (F with beta 1.2) of its parsed
 explanation (empty when invalid) against its reference, on the simple tokenization
@@ -19,7 +26,6 @@ explanation (empty when invalid) against its reference, on the simple tokenizati
 scores, but on PTB tokens where Java runs, so the two can differ slightly.
 
 The HTML comes from ``templates/report.html.j2`` with autoescaping: a clip's texts show as text.
-Attention maps and audio waveforms are not drawn on the page yet (`xmei attention` draws them).
 """
 from __future__ import annotations
 
@@ -29,22 +35,29 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline.decode import SAMPLE_RATE
 from xmei.classification import INVALID
 from xmei.errors import UserError, read_text
 from xmei.evaluate import PUBLISHED_ORDER, TITLES, read_predictions
 from xmei.labels import DEFAULT_SYNONYMS, LabelSet
 
+if TYPE_CHECKING:
+    from xmei.model import LQFormers, XMEIQwen
+
 __all__ = ["ASSETS", "PAGE", "ReportError", "build_report", "clip_rouge_l"]
 
 PAGE = "report.html"
 ASSETS = "report_files"  # thumbnails, linked relative to the page
-THUMB_SIZE = (128, 96)  # the largest a thumbnail may be (width, height); aspect kept
+FRAME_HEIGHT = 72  # px of a frame in the frames strip (aspect kept)
+CELL = 64  # px of a frame's center crop (what CLIP sees) under its attention map
+AUDIO_SIZE = (640, 40, 5)  # the audio strip's width, the waveform's height and a window lane's, px
 OUTCOMES = {"correct": "correct", "emotion": "emotion wrong (intent right)", "intent": "intent wrong (emotion right)",
             "both": "both wrong"}
-NOT_DRAWN = ("The visual LQ-Former's attention over the frames and the audio waveform with its sampled windows are "
-             "not drawn on this page yet; `xmei attention --clip ID` draws them as PNGs.")
 
 
 class ReportError(UserError, ValueError):
@@ -63,7 +76,9 @@ class Card:
     cut_off: bool
     score: float  # clip_rouge_l
     texts: dict[str, str] = field(default_factory=dict)  # subtitle, video / audio description (from a store)
-    thumbs: list[str] = field(default_factory=list)  # paths relative to the page
+    images: dict[str, str] = field(default_factory=dict)  # frames / attention / audio: paths relative to the page
+    attention_rows: list[str] = field(default_factory=list)  # the attention strip's rows, top to bottom
+    audio_lanes: str = ""  # what the audio strip's lanes show
     notes: list[str] = field(default_factory=list)
     other: dict[str, str | None] | None = None  # the compared evaluation's labels and explanation
     disagree: bool = False
@@ -80,12 +95,15 @@ def clip_rouge_l(candidate: str, reference: str) -> float:
 
 def build_report(eval_dir: Path, store: Path | None = None, media_root: Path | None = None,
                  compare: Path | None = None, synonyms: dict[str, dict[str, str]] | None = None,
+                 model: XMEIQwen | LQFormers | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write ``EVAL_DIR/report.html`` (and, with ``store`` and ``media_root``, its thumbnails in
+    """Write ``EVAL_DIR/report.html`` (and, with ``store`` and ``media_root``, its images in
     ``EVAL_DIR/report_files/``); returns the page's path. ``compare``: another evaluation folder of
     the same clips, whose labels each card shows beside these. ``synonyms``: {"emotion": {variant:
     label}, "intent": ...} for predictions files holding label variants (default: the built-in
-    table). Label order is the one the evaluation was scored with (its results.json)."""
+    table). ``model``: the evaluated model (or its :class:`LQFormers`), for the attention over each
+    clip's frames and audio windows. Label order is the one the evaluation was scored with (its
+    results.json)."""
     eval_dir = Path(eval_dir)
     results, rows, labels = _evaluation(eval_dir, synonyms)
     cards = [_card(row, labels) for row in rows]
@@ -103,11 +121,11 @@ def build_report(eval_dir: Path, store: Path | None = None, media_root: Path | N
     assets = eval_dir / ASSETS
     if assets.is_dir():
         shutil.rmtree(assets)  # thumbnails of an earlier page: this page writes its own
-    frames_note = _add_store(cards, Path(store), media_root, assets, progress) if store is not None else \
-        "no store given: no subtitles, captions or frames (xmei report EVAL_DIR --store STORE)"
+    media_note = _add_store(cards, Path(store), media_root, assets, model, progress) if store is not None else \
+        "no store given: no subtitles, captions, frames or audio (xmei report EVAL_DIR --store STORE)"
     html = _render(eval_dir / "results.json", name=_name(results, eval_dir), results=results,
                    labels={k: list(v.labels) for k, v in labels.items()}, cards=cards, confusion=confusion,
-                   other=other, frames_note=frames_note, not_drawn=NOT_DRAWN,
+                   other=other, media_note=media_note,
                    outcomes=OUTCOMES, invalid=INVALID, titles=TITLES, metric_order=PUBLISHED_ORDER,
                    counts=_counts(cards))
     page = eval_dir / PAGE
@@ -196,54 +214,153 @@ def _add_other(cards: list[Card], others: list[Card]) -> None:
 
 
 def _add_store(cards: list[Card], store_path: Path, media_root: Path | None, assets: Path,
-               progress: Callable[[int, int], None] | None) -> str:
-    """Each card's subtitle and captions from the store, and its sampled frames as thumbnails when
-    the media can be read; returns the page's note on the frames."""
+               model: XMEIQwen | LQFormers | None, progress: Callable[[int, int], None] | None) -> str:
+    """Each card's subtitle and captions from the store, and its images when the media can be read;
+    returns the page's note on the images."""
     from stores import FeatureStore
 
     store = FeatureStore(store_path)
     ids = [str(v) for v in store.read_whole("video_id")]
     texts = {name: [str(v) for v in store.read_whole(name)]
-             for name in ("subtitle", "video_description", "audio_description", "video_path")}
+             for name in ("subtitle", "video_description", "audio_description", "video_path", "audio_path")}
     where = {video_id: i for i, video_id in enumerate(ids)}
-    frames = int(store.attrs.get("extract", {}).get("num_frames", 8))
-    note = (f"{frames} sampled frames a clip, downscaled to at most {THUMB_SIZE[0]}x{THUMB_SIZE[1]} px"
-            if media_root is not None else "no media root: no frames (give --media-root)")
+    facts = store.attrs.get("extract", {})
+    if media_root is None:
+        note = "no media root: no frames or audio (give --media-root)"
+    else:
+        note = (f"{facts.get('num_frames', 8)} sampled frames a clip, {FRAME_HEIGHT} px high; the waveform with its "
+                f"{facts.get('num_audio_clips', 8)} sampled audio windows, one lane a window")
+        note += ("; no model given: no attention maps (xmei report --checkpoint DIR)" if model is None else
+                 f"; the attention of the {model.settings.model.query_mode}-query LQ-Formers over frames and windows")
     for done, card in enumerate(cards, start=1):
         i = where.get(card.video_id)
         if i is None:
-            card.notes.append(f"not in the store {store_path}: no subtitle, captions or frames")
+            card.notes.append(f"not in the store {store_path}: no subtitle, captions, frames or audio")
             continue
         card.texts = {name: texts[name][i] for name in ("subtitle", "video_description", "audio_description")}
         if media_root is not None:
-            card.thumbs, problem = _thumbnails(Path(media_root) / texts["video_path"][i], frames, i, assets)
-            if problem:
-                card.notes.append(problem)
+            clip = store[i] if model is not None else {"video_id": card.video_id}
+            paths = {name: texts[name][i] for name in ("video_path", "audio_path")}
+            _add_images(card, i, paths, Path(media_root), facts, assets, model, clip)
         if progress:
             progress(done, len(cards))
     return note
 
 
-def _thumbnails(video: Path, n: int, index: int, assets: Path) -> tuple[list[str], str | None]:
-    """The clip's ``n`` sampled frames (as stage 1 samples them) as JPEGs ``report_files/<index>_<k>.jpg``;
-    no frames and a note when the video cannot be read."""
-    from PIL import Image
+def _add_images(card: Card, index: int, paths: dict[str, str], media_root: Path, facts: dict, assets: Path,
+                model: XMEIQwen | LQFormers | None, clip: dict) -> None:
+    """The card's frames strip, attention strip and audio strip (each a note where it cannot be drawn)."""
+    from pipeline.decode import MediaError, read_audio, read_frames
 
-    from pipeline.decode import MediaError, read_frames
-
-    try:
-        frames = read_frames(video, n)  # (n, H, W, 3) uint8
-    except MediaError as err:
-        return [], f"frames not shown: {err}"
+    if model is not None:
+        from xmei.attention import attention_maps, audio_attention
     assets.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, frame in enumerate(frames):
-        image = Image.fromarray(frame)
-        image.thumbnail(THUMB_SIZE)
-        name = f"{index:06d}_{k}.jpg"
-        image.save(assets / name, quality=80)
-        paths.append(f"{ASSETS}/{name}")
-    return paths, None
+    video = media_root / paths["video_path"]
+    try:
+        frames = read_frames(video, int(facts.get("num_frames", 8)))  # (F, H, W, 3) uint8, as stage 1 samples them
+    except MediaError as err:
+        card.notes.append(f"frames not shown: {err}")
+    else:
+        card.images["frames"] = _save(_frames_strip(frames), assets / f"{index:06d}_frames.jpg")
+        if model is not None and "video" in model.settings.modalities:
+            try:
+                maps = attention_maps(model, clip)  # {group: (F, P, P)}
+            except ValueError as err:
+                card.notes.append(f"attention over the frames not drawn: {err}")
+            else:
+                card.images["attention"] = _save(_attention_strip(frames, maps), assets / f"{index:06d}_attention.jpg")
+                card.attention_rows = list(maps)
+    try:
+        wave = read_audio(media_root / paths["audio_path"] if paths["audio_path"] else None, video)
+    except MediaError as err:
+        card.notes.append(f"audio not shown: {err}")
+        return
+    if wave is None:
+        card.notes.append("no audio: the video has no audio track")
+        return
+    weights = None
+    if model is not None and "audio" in model.settings.modalities:
+        try:
+            weights = audio_attention(model, clip)  # {group: (W,)}
+        except ValueError as err:
+            card.notes.append(f"attention over the audio windows not drawn: {err}")
+    windows, seconds = int(facts.get("num_audio_clips", 8)), float(facts.get("audio_clip_seconds", 1.0))
+    card.images["audio"] = _save(_audio_strip(wave, windows, seconds, weights), assets / f"{index:06d}_audio.png")
+    card.audio_lanes = (f"{len(wave) / SAMPLE_RATE:.1f} s; below, the {windows} sampled windows of {seconds:g} s" +
+                        ("" if weights is None else ", coloured by their share of the attention (green: an even "
+                         "share, red: twice it or more): " + "; ".join(
+                            f"{group} " + " ".join(f"{100 * w / max(v.sum(), 1e-12):.0f}%" for w in v)
+                            for group, v in weights.items())))
+
+
+def _frames_strip(frames: np.ndarray) -> Image.Image:
+    """The frames side by side, ``FRAME_HEIGHT`` px high."""
+    images = [Image.fromarray(f) for f in frames]
+    images = [im.resize((max(1, round(im.width * FRAME_HEIGHT / im.height)), FRAME_HEIGHT), Image.BILINEAR)
+              for im in images]
+    strip = Image.new("RGB", (sum(im.width for im in images) + 2 * (len(images) - 1), FRAME_HEIGHT), "white")
+    x = 0
+    for im in images:
+        strip.paste(im, (x, 0))
+        x += im.width + 2
+    return strip
+
+
+def _attention_strip(frames: np.ndarray, maps: dict[str, np.ndarray]) -> Image.Image:
+    """One row per query group: each frame's center crop (224 px, as CLIP sees it) at ``CELL`` px
+    under its attention map (normalized per frame, jet, half transparent): `xmei attention`'s maps."""
+    from matplotlib import colormaps
+
+    from xmei.attention import center_crop
+
+    crops = [Image.fromarray(center_crop(f)).resize((CELL, CELL), Image.BILINEAR) for f in frames]
+    strip = Image.new("RGB", ((CELL + 2) * len(crops) - 2, (CELL + 2) * len(maps) - 2), "white")
+    for r, heat in enumerate(maps.values()):  # heat: (F, P, P)
+        for c, crop in enumerate(crops):
+            scaled = heat[c] / max(float(heat[c].max()), 1e-12)
+            colour = Image.fromarray((colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8))
+            strip.paste(Image.blend(crop, colour.resize((CELL, CELL), Image.BILINEAR), 0.5),
+                        (c * (CELL + 2), r * (CELL + 2)))
+    return strip
+
+
+def _audio_strip(wave: np.ndarray, windows: int, seconds: float, weights: dict[str, np.ndarray] | None) -> Image.Image:
+    """The waveform's envelope, then per query group (or once, grey, without a model) one lane per
+    window over its span, as stage 1 spreads the windows (:func:`pipeline.decode.window_starts`),
+    coloured by the window's share of the group's attention."""
+    from matplotlib import colormaps
+
+    from pipeline.decode import window_starts
+
+    width, wave_height, lane = AUDIO_SIZE
+    size = int(round(seconds * SAMPLE_RATE))
+    starts = window_starts(len(wave), windows, size)
+    span = max(len(wave), int(starts[-1]) + size)  # samples the strip covers
+    groups = list(weights.values()) if weights else [None]
+    height = wave_height + len(groups) * (windows * lane + 4)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    edges = np.linspace(0, span, width + 1).astype(np.int64)
+    peak = max(float(np.abs(wave).max()), 1e-6)
+    for x in range(width):  # the envelope: each pixel column's lowest and highest sample
+        part = wave[edges[x]:max(edges[x + 1], edges[x] + 1)]
+        if len(part):
+            top, bottom = (wave_height / 2 * (1 - v / peak) for v in (part.max(), part.min()))
+            draw.line([(x, top), (x, bottom)], fill=(90, 90, 90))
+    for g, share in enumerate(groups):
+        y = wave_height + 4 + g * (windows * lane + 4)
+        for w, start in enumerate(starts):  # colour: the uniform share 1 / W mid-scale (green), twice it red
+            colour = (170, 170, 170) if share is None else \
+                tuple(int(255 * v) for v in colormaps["jet"](min(1.0, float(share[w] / share.sum()) * windows / 2))[:3])
+            left, right = start * width / span, (start + size) * width / span
+            draw.rectangle([left, y + w * lane, max(left + 1, right - 1), y + (w + 1) * lane - 2], fill=colour)
+    return image
+
+
+def _save(image: Image.Image, path: Path) -> str:
+    """Write ``image`` (JPEG or PNG by its suffix); its path relative to the page."""
+    image.save(path, **({"quality": 80} if path.suffix == ".jpg" else {"optimize": True}))
+    return f"{ASSETS}/{path.name}"
 
 
 def _counts(cards: list[Card]) -> dict[str, int]:
