@@ -174,7 +174,7 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
         "annotations": str(Path(annotations).resolve()),
         "encoders": encoder_identity(settings, str(cfg.model.caption_tokenizer_path)),
         "preprocess": asdict(preparation(settings)),  # what the decode processes do, from the processors
-        "extract": asdict(cfg.extract),
+        "extract": cfg.extract.model_dump(),
         "labels": {"emotions": list(cfg.emotions.labels), "intents": list(cfg.intents.labels)},
         "fingerprint": fingerprint,
         "created_by": "xmei extract",
@@ -193,7 +193,7 @@ RUN_ONLY = ("batch_size", "device", "workers_per_gpu", "decode_workers", "allow_
 def _stored_settings(cfg) -> dict[str, Any]:
     """The extract settings that decide the stored values and layout (all but RUN_ONLY), as JSON
     gives them back from the store's attributes."""
-    settings = {k: v for k, v in asdict(cfg.extract).items() if k not in RUN_ONLY}
+    settings = {k: v for k, v in cfg.extract.model_dump().items() if k not in RUN_ONLY}
     return json.loads(json.dumps(settings, default=str))
 
 

@@ -21,7 +21,6 @@ import math
 import re
 import zipfile
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 
 import yaml
@@ -132,7 +131,7 @@ def _check_config(path: Path) -> None:
         raw = yaml.safe_load(_text(path))
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path}: not valid YAML ({DAMAGED}): {' '.join(str(e).split())}") from None
-    sections = [f.name for f in fields(Config)]
+    sections = list(Config.model_fields)
     lacking = [s for s in sections if not isinstance(raw, dict) or s not in raw]
     if lacking:
         raise CheckpointError(f"{path}: lacks the config sections {lacking} that xmei writes ({DAMAGED})")

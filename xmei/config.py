@@ -1,4 +1,4 @@
-"""Typed, validated configuration: YAML -> dataclasses.
+"""Typed, validated configuration: YAML -> pydantic models.
 
 The sections and keys of the published XMEI-Qwen config keep their meaning (``model``,
 ``datasets``, ``run``); this project adds local checkpoint paths, media roots and the label
@@ -7,21 +7,23 @@ key (all problems at once). Published keys that mean nothing here are accepted w
 :class:`ConfigWarning` naming them, never silently.
 
     cfg = load_config("configs/tiny.yaml", overrides=["run.init_lr=1e-4"], models_dir="models/tiny")
+
+Each key's type and range is declared on its field; a section's checks across fields are its
+``model_validator``. Values are taken as YAML typed them (strict: ``"3"`` is no int, ``1`` no
+bool; an int is a float); assignment is not validated (code may set a field of a loaded config).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
-import types
-import typing
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Callable, Iterable
 
 import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
+                      ValidationError, model_validator)
 
 from xmei.errors import UserError, read_text
 from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, DEFAULT_SYNONYMS, LabelSet
@@ -65,141 +67,219 @@ class ConfigWarning(UserWarning):
     """A config key that is accepted but means nothing here."""
 
 
-@dataclass
-class ModelConfig:
-    arch: str = "xmeiqwen"
+def _must(test: Callable[[Any], bool], expected: str) -> AfterValidator:
+    """A value check on a field (after its type's): the error reads 'key: <expected>, got <value>'."""
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise ValueError(f"{expected}, got {value!r}")
+        return value
+    return AfterValidator(check)
+
+
+def _one_of(*choices: str) -> AfterValidator:
+    return _must(lambda value: value in choices, " or ".join(map(repr, choices)))
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected int or float, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _dump_path(path: Path, info: Any) -> str:  # to_dict(absolute=True) resolves paths
+    return str(Path(path).resolve() if (info.context or {}).get("absolute") else path)
+
+
+# A path: YAML gives a non-empty string, kept relative as written (resolved against the working folder).
+_Path = Annotated[Path, BeforeValidator(lambda v: Path(v) if isinstance(v, str) and v else v),
+                  PlainSerializer(_dump_path, when_used="json")]
+_Key = Annotated[str, BeforeValidator(str)]  # a mapping's key as YAML wrote it (`1:` names "1")
+_Device = Annotated[str, _must(re.compile(r"auto|cpu|cuda(:\d+)?").fullmatch, "'auto', 'cpu', 'cuda' or 'cuda:N'")]
+
+
+class _Problems(ValueError):
+    """A section's check across its fields: {field: what is wrong}, each reported under its own key."""
+
+
+class _Section(BaseModel):
+    """A config section: unknown keys and values of another type are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_takes_defaults(cls, data: Any) -> Any:  # `model:` with nothing under it
+        return {} if data is None else data
+
+
+class ModelConfig(_Section):
+    arch: Annotated[str, _must(lambda v: v == "xmeiqwen", "only 'xmeiqwen' is built here")] = "xmeiqwen"
     # Names of the three networks, as in the published config; the *_path keys say where
     # their local checkpoint folders are (nothing is ever downloaded).
     llama_model: str = "Qwen2.5-7B-Instruct"
     acoustic_encoder: str = "HUBERT_LARGE"
     visual_encoder: str = "CLIP_VIT_LARGE"
-    llama_model_path: Path | None = None
-    acoustic_encoder_path: Path | None = None
-    visual_encoder_path: Path | None = None
-    caption_tokenizer_path: Path | None = None  # bert-base-uncased vocab: the LQ-Former's caption queries
-    modalities: list[str] = field(default_factory=lambda: ["video", "audio"])  # [video], [audio]: the ablations
-    num_audio_query_token: int = 32
-    num_video_query_token: int = 32
+    llama_model_path: _Path | None = None
+    acoustic_encoder_path: _Path | None = None
+    visual_encoder_path: _Path | None = None
+    caption_tokenizer_path: _Path | None = None  # bert-base-uncased vocab: the LQ-Former's caption queries
+    modalities: Annotated[list[str], _must(  # [video], [audio]: the ablations
+        lambda m: m and len(set(m)) == len(m) and not set(m) - {"video", "audio"},
+        "[video, audio], [video] or [audio]")] = ["video", "audio"]
+    num_audio_query_token: int = Field(32, ge=1)
+    num_video_query_token: int = Field(32, ge=1)
     # LQ-Former, one per modality: queries = caption tokens (extract.caption_tokens) + learned ones
-    query_mode: str = "language"  # language: caption-token queries first; learned: the standard Q-Former
-    caption_dropout: float = 0.2  # share of training samples seen without their description (predict needs none)
-    caption_embeddings_from: Path | None = None  # a BERT folder whose word embeddings start the caption table
-    qformer_hidden_size: int = 768
-    qformer_num_layers: int = 2
-    qformer_num_heads: int = 12
-    qformer_intermediate_size: int = 3072
+    # language: caption-token queries first; learned: the standard Q-Former
+    query_mode: Annotated[str, _one_of("language", "learned")] = "language"
+    # share of training samples seen without their description (predict needs none)
+    caption_dropout: Annotated[float, _must(lambda p: 0 <= p < 1, "a probability in [0, 1)")] = 0.2
+    caption_embeddings_from: _Path | None = None  # a BERT folder whose word embeddings start the caption table
+    qformer_hidden_size: int = Field(768, ge=1)
+    qformer_num_layers: int = Field(2, ge=1)
+    qformer_num_heads: int = Field(12, ge=1)
+    qformer_intermediate_size: int = Field(3072, ge=1)
     qformer_dropout: float = 0.1
-    cross_attention_freq: int = 1  # cross-attention in every n-th layer (1: all)
-    lora_r: int = 64
-    lora_alpha: int = 32
+    cross_attention_freq: int = Field(1, ge=1)  # cross-attention in every n-th layer (1: all)
+    lora_r: int = Field(64, ge=1)
+    lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    lora_modules_to_save: list[str] = field(default_factory=list)  # LLM modules trained whole (e.g. lm_head)
+    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora_modules_to_save: list[str] = []  # LLM modules trained whole (e.g. lm_head)
     frozen_llm: bool = False  # true: the LLM stays frozen and gets no adapter
     use_lora: bool = True  # false (with frozen_llm false): the whole LLM trains
     gradient_checkpointing: bool = False
-    prompt_format: str = "chat"  # chat: the tokenizer's chat template; plain: "###Human: ... ###Assistant: "
-    max_length: int = 1024  # longest sequence; past it the subtitle is cut, never placeholders or target
+    # chat: the tokenizer's chat template; plain: "###Human: ... ###Assistant: "
+    prompt_format: Annotated[str, _one_of("chat", "plain")] = "chat"
+    max_length: int = Field(1024, ge=1)  # longest sequence; past it the subtitle is cut, never placeholders or target
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.qformer_hidden_size % self.qformer_num_heads:
+            raise _Problems({"qformer_hidden_size": f"{self.qformer_hidden_size} is not a multiple of "
+                                                    f"model.qformer_num_heads {self.qformer_num_heads}"})
+        return self
 
 
-@dataclass
-class DatasetConfig:
-    media_root: Path | None = None  # video_path / audio_path are relative to it (see extract.allow_absolute_paths)
-    annotations: dict[str, Path] = field(default_factory=dict)  # split name -> annotation file
-    face_or_frame: str = "multiframe"  # full frames; face crops are not supported
+class DatasetConfig(_Section):
+    media_root: _Path | None = None  # video_path / audio_path are relative to it (see extract.allow_absolute_paths)
+    annotations: dict[_Key, _Path] = {}  # split name -> annotation file
+    face_or_frame: Annotated[str, _must(  # full frames; face crops are not supported
+        lambda v: v == "multiframe", "only 'multiframe' (full frames) is supported")] = "multiframe"
 
 
-@dataclass
-class RunConfig:
-    lr_sched: str = "linear_warmup_cosine_lr"
-    init_lr: float = 1e-5
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_steps: int | float = 5000  # a count of optimizer steps, or a fraction of the run below 1 (e.g. 0.03)
-    max_epoch: int = 60
-    iters_per_epoch: int | None = None  # None: one pass over the store
-    batch_size_train: int = 16
-    batch_size_eval: int = 16
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
-    shuffle_shards: int = 4  # clips are shuffled within a buffer of this many shards (reads stay sequential)
-    save_every_steps: int = 500  # a checkpoint every N optimizer steps, and at each epoch end
-    keep_checkpoints: int = 3  # the last K are kept
-    num_workers: int = 4
+class RunConfig(_Section):
+    lr_sched: Annotated[str, _must(lambda v: v == "linear_warmup_cosine_lr",
+                                   "only 'linear_warmup_cosine_lr' is built here")] = "linear_warmup_cosine_lr"
+    init_lr: float = Field(1e-5, ge=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    # a count of optimizer steps, or a fraction of the run below 1 (e.g. 0.03)
+    warmup_steps: Annotated[int | float, BeforeValidator(_number), Field(ge=0), _must(
+        lambda n: n < 1 or n == int(n), "a count of steps (an integer) or a fraction of the run below 1")] = 5000
+    max_epoch: int = Field(60, ge=1)
+    iters_per_epoch: Annotated[int | None, _must(  # None: one pass over the store
+        lambda n: n is None or n >= 1, "must be >= 1 or null")] = None
+    batch_size_train: int = Field(16, ge=1)
+    batch_size_eval: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0)  # gradient clipping; 0 turns it off
+    shuffle_shards: int = Field(4, ge=1)  # clips shuffle within a buffer of this many shards (reads stay sequential)
+    save_every_steps: int = Field(500, ge=1)  # a checkpoint every N optimizer steps, and at each epoch end
+    keep_checkpoints: int = Field(3, ge=1)  # the last K are kept
+    num_workers: int = Field(4, ge=0)
     seed: int = 42
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
     use_wandb: bool = False
-    device: str = "auto"  # auto (the local rank's GPU when present, else cpu) | cpu | cuda | cuda:N
+    device: _Device = "auto"  # auto (the local rank's GPU when present, else cpu) | cpu | cuda | cuda:N
+
+    @model_validator(mode="after")
+    def _min_lr_at_most_init_lr(self) -> RunConfig:
+        if self.min_lr > self.init_lr:
+            raise _Problems({"min_lr": f"{self.min_lr} is above run.init_lr {self.init_lr}"})
+        return self
 
 
-@dataclass
-class ExtractConfig:
+class ExtractConfig(_Section):
     """Stage 1: what `xmei extract` computes and how it lays it out."""
 
-    visual_tokens: str = "patch"  # patch: last hidden state (8, 257, 1024); pooled: get_image_features (8, 768)
-    num_frames: int = 8  # sampled uniformly over the clip (short clips repeat frames)
-    num_audio_clips: int = 8  # windows spread over the clip
-    audio_clip_seconds: float = 2.0
-    audio_layers: int = 4  # HuBERT: mean of the last N hidden layers, then mean over time
-    caption_tokens: int = 16  # ids + mask per description: the LQ-Former's caption queries
-    shard_size: int = 64  # clips per shard: the unit a worker writes, and resumes
-    batch_size: int = 16  # clips per encoder batch
+    # patch: last hidden state (8, 257, 1024); pooled: get_image_features (8, 768)
+    visual_tokens: Annotated[str, _one_of("patch", "pooled")] = "patch"
+    num_frames: int = Field(8, ge=1)  # sampled uniformly over the clip (short clips repeat frames)
+    num_audio_clips: int = Field(8, ge=1)  # windows spread over the clip
+    audio_clip_seconds: float = Field(2.0, gt=0)
+    audio_layers: int = Field(4, ge=1)  # HuBERT: mean of the last N hidden layers, then mean over time
+    caption_tokens: int = Field(16, ge=1)  # ids + mask per description: the LQ-Former's caption queries
+    shard_size: int = Field(64, ge=1)  # clips per shard: the unit a worker writes, and resumes
+    batch_size: int = Field(16, ge=1)  # clips per encoder batch
     # DESIGN.md measurement: zstd-1 saved 8% of bytes on features and halved read speed
-    compression: str = "none"  # none | zstd
-    device: str = "auto"  # auto (every GPU when present, else cpu) | cpu | cuda (every GPU) | cuda:N (one)
-    workers_per_gpu: int = 1  # local workers sharing one GPU (never more than one unless asked)
-    decode_workers: int = 0  # decode processes per worker; 0: the cores available to the worker
+    compression: Annotated[str, _one_of("none", "zstd")] = "none"
+    device: _Device = "auto"  # auto (every GPU when present, else cpu) | cpu | cuda (every GPU) | cuda:N (one)
+    workers_per_gpu: int = Field(1, ge=1)  # local workers sharing one GPU (never more than one unless asked)
+    decode_workers: Annotated[int, _must(  # decode processes per worker; 0: the cores available to the worker
+        lambda n: n >= 0, "must be >= 0 (0: one per core)")] = 0
     # media paths in the annotations stay inside the media root; true also accepts absolute ones
     # (a path climbing out with '..' is refused either way). Not part of what a store is made with.
     allow_absolute_paths: bool = False
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     """`xmei eval` / `xmei score`: generation and the explanation metrics' local models."""
 
-    max_new_tokens: int = 128
-    num_beams: int = 1  # 1: greedy decoding; more: beam search
+    max_new_tokens: int = Field(128, ge=1)
+    num_beams: int = Field(1, ge=1)  # 1: greedy decoding; more: beam search
     # emotion and intent decoded only from labels.* (the explanation stays free): no answer is invalid;
     # false: free decoding, where an answer naming no label counts as invalid
     constrained: bool = True
-    bertscore_model: Path | None = None  # local folder of BERTScore's model (roberta-large in the real setup)
-    bertscore_layer: int = 17  # the layer BERTScore reads (17 for roberta-large)
+    bertscore_model: _Path | None = None  # local folder of BERTScore's model (roberta-large in the real setup)
+    bertscore_layer: int = Field(17, ge=1)  # the layer BERTScore reads (17 for roberta-large)
     bertscore_rescale: bool = False  # rescaling with baselines needs bert-score's baseline files
-    bleurt_checkpoint: Path | None = None  # local converted PyTorch BLEURT checkpoint (e.g. bleurt-base-128)
+    bleurt_checkpoint: _Path | None = None  # local converted PyTorch BLEURT checkpoint (e.g. bleurt-base-128)
 
 
-@dataclass
-class LabelsConfig:
-    emotions: list[str] = field(default_factory=lambda: list(DEFAULT_EMOTIONS))
-    intents: list[str] = field(default_factory=lambda: list(DEFAULT_INTENTS))
-    emotion_synonyms: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SYNONYMS["emotion"]))
-    intent_synonyms: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SYNONYMS["intent"]))
+class LabelsConfig(_Section):
+    emotions: list[str] = list(DEFAULT_EMOTIONS)
+    intents: list[str] = list(DEFAULT_INTENTS)
+    emotion_synonyms: dict[_Key, str] = DEFAULT_SYNONYMS["emotion"]
+    intent_synonyms: dict[_Key, str] = DEFAULT_SYNONYMS["intent"]
+
+    def label_set(self, kind: str) -> LabelSet:
+        """The ordered ``"emotion"`` or ``"intent"`` label set with its synonyms."""
+        return LabelSet(kind, tuple(getattr(self, f"{kind}s")), getattr(self, f"{kind}_synonyms"))
+
+    @model_validator(mode="after")
+    def _label_sets_hold(self) -> LabelsConfig:
+        problems = {}
+        for kind in ("emotion", "intent"):
+            try:
+                self.label_set(kind)
+            except ValueError as err:
+                problems[f"{kind}s"] = str(err)
+        if problems:
+            raise _Problems(problems)
+        return self
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
-    run: RunConfig = field(default_factory=RunConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    labels: LabelsConfig = field(default_factory=LabelsConfig)
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    datasets: dict[_Key, DatasetConfig] = {}
+    run: RunConfig = Field(default_factory=RunConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
 
     @property
     def emotions(self) -> LabelSet:
-        return LabelSet("emotion", tuple(self.labels.emotions), self.labels.emotion_synonyms)
+        return self.labels.label_set("emotion")
 
     @property
     def intents(self) -> LabelSet:
-        return LabelSet("intent", tuple(self.labels.intents), self.labels.intent_synonyms)
+        return self.labels.label_set("intent")
 
     def to_dict(self, absolute: bool = False) -> dict[str, Any]:
         """Plain YAML/JSON-ready dict (paths as strings; made absolute when ``absolute``, so that a
         config saved with a checkpoint still points at the same folders from anywhere)."""
-        return _plain(dataclasses.asdict(self), absolute)
+        return self.model_dump(mode="json", context={"absolute": absolute})
 
     def hash(self) -> str:
         """Short stable hash of the resolved config."""
@@ -258,14 +338,12 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
     if models_dir is not None:
         _apply_models_dir(raw, Path(models_dir))
 
-    problems: list[str] = []
-    ignored: list[str] = []
-    cfg = _build(Config, raw, "", problems, ignored)
-    if not problems:
-        problems += _check_values(cfg)
-    if problems:
+    ignored = _drop_published_only(raw)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
         source = f"{path}: " if path else ""
-        raise ConfigError(source + "invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError(source + "invalid config:\n  " + "\n  ".join(_problems(err))) from None
     if ignored:
         warnings.warn(f"ignoring published config keys that mean nothing here: {', '.join(ignored)}",
                       ConfigWarning, stacklevel=2)
@@ -333,149 +411,50 @@ def _apply_models_dir(raw: dict, models_dir: Path) -> None:
         raw.setdefault(section, {})[name] = str(models_dir / sub)
 
 
-def _build(cls: type, data: Any, where: str, problems: list[str], ignored: list[str]) -> Any:
-    """Instantiate dataclass ``cls`` from ``data``, recording every problem with its key."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{where or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    section = "dataset" if cls is DatasetConfig else where
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{where}.{key}" if where else str(key)
-        if key not in hints:
-            if key in IGNORED_PUBLISHED_KEYS.get(section, ()):
-                ignored.append(name)
-            else:
-                problems.append(f"{name}: unknown key (known in {where or 'the top level'}: {', '.join(hints)})")
+def _drop_published_only(raw: dict) -> list[str]:
+    """Take the keys of IGNORED_PUBLISHED_KEYS out of ``raw``; their dotted names, in file order."""
+    dropped = []
+    for name, section in raw.items():
+        ignorable = IGNORED_PUBLISHED_KEYS.get("dataset" if name == "datasets" else name, ())
+        parts = {f"{name}.{k}": v for k, v in section.items()} if name == "datasets" and isinstance(section, dict) \
+            else {name: section}
+        for where, part in parts.items():
+            for key in [k for k in part if k in ignorable] if isinstance(part, dict) else []:
+                del part[key]
+                dropped.append(f"{where}.{key}")
+    return dropped
+
+
+# pydantic's type errors, in the words of this module
+_EXPECTED = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str",
+             "dict_type": "a mapping", "model_type": "a mapping", "list_type": "a list"}
+
+
+def _problems(error: ValidationError) -> list[str]:
+    """One 'dotted.key: what is wrong' line per problem pydantic found."""
+    lines = []
+    for e in error.errors(include_url=False):
+        loc, kind, value, ctx = e["loc"], e["type"], e["input"], e.get("ctx", {})
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        if isinstance(ctx.get("error"), _Problems):
+            lines += [f"{key}.{field}: {text}" for field, text in ctx["error"].args[0].items()]
             continue
-        kwargs[key] = _coerce(value, hints[key], name, problems, ignored)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, name: str, problems: list[str], ignored: list[str]) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if set(args) == {int, float}:  # a count or a fraction: kept as written
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return value
-            problems.append(f"{name}: expected int or float, got {type(value).__name__} {value!r}")
-            return None
-        (tp,) = [a for a in args if a is not type(None)]
-        return _coerce(value, tp, name, problems, ignored)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, name, problems, ignored)
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{name}: expected a mapping, got {type(value).__name__} {value!r}")
-            return {}
-        return {str(k): _coerce(v, args[1], f"{name}.{k}", problems, ignored) for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            problems.append(f"{name}: expected a list, got {type(value).__name__} {value!r}")
-            return []
-        return [_coerce(v, args[0], f"{name}[{i}]", problems, ignored) for i, v in enumerate(value)]
-    if tp is Path:
-        if isinstance(value, str) and value:
-            return Path(value)
-        problems.append(f"{name}: expected a path, got {value!r}")
-        return None
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[tp]
-    if not ok:
-        problems.append(f"{name}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-        return None
-    return float(value) if tp is float else value
-
-
-def _check_values(cfg: Config) -> list[str]:
-    problems = []
-    m, r = cfg.model, cfg.run
-    if m.arch != "xmeiqwen":
-        problems.append(f"model.arch: only 'xmeiqwen' is built here, got {m.arch!r}")
-    if r.lr_sched != "linear_warmup_cosine_lr":
-        problems.append(f"run.lr_sched: only 'linear_warmup_cosine_lr' is built here, got {r.lr_sched!r}")
-    if m.query_mode not in ("language", "learned"):
-        problems.append(f"model.query_mode: 'language' or 'learned', got {m.query_mode!r}")
-    if not m.modalities or len(set(m.modalities)) != len(m.modalities) or set(m.modalities) - {"video", "audio"}:
-        problems.append(f"model.modalities: [video, audio], [video] or [audio], got {m.modalities!r}")
-    if not 0 <= m.caption_dropout < 1:
-        problems.append(f"model.caption_dropout: a probability in [0, 1), got {m.caption_dropout}")
-    if m.prompt_format not in ("chat", "plain"):
-        problems.append(f"model.prompt_format: 'chat' or 'plain', got {m.prompt_format!r}")
-    if m.qformer_hidden_size % max(m.qformer_num_heads, 1):
-        problems.append(f"model.qformer_hidden_size: {m.qformer_hidden_size} is not a multiple of "
-                        f"model.qformer_num_heads {m.qformer_num_heads}")
-    for key in ("num_audio_query_token", "num_video_query_token", "lora_r", "lora_alpha", "qformer_hidden_size",
-                "qformer_num_layers", "qformer_num_heads", "qformer_intermediate_size", "cross_attention_freq",
-                "max_length"):
-        if getattr(m, key) < 1:
-            problems.append(f"model.{key}: must be >= 1, got {getattr(m, key)}")
-    for key in ("max_epoch", "batch_size_train", "batch_size_eval", "gradient_accumulation_steps"):
-        if getattr(r, key) < 1:
-            problems.append(f"run.{key}: must be >= 1, got {getattr(r, key)}")
-    for key in ("shuffle_shards", "save_every_steps", "keep_checkpoints"):
-        if getattr(r, key) < 1:
-            problems.append(f"run.{key}: must be >= 1, got {getattr(r, key)}")
-    for key in ("warmup_steps", "num_workers", "max_grad_norm"):
-        if getattr(r, key) < 0:
-            problems.append(f"run.{key}: must be >= 0, got {getattr(r, key)}")
-    if r.warmup_steps >= 1 and r.warmup_steps != int(r.warmup_steps):
-        problems.append(f"run.warmup_steps: a count of steps (an integer) or a fraction of the run below 1, "
-                        f"got {r.warmup_steps}")
-    if r.iters_per_epoch is not None and r.iters_per_epoch < 1:
-        problems.append(f"run.iters_per_epoch: must be >= 1 or null, got {r.iters_per_epoch}")
-    for key in ("init_lr", "min_lr", "warmup_lr", "weight_decay"):
-        if getattr(r, key) < 0:
-            problems.append(f"run.{key}: must be >= 0, got {getattr(r, key)}")
-    if r.min_lr > r.init_lr:
-        problems.append(f"run.min_lr: {r.min_lr} is above run.init_lr {r.init_lr}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device):
-        problems.append(f"run.device: 'auto', 'cpu', 'cuda' or 'cuda:N', got {r.device!r}")
-    e = cfg.eval
-    for key in ("max_new_tokens", "num_beams", "bertscore_layer"):
-        if getattr(e, key) < 1:
-            problems.append(f"eval.{key}: must be >= 1, got {getattr(e, key)}")
-    x = cfg.extract
-    if x.visual_tokens not in ("patch", "pooled"):
-        problems.append(f"extract.visual_tokens: 'patch' or 'pooled', got {x.visual_tokens!r}")
-    if x.compression not in ("none", "zstd"):
-        problems.append(f"extract.compression: 'none' or 'zstd', got {x.compression!r}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", x.device):
-        problems.append(f"extract.device: 'auto', 'cpu', 'cuda' or 'cuda:N', got {x.device!r}")
-    if x.decode_workers < 0:
-        problems.append(f"extract.decode_workers: must be >= 0 (0: one per core), got {x.decode_workers}")
-    for key in ("num_frames", "num_audio_clips", "audio_layers", "caption_tokens", "shard_size", "batch_size",
-                "workers_per_gpu"):
-        if getattr(x, key) < 1:
-            problems.append(f"extract.{key}: must be >= 1, got {getattr(x, key)}")
-    if x.audio_clip_seconds <= 0:
-        problems.append(f"extract.audio_clip_seconds: must be > 0, got {x.audio_clip_seconds}")
-    for name, ds in cfg.datasets.items():
-        if ds.face_or_frame != "multiframe":
-            problems.append(f"datasets.{name}.face_or_frame: only 'multiframe' (full frames) is supported, "
-                            f"got {ds.face_or_frame!r}")
-    for kind in ("emotions", "intents"):
-        try:
-            getattr(cfg, kind)
-        except ValueError as err:
-            problems.append(f"labels.{kind}: {err}")
-    return problems
-
-
-def _plain(obj: Any, absolute: bool = False) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v, absolute) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v, absolute) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj.resolve() if absolute else obj)
-    return obj
+        if kind == "extra_forbidden":
+            where = ".".join(map(str, loc[:-1]))
+            section = Config if not where else DatasetConfig if loc[0] == "datasets" \
+                else Config.model_fields[loc[0]].annotation
+            text = f"unknown key (known in {where or 'the top level'}: {', '.join(section.model_fields)})"
+        elif kind in _EXPECTED:
+            text = f"expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r}"
+        elif kind == "is_instance_of":  # a _Path's value that is no non-empty string
+            text = f"expected a path, got {value!r}"
+        elif kind in ("greater_than_equal", "greater_than"):
+            bound = ctx.get("ge", ctx.get("gt"))  # a float on a float field, whose value reads as one
+            text = (f"must be {'>=' if 'equal' in kind else '>'} {bound:g}, "
+                    f"got {float(value) if isinstance(bound, float) else value}")
+        elif kind == "value_error":  # from _must and _number
+            text = str(ctx["error"])
+        else:
+            text = e["msg"]
+        lines.append(f"{key}: {text}")
+    return lines

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -99,7 +99,7 @@ class XMEISettings:
             cross_attention_freq=m.cross_attention_freq)
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps({"model": asdict(self.model), "features": asdict(self.features)}, default=str))
+        return json.loads(json.dumps({"model": self.model.model_dump(), "features": asdict(self.features)}, default=str))
 
     @classmethod
     def from_json(cls, data: dict, source: Path) -> "XMEISettings":
@@ -107,15 +107,12 @@ class XMEISettings:
         if set(data) != {"model", "features"} or not all(isinstance(data[k], dict) for k in data):
             raise CheckpointError(f"{source}: model settings of an earlier xmei (keys {sorted(data)[:4]}...); "
                                   "retrain with this version")
-        known = {f.name: f for f in fields(ModelConfig)}
-        unknown = sorted(set(data["model"]) - set(known))
+        unknown = sorted(set(data["model"]) - set(ModelConfig.model_fields))
         if unknown:
             raise CheckpointError(f"{source}: unknown model settings {unknown} (a newer xmei?)")
-        paths = {name for name, f in known.items() if "Path" in str(f.type)}
-        model = {k: Path(v) if k in paths and v is not None else v for k, v in data["model"].items()}
-        try:
-            return cls(ModelConfig(**model), FeatureFacts(**data["features"]))
-        except TypeError as e:  # a feature fact missing or unknown
+        try:  # ModelConfig makes the paths Paths again
+            return cls(ModelConfig(**data["model"]), FeatureFacts(**data["features"]))
+        except (TypeError, ValueError) as e:  # a feature fact missing or unknown, a setting of the wrong type
             raise CheckpointError(f"{source}: model settings of another xmei: {e}") from None
 
 
