@@ -1,8 +1,13 @@
 """The `xmei` command. Thin: it parses options and calls the packages.
 
-Every command takes ``--config FILE`` (defaults: the published values and MC-EIU label sets),
-repeatable ``--set section.key=value`` and ``--models DIR`` (a folder laid out as
-``xmei models tiny`` writes it, which overrides the checkpoint paths).
+Every command that reads a config takes ``--config FILE`` (defaults: the published values and
+MC-EIU label sets), repeatable ``--set section.key=value`` and ``--models DIR`` (a folder laid out
+as ``xmei models tiny`` writes it, which overrides the checkpoint paths): declared once below as
+``ConfigOpt``, ``SetOpt`` and ``ModelsOpt`` and read by ``_load``. The ``stores`` commands read no
+config and take none of them.
+
+A mistake the user can fix ends the command with "error: <message>" on stderr: a library's
+``UserError`` with status 1 at ``main``'s boundary, a bad config or option with status 2 (``_fail``).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ app.add_typer(stores_app, name="stores")
 console = Console(soft_wrap=True)  # long lines stay whole: logs and greps read them
 err = Console(stderr=True, soft_wrap=True)
 
+# the options of every command that reads a config, each command passing them to _load
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see configs/).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override one key, e.g. --set run.init_lr=1e-4 (repeatable).")]
@@ -48,16 +54,31 @@ def _options(debug: Annotated[bool, typer.Option(
         os.environ[DEBUG_VARIABLE] = "1"  # also reaches the processes a command starts
 
 
-def _config(config: Path | None, sets: list[str] | None, models: Path | None) -> Config:
-    """Load the config; warnings and errors go to stderr, errors exit with status 2."""
+def _load(config: Path | None, sets: list[str] | None, models: Path | None, *, checkpoint: Path | None = None,
+          require: tuple[str, ...] = ()) -> Config:
+    """The command's config: --config, else (given ``checkpoint``) the config saved with the
+    checkpoint, else the defaults; then --set and --models. With ``checkpoint``, every file of it is
+    checked first: a damaged one is an error naming it (status 1). Warnings go to stderr; a config
+    error, or a path of ``require`` that does not exist, ends the command with status 2."""
+    if checkpoint is not None:
+        from xmei.model import verify_checkpoint
+
+        verify_checkpoint(checkpoint, config=config is None)
+        if config is None and (checkpoint / "config.yaml").is_file():
+            config = checkpoint / "config.yaml"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            cfg = load_config(config, sets or [], models)
+            cfg = load_config(config, sets or [], models_dir=models)
         except ConfigError as e:
             _fail(e)
     for w in caught:
         err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+    if require:
+        try:
+            cfg.require_paths(require)
+        except ConfigError as e:
+            _fail(e)
     return cfg
 
 
@@ -70,28 +91,42 @@ def _fail(message: str | BaseException, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _fail_with_problems(what: str, problems: list) -> None:
+    """End the command with status 1: "error: <what>: N problem(s):", then one problem a line."""
+    _say_error(f"{what}: {len(problems)} problem(s):")
+    for p in problems:
+        err.print(f"  {escape(str(p))}", highlight=False, soft_wrap=True)  # a value may hold "[...]"
+    raise typer.Exit(1)
+
+
 def _say_error(message: str | BaseException) -> None:
     text = message_of(message) if isinstance(message, BaseException) else message
     err.print(f"[red]error:[/] {escape(text)}", highlight=False)  # "[video]" in a message is text
 
 
 @app.command("config")
-def config_cmd(config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+def config_cmd(config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
                check: Annotated[bool, typer.Option(help="Also check that every configured path exists.")] = False):
     """Print the resolved config as YAML (after --set and --models)."""
-    cfg = _config(config, set_, models)
+    cfg = _load(config, sets, models)
     console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", highlight=False)
     if check:
-        keys = [f"model.{k}" for k in ("visual_encoder_path", "acoustic_encoder_path",
-                                       "llama_model_path", "caption_tokenizer_path")]
-        for name, ds in cfg.datasets.items():
-            keys.append(f"datasets.{name}.media_root")
-            keys += [f"datasets.{name}.annotations.{split}" for split in ds.annotations]
+        keys = _configured_paths(cfg)
         try:
             cfg.require_paths(keys)
         except ConfigError as e:
             _fail(f"missing paths:\n{e}", 1)
         err.print(f"all {len(keys)} configured paths exist")
+
+
+def _configured_paths(cfg: Config) -> list[str]:
+    """The keys of every path a config names: the four models and each dataset's media and annotations."""
+    keys = [f"model.{k}" for k in ("visual_encoder_path", "acoustic_encoder_path", "llama_model_path",
+                                   "caption_tokenizer_path")]
+    for name, ds in cfg.datasets.items():
+        keys.append(f"datasets.{name}.media_root")
+        keys += [f"datasets.{name}.annotations.{split}" for split in ds.annotations]
+    return keys
 
 
 @app.command()
@@ -101,7 +136,7 @@ def synth(
     seed: Annotated[int, typer.Option(help="Everything is a function of the seed.")] = 0,
     workers: Annotated[Optional[int], typer.Option(help="Rendering processes (default: all cores).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Write into a folder that already holds a corpus.")] = False,
-    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Write a synthetic corpus of real mp4/wav files in the published dataset layout.
 
@@ -111,7 +146,7 @@ def synth(
     """
     from pipeline.synth import synth_corpus
 
-    cfg = _config(config, set_, models)
+    cfg = _load(config, sets, models)
     with _progress() as bar:
         task = bar.add_task("rendering clips", total=n)
         try:
@@ -133,18 +168,26 @@ def validate(
     allow_absolute_paths: Annotated[bool, typer.Option(
         help="Accept absolute media paths (else refused, as is any path leaving the media root; "
              "or set extract.allow_absolute_paths).")] = False,
-    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Check an annotation file against the contract; list every problem and exit 1 if any."""
     from pipeline.annotations import check_annotations
 
-    cfg = _config(config, set_, models)
+    cfg = _load(config, sets, models)
     media_root = _media_root(cfg, media_root, annotations)
     records, problems, summary = check_annotations(
         annotations, cfg.emotions, cfg.intents, media_root, labeled=not unlabeled,
         allow_absolute=allow_absolute_paths or cfg.extract.allow_absolute_paths)
-    console.print(f"[bold]{escape(str(annotations))}[/]: {summary.count} records, {len(records)} valid; "
-              f"media root {media_root or '(none: media not checked)'}")
+    _print_annotations(annotations, summary, len(records), media_root)
+    if problems:
+        _fail_with_problems(str(annotations), problems)
+    console.print("[green]ok[/]")
+
+
+def _print_annotations(annotations: Path, summary, valid: int, media_root: Path | None) -> None:
+    """The summary of `xmei validate`: counts, both label distributions, audio sources, extra fields, missing media."""
+    console.print(f"[bold]{escape(str(annotations))}[/]: {summary.count} records, {valid} valid; "
+                  f"media root {media_root or '(none: media not checked)'}")
     tables = []
     for title, dist in (("emotion", summary.emotions), ("intent", summary.intents)):
         table = Table(title, "clips", show_edge=False)
@@ -153,18 +196,12 @@ def validate(
         tables.append(table)
     console.print(Columns(tables, padding=(0, 6)))
     console.print(f"audio: {summary.audio_from_file} from audio files, "
-              f"{summary.audio_from_video_track} from the video's own track (empty audio_path)")
+                  f"{summary.audio_from_video_track} from the video's own track (empty audio_path)")
     if summary.extra_fields:
         console.print(f"fields beyond the published 11, ignored: {', '.join(summary.extra_fields)}")
     if summary.missing_media:
         console.print(f"[red]{len(summary.missing_media)} clip(s) with missing media:[/] "
-                  + ", ".join(summary.missing_media))
-    if problems:
-        err.print(f"[red]error:[/] {escape(str(annotations))}: {len(problems)} problem(s):", highlight=False)
-        for p in problems:
-            err.print(f"  {escape(str(p))}", highlight=False, soft_wrap=True)  # a value may hold "[...]"
-        raise typer.Exit(1)
-    console.print("[green]ok[/]")
+                      + ", ".join(summary.missing_media))
 
 
 def _media_root(cfg: Config, given: Path | None, annotations: Path) -> Path | None:
@@ -185,6 +222,13 @@ def _media_root(cfg: Config, given: Path | None, annotations: Path) -> Path | No
     return root
 
 
+def _store_media_root(cfg: Config, given: Path | None, store: Path) -> Path | None:
+    """The media root of a store's clips, resolved as `xmei attention` does."""
+    from stores import FeatureStore
+
+    return _media_root(cfg, given, Path(FeatureStore(store).attrs.get("annotations", ".")))
+
+
 @app.command()
 def extract(
     annotations: Annotated[Path, typer.Option(help="Annotation file of one split (JSON list or JSONL).")],
@@ -201,7 +245,7 @@ def extract(
     unlabeled: Annotated[bool, typer.Option(help="Allow empty emotion/intent (a prediction-only split).")] = False,
     allow_absolute_paths: Annotated[bool, typer.Option(
         help="Accept absolute media paths (as extract.allow_absolute_paths: true does).")] = False,
-    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Stage 1: frozen CLIP / HuBERT features and tokenized captions into a sharded Zarr store.
 
@@ -209,23 +253,19 @@ def extract(
     media are missing or corrupt is marked failed (reason in STORE/failures.jsonl) and the run goes on.
     Each worker decodes in extract.decode_workers processes (default: its share of the cores).
     """
-    from pipeline.annotations import AnnotationError
-    from pipeline.decode_pool import PoolError
-    from pipeline.extract import ExtractionError, extract as run_extract
-    from pipeline.farm import FarmError
-    from stores import StoreError
+    from pipeline.extract import extract as run_extract
 
-    cfg = _config(config, set_, models)
+    cfg = _load(config, sets, models)
     cfg.extract.allow_absolute_paths |= allow_absolute_paths
     root = _media_root(cfg, media_root, annotations)
     if root is None:
         _fail("no media root: give --media-root (or a config dataset media_root)")
+    shard_size = cfg.extract.shard_size
     with _progress(TextColumn("{task.fields[failed]} failed")) as bar:
         task = bar.add_task("extracting", total=None, failed=0)
 
         def started(summary) -> None:
-            done = summary.shards_skipped * cfg.extract.shard_size
-            bar.update(task, total=summary.clips, completed=min(done, summary.clips))
+            bar.update(task, total=summary.clips, completed=min(summary.shards_skipped * shard_size, summary.clips))
             if summary.shards_skipped:
                 bar.console.print(f"resuming: {summary.shards_skipped} of {summary.shards} shards already done")
             if summary.dashboard:
@@ -234,15 +274,11 @@ def extract(
         def advanced(clips: int, failed: int) -> None:
             bar.update(task, advance=clips, failed=bar.tasks[task].fields["failed"] + failed)
 
-        try:
-            summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,
-                                  strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started)
-        except (AnnotationError, ConfigError, StoreError, ExtractionError, FarmError, PoolError) as e:
-            _fail(e, 1)
-    rate = (summary.clips - summary.shards_skipped * cfg.extract.shard_size) / max(summary.seconds, 1e-9)
-    out_text = (f"{out}: {summary.ok} ok, {len(summary.failed)} failed of {summary.clips} clips "
-                f"in {summary.shards} shards ({summary.seconds:.1f} s, {max(rate, 0):.1f} clips/s)")
-    console.print(out_text)
+        summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,
+                              strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started)
+    rate = (summary.clips - summary.shards_skipped * shard_size) / max(summary.seconds, 1e-9)
+    console.print(f"{out}: {summary.ok} ok, {len(summary.failed)} failed of {summary.clips} clips "
+                  f"in {summary.shards} shards ({summary.seconds:.1f} s, {max(rate, 0):.1f} clips/s)")
     for row in summary.failed:
         err.print(f"  failed {row['video_id']} ({row['stage']}): {row['reason']}", highlight=False, soft_wrap=True)
     if summary.failed:
@@ -263,7 +299,7 @@ def train(
              "Without it such a resume is refused, naming what changed.")] = False,
     strict: Annotated[bool, typer.Option(
         help="Stop at a sample that cannot be made, naming its clip, instead of skipping and counting it.")] = False,
-    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Stage 2: train the LQ-Formers and the LoRA adapter on cached features.
 
@@ -271,82 +307,62 @@ def train(
     DistributedDataParallel, --engine deepspeed in ZeRO-2. Each optimizer step averages the loss over
     every target token of all its micro-batches on all ranks.
     """
-    from stores import StoreError
-    from xmei.distributed import DeviceError
-    from xmei.train import Trainer, TrainError, TrainWarning
+    from xmei.train import Trainer, TrainWarning
 
-    cfg = _config(config, set_, models)
-    try:
-        cfg.require_paths(["model.llama_model_path", "model.caption_tokenizer_path"])
-    except ConfigError as e:
-        _fail(e)
+    cfg = _load(config, sets, models, require=("model.llama_model_path", "model.caption_tokenizer_path"))
     rank0 = int(os.environ.get("RANK", 0)) == 0
     fields = TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[clips]:.1f} clips/s  "
                         "data wait {task.fields[wait]:.0%}")
     with _progress(fields, unit="steps", disable=not rank0) as bar:
-        task = bar.add_task("training", total=None, loss=float("nan"), lr=0.0, clips=0.0, wait=0.0)
-
-        said = 0  # skipped clips named so far: the first 10 here, every one in train.jsonl
-
-        def advanced(step: int, total: int, record: dict) -> None:
-            nonlocal said
-            for c in record.get("skipped_clips", []) + record.get("val_skipped_clips", []):
-                if said < 10:
-                    bar.console.print(f"[yellow]warning:[/] skipped clip {escape(c['clip'])}: {escape(c['reason'])}",
-                                      highlight=False)
-                said += 1
-            if "loss" in record:
-                bar.update(task, completed=step, total=total, loss=record["loss"], lr=record["lr"],
-                           clips=record["clips_per_s"], wait=record["data_wait"])
-            elif record.get("val_loss") is not None:
-                bar.console.print(f"epoch {record['epoch']}: val loss {record['val_loss']:.4f}")
-
-        trainer = None
+        trainer = Trainer(cfg, store, val_store, output_dir, engine=engine, resume=resume, rebatch=rebatch,
+                          progress=_training_progress(bar), strict=strict)
         try:
-            trainer = Trainer(cfg, store, val_store, output_dir, engine=engine, resume=resume, rebatch=rebatch,
-                              progress=advanced, strict=strict)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", TrainWarning)
                 trainer.setup()
             for w in caught:
                 bar.console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
             last = trainer.train()
-        except (TrainError, StoreError, DeviceError) as e:
-            _fail(e, 1)
         finally:
-            if trainer is not None:
-                trainer.cleanup()
+            trainer.cleanup()
     if rank0:
-        console.print(f"done: {trainer.position.step} steps, last loss {last.get('loss', float('nan')):.4f}; "
-                      f"checkpoints in {output_dir / 'checkpoints'}, log {output_dir / 'logs' / 'train.jsonl'}")
-        f = trainer.faults
-        console.print(f"samples cut to model.max_length: {f['truncated']} in training, {f['val_truncated']} in "
-                      f"validation; skipped (could not be made): {f['skipped']} in training, {f['val_skipped']} in "
-                      "validation", highlight=False)
-        if trainer.skipped_clips:
-            clips = sorted({c["clip"] for c in trainer.skipped_clips})
-            console.print(f"skipped clips: {escape(', '.join(clips[:10]))}{' ...' if len(clips) > 10 else ''} "
-                          "(each with its reason in train.jsonl)", highlight=False)
+        _print_training(trainer, last, output_dir)
 
 
-def _checkpoint_config(checkpoint: Path, config: Path | None, sets: list[str] | None, models: Path | None) -> Config:
-    """--config when given, else the resolved config saved with the checkpoint. Every file of the
-    checkpoint is checked first: a damaged one is an error naming it (exit status 1)."""
-    from xmei.model import verify_checkpoint
+def _training_progress(bar: Progress):
+    """The trainer's progress callback: the bar's loss, rate and data wait; each epoch's validation
+    loss; the first 10 skipped clips, each named with its reason (every one is in train.jsonl)."""
+    task = bar.add_task("training", total=None, loss=float("nan"), lr=0.0, clips=0.0, wait=0.0)
+    said = 0  # skipped clips named so far
 
-    verify_checkpoint(checkpoint, config=config is None)
-    saved = checkpoint / "config.yaml"
-    return _config(config if config is not None or not saved.is_file() else saved, sets, models)
+    def advanced(step: int, total: int, record: dict) -> None:
+        nonlocal said
+        for c in record.get("skipped_clips", []) + record.get("val_skipped_clips", []):
+            if said < 10:
+                bar.console.print(f"[yellow]warning:[/] skipped clip {escape(c['clip'])}: {escape(c['reason'])}",
+                                  highlight=False)
+            said += 1
+        if "loss" in record:
+            bar.update(task, completed=step, total=total, loss=record["loss"], lr=record["lr"],
+                       clips=record["clips_per_s"], wait=record["data_wait"])
+        elif record.get("val_loss") is not None:
+            bar.console.print(f"epoch {record['epoch']}: val loss {record['val_loss']:.4f}")
+
+    return advanced
 
 
-def _distributed(cfg: Config):
-    """This process's rank and device (run.device); a device the machine lacks exits with its error."""
-    from xmei.distributed import DeviceError, Distributed
-
-    try:
-        return Distributed.start(cfg.run.device)
-    except DeviceError as e:
-        _fail(e, 1)
+def _print_training(trainer, last: dict, output_dir: Path) -> None:
+    """The run's end: steps, last loss and where its files are; samples cut or skipped, and which clips."""
+    console.print(f"done: {trainer.position.step} steps, last loss {last.get('loss', float('nan')):.4f}; "
+                  f"checkpoints in {output_dir / 'checkpoints'}, log {output_dir / 'logs' / 'train.jsonl'}")
+    f = trainer.faults
+    console.print(f"samples cut to model.max_length: {f['truncated']} in training, {f['val_truncated']} in "
+                  f"validation; skipped (could not be made): {f['skipped']} in training, {f['val_skipped']} in "
+                  "validation", highlight=False)
+    if trainer.skipped_clips:
+        clips = sorted({c["clip"] for c in trainer.skipped_clips})
+        console.print(f"skipped clips: {escape(', '.join(clips[:10]))}{' ...' if len(clips) > 10 else ''} "
+                      "(each with its reason in train.jsonl)", highlight=False)
 
 
 @app.command("eval")
@@ -363,7 +379,7 @@ def eval_cmd(
                                                       "clip (as `xmei report OUT --store STORE` does).")] = False,
     media_root: Annotated[Optional[Path], typer.Option(help="With --html: where the clips' videos are, for the "
                                                             "frames (default as in `xmei attention`).")] = None,
-    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Generate for every ok clip of a store, then score: classification and the six explanation metrics.
 
@@ -376,20 +392,22 @@ def eval_cmd(
     """
     from dataclasses import replace
 
-    from xmei.evaluate import check_out, check_store_labels, score, staged, write_predictions, write_report
+    from stores import FeatureStore
+    from xmei.distributed import Distributed
+    from xmei.evaluate import check_out, check_store_labels, write_evaluation
     from xmei.generate import GenerationError, GenerationSettings, generate_store, generation_config, label_constraint
     from xmei.model import XMEIQwen
 
-    cfg = _checkpoint_config(checkpoint, config, set_, models)
+    cfg = _load(config, sets, models, checkpoint=checkpoint)
     generation = GenerationSettings.from_config(cfg)
     generation = generation if constrained is None else replace(generation, constrained=constrained)
     if compare_free and not generation.constrained:
         _fail("--compare-free compares constrained answers with free ones: drop --free (or eval.constrained=false)")
     check_out(out)  # a wrong path or store: an error naming it, before the model loads
-    check_store_labels(_open_store(store), store, cfg.emotions, cfg.intents,
+    check_store_labels(FeatureStore(store), store, cfg.emotions, cfg.intents,
                        f"--config {config}" if config else f"the config of {checkpoint}")
     root = _store_media_root(cfg, media_root, store) if html else None  # a bad root: an error before generating
-    dist = _distributed(cfg)
+    dist = Distributed.start(cfg.run.device)
     model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device)
     try:
         label_constraint(model, generation)  # a max_new_tokens too short for the answer head: an error now
@@ -403,21 +421,17 @@ def eval_cmd(
     dist.close()
     if not dist.main:  # rank 0 scores and writes
         return
-    with staged(out) as partial:  # renamed into out together at the end: a kill leaves earlier files whole
-        write_predictions(rows, partial / "predictions.jsonl")
-        results = score(rows, cfg.emotions, cfg.intents, cfg.eval)
-        results.update({"clips_per_s": rate, "checkpoint": str(checkpoint), "store": str(store), "model": "XMEI-Qwen",
-                        "generation": generation_config(model, generation).to_diff_dict(),
-                        "constrained": generation.constrained})
-        write_report(results, partial, cfg.emotions, cfg.intents, f"xmei eval: {store.name}")
-    report = out / "report.md"
+    results = write_evaluation(rows, out, cfg.emotions, cfg.intents, cfg.eval, f"xmei eval: {store.name}", {
+        "clips_per_s": rate, "checkpoint": str(checkpoint), "store": str(store), "model": "XMEI-Qwen",
+        "generation": generation_config(model, generation).to_diff_dict(), "constrained": generation.constrained})
     _print_results(results)
     if "free_decoding" in results:
         free = results["free_decoding"]
         console.print("free decoding: " + ", ".join(
             f"{kind} accuracy {free[kind]['accuracy']:.4f} ({free[kind]['invalid']} invalid)"
             for kind in ("emotion", "intent")))
-    console.print(f"predictions {out / 'predictions.jsonl'}, results {out / 'results.json'}, report {report}")
+    console.print(f"predictions {out / 'predictions.jsonl'}, results {out / 'results.json'}, "
+                  f"report {out / 'report.md'}")
     if html:
         _write_page(cfg, out, store, root, None, model)
 
@@ -433,27 +447,23 @@ def report_cmd(
                                                          "card and a disagree filter.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The evaluated checkpoint, with --store: each clip's "
                                                             "attention maps (only its LQ-Formers load).")] = None,
-    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Write EVAL_DIR/report.html: the metric tables, the confusion matrices and a card for every clip
     (frames, waveform with its audio windows, attention with --checkpoint, subtitle, captions, reference
     vs predicted), filterable and sortable in the browser, no server. The filters are kept in the
     URL's fragment: report.html#outcome=intent shows the intent errors."""
-    cfg = _config(config, set_, models)
+    cfg = _load(config, sets, models)
     root = _store_media_root(cfg, media_root, store) if store is not None else None
     model = None
     if checkpoint is not None:
+        from xmei.distributed import Distributed
         from xmei.model import LQFormers
 
         if store is None:
             _fail("--checkpoint draws the attention over a store's clips: give --store too")
-        model = LQFormers.from_checkpoint(checkpoint, _distributed(cfg).device)
+        model = LQFormers.from_checkpoint(checkpoint, Distributed.start(cfg.run.device).device)
     _write_page(cfg, eval_dir, store, root, compare, model)
-
-
-def _store_media_root(cfg: Config, given: Path | None, store: Path) -> Path | None:
-    """The media root of a store's clips, resolved as `xmei attention` does."""
-    return _media_root(cfg, given, Path(_open_store(store).attrs.get("annotations", ".")))
 
 
 def _write_page(cfg: Config, eval_dir: Path, store: Path | None, root: Path | None, compare: Path | None,
@@ -475,24 +485,19 @@ def score_cmd(
     predictions: Annotated[Path, typer.Argument(help="predictions.jsonl (of `xmei eval`, or a baseline's).")],
     out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and the PNGs.")],
     name: Annotated[str, typer.Option(help="Model name in the report's tables.")] = "predictions",
-    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Score an existing predictions file, without any model (same scoring as `xmei eval`)."""
-    from xmei.evaluate import check_out, read_predictions, score, staged, write_report
+    from xmei.evaluate import score_file
 
-    cfg = _config(config, set_, models)
-    check_out(out)
-    rows = read_predictions(predictions, cfg.emotions, cfg.intents)  # an error names the file and line
-    results = score(rows, cfg.emotions, cfg.intents, cfg.eval)
-    results.update({"predictions": str(predictions), "model": name})
-    with staged(out) as partial:
-        write_report(results, partial, cfg.emotions, cfg.intents, f"xmei score: {predictions.name}")
-    report = out / "report.md"
+    cfg = _load(config, sets, models)
+    results = score_file(predictions, out, cfg.emotions, cfg.intents, cfg.eval, name)
     _print_results(results)
-    console.print(f"results {out / 'results.json'}, report {report}")
+    console.print(f"results {out / 'results.json'}, report {out / 'report.md'}")
 
 
 def _print_results(results: dict) -> None:
+    """The classification table, the explanation metrics and how many answers were cut off."""
     table = Table("", "accuracy", "weighted F1", "macro F1", "UAR", "invalid", show_edge=False)
     for kind in ("emotion", "intent"):
         r = results[kind]
@@ -515,21 +520,19 @@ def predict(
     video_description: Annotated[str, typer.Option(help="The clip's video caption (LQ-Former queries).")] = "",
     audio_description: Annotated[str, typer.Option(help="The clip's audio caption (LQ-Former queries).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Emotion, intent and explanation of one raw clip: stage 1's own decoding and encoders, then the model."""
     from pipeline.decode import MediaError
-    from xmei.generate import GenerationError
+    from xmei.distributed import Distributed
     from xmei.predict import predict_clip
 
-    cfg = _checkpoint_config(checkpoint, config, set_, models)
-    device = _distributed(cfg).device
-    try:
+    cfg = _load(config, sets, models, checkpoint=checkpoint)
+    device = Distributed.start(cfg.run.device).device
+    try:  # a GenerationError (eval.max_new_tokens shorter than the constrained answer head) ends at main's boundary
         result = predict_clip(cfg, checkpoint, video, audio, subtitle, video_description, audio_description, device)
     except MediaError as e:
         _fail(f"cannot read the clip: {e}", 1)
-    except GenerationError as e:  # e.g. eval.max_new_tokens shorter than the constrained answer head
-        _fail(e, 1)
     if as_json:
         console.print_json(data=result)
         return
@@ -556,22 +559,22 @@ def attention(
                                            "audio_attention_<video_id>.png (audio windows).")],
     media_root: Annotated[Optional[Path], typer.Option(help="Where the clips' videos are (default as in `xmei validate`, "
                                                             "from the store's annotation file).")] = None,
-    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Heatmaps of the LQ-Formers' cross-attention: the visual one over each sampled frame's patch
     grid, the audio one over the audio windows on the waveform (each for the models that use it)."""
-    from pipeline.decode import MediaError
     from xmei.attention import draw_attention
+    from xmei.distributed import Distributed
 
-    cfg = _checkpoint_config(checkpoint[0], config, set_, models)
-    device = _distributed(cfg).device
+    cfg = _load(config, sets, models, checkpoint=checkpoint[0])
+    device = Distributed.start(cfg.run.device).device
     root = _store_media_root(cfg, media_root, store)
     if root is None:
         _fail("no media root: give --media-root")
     for video_id in clip:
         try:
             paths, notes = draw_attention(checkpoint, store, video_id, root, out, device)
-        except (KeyError, ValueError, MediaError) as e:
+        except (KeyError, ValueError) as e:  # a clip the store lacks, or one it cannot draw
             _fail(e, 1)
         for note in notes:
             err.print(f"not drawn: {escape(note)}")
@@ -588,7 +591,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the corpus and the models.")] = 0,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config of every stage "
                                                    "(default: configs/tiny.yaml).")] = None,
-    set_: SetOpt = None, models: ModelsOpt = None,
+    sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """The whole system on CPU: synthetic corpus -> tiny models -> extract -> train -> eval -> report.
 
@@ -600,7 +603,7 @@ def demo(
     from xmei.demo import DEFAULT_CONFIG, DemoSettings, run_demo
 
     config = config or DEFAULT_CONFIG
-    _config(config, set_, models)  # errors in the options before anything runs
+    _load(config, sets, models)  # errors in the options before anything runs
     with _progress(unit="items") as bar:
         task = bar.add_task("working", total=None)
 
@@ -613,7 +616,12 @@ def demo(
                 bar.update(task, description="extracting", advance=args[0], total=None)
 
         summary = run_demo(out, DemoSettings(clips, seed, epochs), say=bar.console.print, progress=advanced,
-                           config=config, sets=set_ or [], models=models)
+                           config=config, sets=sets or [], models=models)
+    _print_demo(summary)
+
+
+def _print_demo(summary: dict) -> None:
+    """The seed's table against chance, A+V+T's explanation metrics, the modality check and where the files are."""
     table = Table("test split", "emotion acc", "intent acc", "emotion W-F1", "intent W-F1", "invalid", show_edge=False)
     for name, r in summary["results"].items():
         table.add_row(name, *(f"{r[k]:.3f}" for k in ("emotion_accuracy", "intent_accuracy", "emotion_weighted_f1",
@@ -638,19 +646,17 @@ def demo(
 
 @stores_app.command("info")
 def stores_info(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
-                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-                config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None):
+                as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
     """Shapes, bytes, status counts and encoders of a store."""
-    from stores import store_info
+    from stores import FeatureStore, store_info
 
-    _config(config, set_, models)
-    info = store_info(_open_store(store))
+    info = store_info(FeatureStore(store))
     if as_json:
         console.print_json(data=info)
         return
     status = ", ".join(f"{v} {k}" for k, v in info["status"].items())
     console.print(f"[bold]{info['path']}[/] split {info['split']}: {info['clips']} clips ({status}) in "
-              f"{info['shards']} shards of {info['shard_size']}, {info['bytes'] / 1e6:.1f} MB")
+                  f"{info['shards']} shards of {info['shard_size']}, {info['bytes'] / 1e6:.1f} MB")
     table = Table("array", "shape", "dtype", "MB", show_edge=False)
     for name, a in info["arrays"].items():
         table.add_row(name, str(tuple(a["shape"])), a["dtype"], f"{a['bytes'] / 1e6:.2f}")
@@ -661,20 +667,15 @@ def stores_info(store: Annotated[Path, typer.Argument(help="A feature store fold
 
 
 @stores_app.command("verify")
-def stores_verify(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
-                  config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None):
+def stores_verify(store: Annotated[Path, typer.Argument(help="A feature store folder.")]):
     """Read every chunk of every array: shapes and dtypes, damaged or missing shard files, NaN/Inf, and that
     status agrees with the data and the failures log; lists every problem, exit 1 on any."""
-    from stores import verify_store
+    from stores import FeatureStore, verify_store
 
-    _config(config, set_, models)
-    opened = _open_store(store)
+    opened = FeatureStore(store)
     problems = verify_store(opened)
     if problems:
-        _say_error(f"{store}: {len(problems)} problem(s):")
-        for p in problems:
-            err.print(f"  {escape(p)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+        _fail_with_problems(str(store), problems)
     console.print(f"[green]{store}: ok[/] ({len(opened)} clips verified)")
 
 
@@ -682,57 +683,44 @@ def stores_verify(store: Annotated[Path, typer.Argument(help="A feature store fo
 def stores_export(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
                   h5: Annotated[Path, typer.Argument(metavar="OUT.h5", help="HDF5 file to write.")],
                   overwrite: Annotated[bool, typer.Option(
-                      help="Replace OUT.h5 if it exists (once the new file is whole).")] = False,
-                  config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None):
+                      help="Replace OUT.h5 if it exists (once the new file is whole).")] = False):
     """Write a store to one HDF5 file (same arrays and attributes)."""
-    from stores import export_hdf5
+    from stores import FeatureStore, export_hdf5
 
-    _config(config, set_, models)
-    export_hdf5(_open_store(store), h5, overwrite=overwrite)  # an existing OUT.h5 is an error without --overwrite
+    export_hdf5(FeatureStore(store), h5, overwrite=overwrite)  # an existing OUT.h5 is an error without --overwrite
     console.print(f"wrote {h5} ({h5.stat().st_size / 1e6:.1f} MB)")
 
 
 @stores_app.command("import")
 def stores_import(h5: Annotated[Path, typer.Argument(metavar="IN.h5", help="HDF5 file in the export layout.")],
-                  store: Annotated[Path, typer.Argument(help="The store folder to create.")],
-                  config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None):
+                  store: Annotated[Path, typer.Argument(help="The store folder to create.")]):
     """Create a store from an HDF5 file, then check it as `stores verify` does."""
-    from stores import StoreError, import_hdf5, verify_store
+    from stores import import_hdf5, verify_store
 
-    _config(config, set_, models)
     try:
         imported = import_hdf5(h5, store)
-    except (StoreError, OSError) as e:
+    except OSError as e:  # an unreadable file (a StoreError, an unusable one, ends at main's boundary)
         _fail(e, 1)
     problems = verify_store(imported)
     console.print(f"imported {len(imported)} clips into {store}; verify: {len(problems) or 'no'} problem(s)")
     for p in problems:
-        err.print(f"  {p}", highlight=False, soft_wrap=True)
+        err.print(f"  {escape(p)}", highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(1)
-
-
-def _open_store(path: Path):
-    from stores import FeatureStore, StoreError
-
-    try:
-        return FeatureStore(path)
-    except StoreError as e:
-        _fail(e, 1)
 
 
 @models_app.command("tiny")
 def models_tiny(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the model set into.")],
     seed: Annotated[int, typer.Option(help="Weights and tokenizer are a function of the seed.")] = 0,
-    config: ConfigOpt = None, set_: SetOpt = None, models: ModelsOpt = None,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Write a tiny random-init model set (CLIP vision, HuBERT, Qwen2 + BPE tokenizer, caption
     tokenizer) as ordinary save_pretrained folders. Point a config at it with --models OUT."""
     from pipeline.synth import text_corpus
     from pipeline.tiny_models import build_tiny_models
 
-    cfg = _config(config, set_, models)
+    cfg = _load(config, sets, models)
     # the BPE vocab is learned from the texts a synthetic corpus holds, plus the configured labels
     texts = [*text_corpus(seed=seed), *cfg.labels.emotions, *cfg.labels.intents]
     paths = build_tiny_models(out_dir, seed=seed, texts=texts)

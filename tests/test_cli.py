@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cli import app
@@ -112,3 +113,18 @@ def test_synth_then_models_tiny_then_config_check(tmp_path):
                  "--check")
     assert result.exit_code == 0, result.output
     assert "all 8 configured paths exist" in result.stderr
+
+
+def test_stores_commands_read_no_config(tmp_path, monkeypatch):
+    """The stores commands neither load a config nor offer its options."""
+    import cli
+    from test_reader import small_store
+
+    small_store(tmp_path / "store")
+    monkeypatch.setattr(cli, "load_config", lambda *args, **kwargs: pytest.fail("a stores command loaded a config"))
+    assert run("stores", "info", tmp_path / "store").exit_code == 0
+    assert run("stores", "export", tmp_path / "store", tmp_path / "out.h5").exit_code == 0
+    for command in ("info", "verify", "export", "import"):
+        assert "--config" not in run("stores", command, "--help").output
+    refused = run("stores", "info", tmp_path / "store", "--config", tmp_path / "x.yaml")
+    assert refused.exit_code == 2 and "No such option" in refused.output

@@ -31,8 +31,8 @@ from xmei.classification import classification_report, joint_report, plot_confus
 from xmei.errors import UserError
 from xmei.text_metrics import explanation_metrics
 
-__all__ = ["EvaluationError", "check_out", "check_store_labels", "read_predictions", "score", "staged",
-           "write_predictions", "write_report"]
+__all__ = ["EvaluationError", "check_out", "check_store_labels", "read_predictions", "score", "score_file", "staged",
+           "write_evaluation", "write_predictions", "write_report"]
 
 REFERENCES = ("video_id", "ref_emotion", "ref_intent", "ref_explanation")  # missing: an error
 ANSWERS = ("emotion", "intent", "explanation")  # missing: an invalid answer (null)
@@ -197,6 +197,32 @@ def score(rows: list[dict], emotions, intents, eval_cfg) -> dict[str, Any]:
             raise ValueError(f"{len(lacking)} rows have no free answer (first: {lacking[0]!r}) where others have")
         free = [{**r, **r["free"]} for r in rows]  # the free answer in the places of the constrained one
         results["free_decoding"] = _classification(free, emotions, intents)
+    return results
+
+
+def write_evaluation(rows: list[dict], out: Path, emotions, intents, eval_cfg, title: str,
+                     facts: dict[str, Any]) -> dict[str, Any]:
+    """`xmei eval`'s outputs of generated ``rows``: predictions.jsonl, then their scores (with
+    ``facts`` added: rate, checkpoint, store, generation ...) as results.json, report.md and the
+    PNGs, renamed into ``out`` together (:func:`staged`). Returns the results."""
+    with staged(out) as partial:  # a kill leaves the earlier evaluation's files whole
+        write_predictions(rows, partial / "predictions.jsonl")
+        results = score(rows, emotions, intents, eval_cfg)
+        results.update(facts)
+        write_report(results, partial, emotions, intents, title)
+    return results
+
+
+def score_file(predictions: Path, out: Path, emotions, intents, eval_cfg, name: str) -> dict[str, Any]:
+    """`xmei score`: the scores of a predictions file (``name``: the model in the report's tables)
+    as results.json, report.md and the PNGs in ``out``. ``out`` is checked and the file read and
+    scored before anything is written. Returns the results."""
+    check_out(out)
+    rows = read_predictions(predictions, emotions, intents)  # an error names the file and line
+    results = score(rows, emotions, intents, eval_cfg)
+    results.update({"predictions": str(predictions), "model": name})
+    with staged(out) as partial:
+        write_report(results, partial, emotions, intents, f"xmei score: {Path(predictions).name}")
     return results
 
 
