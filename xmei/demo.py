@@ -68,7 +68,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
     from pipeline.tiny_models import build_tiny_models
     from xmei.attention import draw_attention
     from xmei.distributed import Distributed
-    from xmei.evaluate import score, write_predictions, write_report
+    from xmei.evaluate import write_evaluation
     from xmei.generate import GenerationSettings, generate_store, generation_config
     from xmei.model import LQFormers, XMEIQwen
     from xmei.report import build_report
@@ -123,13 +123,11 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
         options = dict(options)
         how = replace(generation, constrained=options.pop("constrained", generation.constrained))
         rows, rate = generate_store(model, stores / "test", cfg.emotions, cfg.intents, how, **options)
-        folder = out / "eval" / _slug(name)
-        write_predictions(rows, folder / "predictions.jsonl")
-        result = score(rows, cfg.emotions, cfg.intents, cfg.eval)
-        result.update({"clips_per_s": rate, "checkpoint": str(finished[model_name]), "model": f"XMEI-Qwen tiny ({name})",
-                       "generation": generation_config(model, how).to_diff_dict(), "constrained": how.constrained})
-        write_report(result, folder, cfg.emotions, cfg.intents, f"xmei demo: {name}")
-        results[name], rows_of[name] = result, rows
+        facts = {"clips_per_s": rate, "checkpoint": str(finished[model_name]), "model": f"XMEI-Qwen tiny ({name})",
+                 "generation": generation_config(model, how).to_diff_dict(), "constrained": how.constrained}
+        results[name] = write_evaluation(rows, out / "eval" / _slug(name), cfg.emotions, cfg.intents, cfg.eval,
+                                         f"xmei demo: {name}", facts)
+        rows_of[name] = rows
 
     _step(say, "attention map")
     silent = _no_audio_ids(stores / "test")

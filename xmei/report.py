@@ -4,7 +4,8 @@ Reads an evaluation folder (``results.json`` and ``predictions.jsonl`` of `xmei 
 `xmei score`, whose results name the predictions file) and writes beside them::
 
     EVAL_DIR/report.html         the page: metric tables, both confusion matrices, one card a clip
-    EVAL_DIR/report_files/       a clip's images, small and lazy-loaded (only with a store and media root):
+    EVAL_DIR/report_files/       a clip's images (only with a store and media root), which the page's
+                                 script loads when the clip's card comes near the view:
         <i>_frames.jpg           its sampled frames in a row, 72 px high
         <i>_attention.jpg        (with a model) the visual LQ-Former's attention over each frame, one row
                                  per query group: the maps of `xmei attention`, 64 px a frame
@@ -76,7 +77,7 @@ class Card:
     cut_off: bool
     score: float  # clip_rouge_l
     texts: dict[str, str] = field(default_factory=dict)  # subtitle, video / audio description (from a store)
-    images: dict[str, str] = field(default_factory=dict)  # frames / attention / audio: paths relative to the page
+    images: dict[str, dict] = field(default_factory=dict)  # frames / attention / audio: {src (relative), width, height}
     attention_rows: list[str] = field(default_factory=list)  # the attention strip's rows, top to bottom
     audio_lanes: str = ""  # what the audio strip's lanes show
     notes: list[str] = field(default_factory=list)
@@ -357,10 +358,10 @@ def _audio_strip(wave: np.ndarray, windows: int, seconds: float, weights: dict[s
     return image
 
 
-def _save(image: Image.Image, path: Path) -> str:
-    """Write ``image`` (JPEG or PNG by its suffix); its path relative to the page."""
+def _save(image: Image.Image, path: Path) -> dict[str, Any]:
+    """Write ``image`` (JPEG or PNG by its suffix); its path relative to the page and its size."""
     image.save(path, **({"quality": 80} if path.suffix == ".jpg" else {"optimize": True}))
-    return f"{ASSETS}/{path.name}"
+    return {"src": f"{ASSETS}/{path.name}", "width": image.width, "height": image.height}
 
 
 def _counts(cards: list[Card]) -> dict[str, int]:
