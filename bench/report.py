@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from stores import OK, FeatureSpec, FeatureStore, create_store  # noqa: E402
 from xmei.classification import classification_report, joint_report  # noqa: E402
-from xmei.evaluate import write_predictions  # noqa: E402
+from xmei.evaluate import CLIP_SCORES, write_predictions  # noqa: E402
 from xmei.model import LQFormers  # noqa: E402
 from xmei.report import ASSETS, build_report  # noqa: E402
 
@@ -58,7 +58,7 @@ def repeated_store(source: FeatureStore, path: Path, n: int) -> list[str]:
 
 
 def repeated_evaluation(source: Path, folder: Path, video_ids: list[str]) -> list[dict]:
-    """predictions.jsonl and results.json of the repeated clips (classification rescored)."""
+    """predictions.jsonl, results.json (classification rescored) and clip_scores.jsonl of the repeated clips."""
     by_id = {r["video_id"]: r for r in map(json.loads, (source / "predictions.jsonl").read_text().splitlines())}
     rows = [{**by_id[v.split("~")[0]], "video_id": v} for v in video_ids]
     results = json.loads((source / "results.json").read_text())
@@ -71,6 +71,10 @@ def repeated_evaluation(source: Path, folder: Path, video_ids: list[str]) -> lis
     results["count"] = len(rows)
     write_predictions(rows, folder / "predictions.jsonl")
     (folder / "results.json").write_text(json.dumps(results))
+    if (source / CLIP_SCORES).is_file():  # each clip's explanation scores, repeated with it
+        scores = {c["video_id"]: c for c in map(json.loads, (source / CLIP_SCORES).read_text().splitlines())}
+        (folder / CLIP_SCORES).write_text("".join(json.dumps({**scores[v.split("~")[0]], "video_id": v}) + "\n"
+                                                  for v in video_ids))
     return rows
 
 

@@ -75,10 +75,18 @@ def test_eval_writes_every_metric_and_score_reproduces_it(checkpoint, patch_stor
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| Model | BLEU-4 | ROUGE-L | METEOR | BERTScore | BLEURT | CIDEr-D |" in report
 
+    # each clip's own scores beside results.json: those whose corpus value is a mean average to it
+    clips = [json.loads(line) for line in (tmp_path / "eval" / "clip_scores.jsonl").read_text().splitlines()]
+    assert [c["video_id"] for c in clips] == [r["video_id"] for r in rows]
+    assert list(clips[0]) == ["video_id", "bleu4", "meteor", "rouge_l", "cider_d", "bertscore", "bleurt"]
+    for name in ("rouge_l", "cider_d", "bertscore", "bleurt"):
+        assert abs(sum(c[name] for c in clips) / 24 - results["explanation"][name]["value"]) < 1e-6, name
+
     xmei("score", tmp_path / "eval" / "predictions.jsonl", "--out", tmp_path / "score", *metric_models)
     again = json.loads((tmp_path / "score" / "results.json").read_text())
     for key in ("emotion", "intent", "joint", "explanation", "count", "cut_off"):
         assert again[key] == results[key], key
+    assert (tmp_path / "score" / "clip_scores.jsonl").read_text() == (tmp_path / "eval" / "clip_scores.jsonl").read_text()
 
     # --html: the page of every clip, with its frames, the visual attention over them and, where the
     # clip has audio, its waveform and windows (tests/test_report.py checks the page itself)

@@ -183,7 +183,8 @@ def test_eval_on_a_store_of_other_labels(checkpoint, patch_store, tmp_path):
 def test_a_killed_eval_leaves_the_earlier_files_whole_and_a_rerun_completes(checkpoint, patch_store, tmp_path):
     out = tmp_path / "eval"
     out.mkdir()
-    earlier = ["predictions.jsonl", "results.json", "report.md", "confusion_emotion.png", "confusion_intent.png"]
+    earlier = ["predictions.jsonl", "results.json", "clip_scores.jsonl", "report.md", "confusion_emotion.png",
+               "confusion_intent.png"]
     for name in earlier:  # an earlier evaluation's files (of another checkpoint, say)
         (out / name).write_text(f"the earlier {name}\n")
     before = snapshot(out)

@@ -202,7 +202,7 @@ def test_every_clip_has_one_card_and_each_filter_selects_its_clips(rows, page):
         e, i = r["ref_emotion"], canon(r["intent"], INTENTS)
         assert r["video_id"] in parsed.ids(data_ref_emotion=e) & parsed.ids(data_pred_intent=i)
     assert len(parsed.ids(data_pred_emotion="happy")) == sum(canon(r["emotion"], EMOTIONS) == "happy" for r in rows)
-    scores = {c["text"].split()[0]: float(c["data-score"]) for c in parsed.cards}
+    scores = {c["text"].split()[0]: float(c["data-m-rouge_l"]) for c in parsed.cards}  # no clip_scores.jsonl
     assert all(abs(scores[r["video_id"]] - clip_rouge_l(r["explanation"] or "", r["ref_explanation"])) < 1e-4
                for r in rows)
 
@@ -324,6 +324,26 @@ def test_a_2000_clip_page_builds_quickly_and_stays_small(tmp_path):
     assert size < 10 and seconds < 20
 
 
+def test_cards_carry_the_clip_scores_of_the_evaluation(rows, tmp_path):
+    """With clip_scores.jsonl (xmei eval / score write it) each card shows and sorts by those scores;
+    a file that is damaged or lacks a clip is an error naming it."""
+    folder = eval_folder(tmp_path / "eval", rows[:6])
+    clips = [{"video_id": r["video_id"], "bleu4": i / 10, "rouge_l": 1 - i / 10, "bertscore": 0.5} for i, r in
+             enumerate(rows[:6])]
+    (folder / "clip_scores.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clips))
+    html = build_report(folder).read_text()
+    parsed = Page(html)
+    assert [{m: float(c[f"data-m-{m}"]) for m in ("bleu4", "rouge_l", "bertscore")} for c in parsed.cards] == \
+        [{m: c[m] for m in ("bleu4", "rouge_l", "bertscore")} for c in clips]
+    assert 'value="bertscore-desc"' in html and 'value="cider_d-asc"' not in html  # sorts by what there is
+    (folder / "clip_scores.jsonl").write_text("".join(json.dumps(c) + "\n" for c in clips[:5]))
+    with pytest.raises(ReportError, match=r"clip_scores.jsonl has no scores for 1 clips"):
+        build_report(folder)
+    (folder / "clip_scores.jsonl").write_text('{"video_id": "clip_00000", "bleu4": "x"}\n')
+    with pytest.raises(ReportError, match=r"clip_scores.jsonl: line 1 is not a clip's scores"):
+        build_report(folder)
+
+
 def test_a_damaged_results_file_is_named(rows, tmp_path):
     folder = eval_folder(tmp_path / "eval", rows[:5])
     results = json.loads((folder / "results.json").read_text())
@@ -394,6 +414,6 @@ def test_the_pages_script_filters_and_sorts_from_the_url(chromium, rows, page):
     assert happy_both
     assert shown(browse(chromium, folder / "report.html", "#outcome=both&pred-emotion=happy", "--dump-dom")) == \
         happy_both
-    ordered = [c for c in Page(browse(chromium, folder / "report.html", "#sort=asc", "--dump-dom")).cards]
-    scores = [float(c["data-score"]) for c in ordered]
+    ordered = [c for c in Page(browse(chromium, folder / "report.html", "#sort=rouge_l-asc", "--dump-dom")).cards]
+    scores = [float(c["data-m-rouge_l"]) for c in ordered]
     assert scores == sorted(scores) and len(ordered) == 40

@@ -185,12 +185,19 @@ def test_coco_metrics_match_independent_computation():
     result = explanation_metrics(REFS, CANDS, EvalConfig())
     assert list(result) == list(METRICS)
     for name in ("bleu4", "rouge_l", "cider_d"):
-        assert set(result[name]) == {"value"}, result[name]  # PTB tokenizer ran: no fallback note
+        assert set(result[name]) == {"value", "per_clip"}, result[name]  # PTB tokenizer ran: no fallback note
     assert result["bleu4"]["value"] == pytest.approx(corpus_bleu4(REFS_TOK, CANDS_TOK), rel=1e-6)
     assert result["rouge_l"]["value"] == pytest.approx(
         sum(rouge_l(r, c) for r, c in zip(REFS_TOK, CANDS_TOK)) / 4, rel=1e-9)
     assert result["cider_d"]["value"] == pytest.approx(cider_d(REFS_TOK, CANDS_TOK), rel=1e-6)
     assert 0.0 < result["meteor"]["value"] < 1.0
+    # each clip's own scores: its ROUGE-L, and CIDEr-D with the corpus's idf, average to the corpus
+    # values; a clip's BLEU-4 is its sentence BLEU (pycocoevalcap's per-clip statistics)
+    assert result["rouge_l"]["per_clip"] == pytest.approx([rouge_l(r, c) for r, c in zip(REFS_TOK, CANDS_TOK)])
+    assert sum(result["cider_d"]["per_clip"]) / 4 == pytest.approx(result["cider_d"]["value"], rel=1e-9)
+    for name in ("bleu4", "meteor", "rouge_l", "cider_d"):  # the empty generation (clip 4) scores 0
+        clips = result[name]["per_clip"]
+        assert len(clips) == 4 and clips[3] == 0 and max(clips[:3]) > 0, (name, clips)
     assert result["bertscore"] == {"unavailable": "eval.bertscore_model is not set"}
     assert result["bleurt"] == {"unavailable": "eval.bleurt_checkpoint is not set"}
 
@@ -287,7 +294,8 @@ def test_bertscore_with_local_minilm(no_java, tmp_path):
     rescaled = explanation_metrics(same, [same[0], ""], EvalConfig(
         bertscore_model=tmp_path / "bert-base-uncased", bertscore_layer=6, bertscore_rescale=True))["bertscore"]
     b = pd.read_csv(Path(bert_score.__file__).parent / "rescale_baseline/en/bert-base-uncased.tsv").iloc[6]["F"]
-    assert rescaled == {"value": pytest.approx((half - b) / (1 - b), abs=1e-6), "baseline": "en/bert-base-uncased.tsv"}
+    assert rescaled == {"value": pytest.approx((half - b) / (1 - b), abs=1e-6), "baseline": "en/bert-base-uncased.tsv",
+                        "per_clip": pytest.approx([1, -b / (1 - b)], abs=1e-4)}  # each clip's F1, rescaled
     too_deep = explanation_metrics(same, same, EvalConfig(bertscore_model=MINILM))["bertscore"]  # layer 17
     assert too_deep == {"unavailable": f"eval.bertscore_layer 17 is outside the 6 layers of {MINILM}"}
     no_baseline = explanation_metrics(same, same, EvalConfig(bertscore_model=MINILM, bertscore_layer=6,
@@ -452,4 +460,5 @@ def test_bleurt_through_explanation_metrics(bleurt_dirs, no_java):
     result = explanation_metrics(refs, cands, EvalConfig(bleurt_checkpoint=bleurt_dirs[16]))
     expected = BleurtScorer.from_pretrained(bleurt_dirs[16]).score(refs, cands)
     assert result["bleurt"]["value"] == pytest.approx(sum(expected) / 3, abs=1e-6)
+    assert result["bleurt"]["per_clip"] == pytest.approx(expected, abs=1e-6)
     assert result["bertscore"] == {"unavailable": "eval.bertscore_model is not set"}

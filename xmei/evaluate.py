@@ -13,6 +13,9 @@ Reading one (`xmei score`): a missing *answer* field (emotion, intent, explanati
 type, a line that is not a JSON object, a repeated video_id and an empty file are errors naming
 the file and line.
 
+Beside results.json, clip_scores.jsonl holds each clip's own explanation scores, one JSON a line:
+video_id and the metrics that were available (:mod:`xmei.text_metrics`); `xmei report` shows them.
+
 Outputs are written into ``OUT/.outputs.partial-<pid>`` and renamed into ``OUT`` together once
 all are written (:func:`staged`), so a kill leaves the earlier evaluation's files in ``OUT`` whole
 and unchanged, never half a file next to a whole one; the next run removes the dead partial folder.
@@ -31,11 +34,12 @@ from xmei.classification import classification_report, joint_report, plot_confus
 from xmei.errors import UserError
 from xmei.text_metrics import explanation_metrics
 
-__all__ = ["EvaluationError", "check_out", "check_store_labels", "read_predictions", "score", "score_file", "staged",
+__all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "check_store_labels", "read_predictions", "score", "score_file", "staged",
            "write_evaluation", "write_predictions", "write_report"]
 
 REFERENCES = ("video_id", "ref_emotion", "ref_intent", "ref_explanation")  # missing: an error
 ANSWERS = ("emotion", "intent", "explanation")  # missing: an invalid answer (null)
+CLIP_SCORES = "clip_scores.jsonl"  # beside results.json: {"video_id", "bleu4", ..., "bleurt"} a clip
 STAGING = ".outputs"  # OUT/.outputs.partial-<pid>: the outputs process <pid> is writing
 JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
               type(None): "null"}  # the names a message gives Python's types
@@ -187,10 +191,16 @@ def staged(out: Path) -> Iterator[Path]:
 def score(rows: list[dict], emotions, intents, eval_cfg) -> dict[str, Any]:
     """Every classification and explanation metric of ``rows`` (and how many answers were cut off,
     when the rows say); with rows that carry a ``free`` answer, ``free_decoding``: its cut-offs and
-    classification scores on the same clips."""
+    classification scores on the same clips. ``clip_scores``: each clip's own explanation scores,
+    {"video_id", metric: value ...} per row (the available metrics), which :func:`write_report`
+    writes to clip_scores.jsonl rather than results.json."""
     results: dict[str, Any] = {"count": len(rows), **_classification(rows, emotions, intents)}
-    results["explanation"] = explanation_metrics([r["ref_explanation"] for r in rows],
-                                                 [r["explanation"] or "" for r in rows], eval_cfg)
+    metrics = explanation_metrics([r["ref_explanation"] for r in rows], [r["explanation"] or "" for r in rows],
+                                  eval_cfg)
+    results["explanation"] = {name: {k: v for k, v in m.items() if k != "per_clip"} for name, m in metrics.items()}
+    per_clip = {name: m["per_clip"] for name, m in metrics.items() if "per_clip" in m}
+    results["clip_scores"] = [{"video_id": r["video_id"], **{name: v[i] for name, v in per_clip.items()}}
+                              for i, r in enumerate(rows)]
     if any("free" in r for r in rows):
         lacking = [r["video_id"] for r in rows if "free" not in r]
         if lacking:
@@ -246,9 +256,13 @@ def _classification(rows: list[dict], emotions, intents) -> dict[str, Any]:
 
 
 def write_report(results: dict[str, Any], out: Path, emotions, intents, title: str) -> Path:
-    """results.json, confusion-matrix PNGs and report.md (tables laid out like the published ones)."""
+    """results.json, confusion-matrix PNGs and report.md (tables laid out like the published ones),
+    and clip_scores.jsonl: each clip's explanation scores (``results["clip_scores"]``, of :func:`score`)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    if "clip_scores" in results:
+        (out / CLIP_SCORES).write_text("".join(json.dumps(c) + "\n" for c in results["clip_scores"]))
+    (out / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "clip_scores"}, indent=1)
+                                      + "\n")
     for kind, labels in (("emotion", emotions), ("intent", intents)):
         plot_confusion(results[kind], labels.labels, out / f"confusion_{kind}.png", f"{title}: {kind}")
     lines = [f"# {title}", "", f"{results['count']} clips" +

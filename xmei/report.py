@@ -17,14 +17,15 @@ The page needs no server and no network: its script and style are inline, its im
 ``data-outcome`` (correct / emotion / intent / both: which of the two labels are wrong, an invalid
 label counting as wrong), ``data-invalid`` (1: the answer named no label for emotion or intent),
 ``data-ref-emotion`` ... ``data-pred-intent`` (``invalid`` for an invalid prediction),
-``data-score`` (the clip's ROUGE-L, below) and, with ``--compare``, ``data-disagree``. The
-filters and the sort are kept in the URL's fragment (``report.html#outcome=intent&pred-emotion=sad``):
-a link opens the page filtered.
+``data-m-<metric>`` (the clip's own explanation scores, below) and, with ``--compare``,
+``data-disagree``. The filters and the sort are kept in the URL's fragment
+(``report.html#outcome=intent&pred-emotion=sad&sort=rouge_l-asc``): a link opens the page filtered.
 
-The clip's own explanation score is pycocoevalcap's ROUGE-L (F with beta 1.2) of its parsed
-explanation (empty when invalid) against its reference, on the simple tokenization
-(:func:`xmei.text_metrics.simple_tokenize`): the corpus ROUGE-L is the mean of these per-clip
-scores, but on PTB tokens where Java runs, so the two can differ slightly.
+The clip's own explanation scores are those `xmei eval` / `xmei score` computed with the corpus
+metrics (clip_scores.jsonl beside results.json: sentence BLEU-4 and METEOR, ROUGE-L, CIDEr-D,
+BERTScore, BLEURT, each where available). An evaluation folder without that file (an older one)
+gets the clip's ROUGE-L only, computed here: pycocoevalcap's (F with beta 1.2) on the simple
+tokenization (:func:`xmei.text_metrics.simple_tokenize`), where eval's is on PTB tokens.
 
 The HTML comes from ``templates/report.html.j2`` with autoescaping: a clip's texts show as text.
 """
@@ -44,7 +45,7 @@ from PIL import Image, ImageDraw
 from pipeline.decode import SAMPLE_RATE
 from xmei.classification import INVALID
 from xmei.errors import UserError, read_text
-from xmei.evaluate import PUBLISHED_ORDER, TITLES, read_predictions
+from xmei.evaluate import CLIP_SCORES, PUBLISHED_ORDER, TITLES, read_predictions
 from xmei.labels import DEFAULT_SYNONYMS, LabelSet
 
 if TYPE_CHECKING:
@@ -53,10 +54,15 @@ if TYPE_CHECKING:
 __all__ = ["ASSETS", "PAGE", "ReportError", "build_report", "clip_rouge_l"]
 
 PAGE = "report.html"
-ASSETS = "report_files"  # thumbnails, linked relative to the page
+ASSETS = "report_files"  # the cards' images, linked relative to the page
 FRAME_HEIGHT = 72  # px of a frame in the frames strip (aspect kept)
 CELL = 64  # px of a frame's center crop (what CLIP sees) under its attention map
 AUDIO_SIZE = (640, 40, 5)  # the audio strip's width, the waveform's height and a window lane's, px
+SCORES_NOTE = {  # the page's note on the clips' scores, with clip_scores.jsonl or without
+    True: "Scores: the clip's own explanation scores from the evaluation (clip_scores.jsonl): sentence BLEU-4 and "
+          "METEOR, ROUGE-L, CIDEr-D (with the corpus's idf), BERTScore F1, BLEURT, where available",
+    False: "Score: the clip's ROUGE-L (pycocoevalcap, F with beta 1.2, simple tokenization) of its explanation "
+           "against its reference; this evaluation has no clip_scores.jsonl (an older xmei)"}
 OUTCOMES = {"correct": "correct", "emotion": "emotion wrong (intent right)", "intent": "intent wrong (emotion right)",
             "both": "both wrong"}
 
@@ -75,7 +81,7 @@ class Card:
     outcome: str  # a key of OUTCOMES
     invalid: bool
     cut_off: bool
-    score: float  # clip_rouge_l
+    scores: dict[str, float]  # the clip's explanation scores: {metric: value}, in PUBLISHED_ORDER
     texts: dict[str, str] = field(default_factory=dict)  # subtitle, video / audio description (from a store)
     images: dict[str, dict] = field(default_factory=dict)  # frames / attention / audio: {src (relative), width, height}
     attention_rows: list[str] = field(default_factory=list)  # the attention strip's rows, top to bottom
@@ -107,7 +113,8 @@ def build_report(eval_dir: Path, store: Path | None = None, media_root: Path | N
     results.json)."""
     eval_dir = Path(eval_dir)
     results, rows, labels = _evaluation(eval_dir, synonyms)
-    cards = [_card(row, labels) for row in rows]
+    scores = _clip_scores(eval_dir, rows)
+    cards = [_card(row, labels, scores.get(row["video_id"])) for row in rows]
     confusion = _confusion(cards, labels)
     _check_agrees(results, confusion, eval_dir)
     other = None
@@ -115,20 +122,21 @@ def build_report(eval_dir: Path, store: Path | None = None, media_root: Path | N
         other_results, other_rows, other_labels = _evaluation(Path(compare), synonyms)
         if {k: v.labels for k, v in other_labels.items()} != {k: v.labels for k, v in labels.items()}:
             raise ReportError(f"--compare {compare} was scored with other label sets than {eval_dir}")
-        _add_other(cards, [_card(r, other_labels) for r in other_rows])
+        _add_other(cards, [_card(r, other_labels, {}) for r in other_rows])
         other = {"name": _name(other_results, Path(compare)), "results": other_results,
                  "only_here": sum(c.other is None for c in cards),
                  "only_there": len({r["video_id"] for r in other_rows} - {c.video_id for c in cards})}
     assets = eval_dir / ASSETS
     if assets.is_dir():
-        shutil.rmtree(assets)  # thumbnails of an earlier page: this page writes its own
+        shutil.rmtree(assets)  # images of an earlier page: this page writes its own
     media_note = _add_store(cards, Path(store), media_root, assets, model, progress) if store is not None else \
         "no store given: no subtitles, captions, frames or audio (xmei report EVAL_DIR --store STORE)"
     html = _render(eval_dir / "results.json", name=_name(results, eval_dir), results=results,
                    labels={k: list(v.labels) for k, v in labels.items()}, cards=cards, confusion=confusion,
                    other=other, media_note=media_note,
                    outcomes=OUTCOMES, invalid=INVALID, titles=TITLES, metric_order=PUBLISHED_ORDER,
-                   counts=_counts(cards))
+                   counts=_counts(cards), scored=list(cards[0].scores) if cards else [],
+                   scores_note=SCORES_NOTE[bool(scores)])
     page = eval_dir / PAGE
     partial = eval_dir / f".{PAGE}.partial-{os.getpid()}"
     partial.write_text(html, encoding="utf-8")
@@ -169,7 +177,29 @@ def _evaluation(folder: Path, synonyms) -> tuple[dict, list[dict], dict[str, Lab
     return results, read_predictions(predictions, labels["emotion"], labels["intent"]), labels
 
 
-def _card(row: dict, labels: dict[str, LabelSet]) -> Card:
+def _clip_scores(folder: Path, rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{video_id: {metric: value}} from the folder's clip_scores.jsonl; {} without one. A file that
+    is damaged or does not hold every clip is an error naming it."""
+    path = folder / CLIP_SCORES
+    if not path.is_file():
+        return {}
+    out = {}
+    for lineno, line in enumerate(read_text(path, "clip scores file", ReportError).splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            out[row.pop("video_id")] = {m: float(row[m]) for m in PUBLISHED_ORDER if m in row}
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            raise ReportError(f"{path}: line {lineno} is not a clip's scores (damaged? rescore with xmei score)") \
+                from None
+    lacking = [r["video_id"] for r in rows if r["video_id"] not in out]
+    if lacking:
+        raise ReportError(f"{path} has no scores for {len(lacking)} clips of the predictions (first: {lacking[0]!r}):"
+                          " not this evaluation's (rescore with xmei score)")
+    return out
+
+
+def _card(row: dict, labels: dict[str, LabelSet], scores: dict[str, float] | None) -> Card:
+    """``scores``: the clip's explanation scores; None: compute its ROUGE-L here."""
     ref = {kind: labels[kind].normalize(row[f"ref_{kind}"]) for kind in labels}
     pred = {kind: labels[kind].normalize(row[kind]) if row[kind] else None for kind in labels}
     wrong = {kind: pred[kind] != ref[kind] for kind in labels}  # None (invalid) is wrong
@@ -179,7 +209,8 @@ def _card(row: dict, labels: dict[str, LabelSet]) -> Card:
     return Card(video_id=row["video_id"], ref={**ref, "explanation": row["ref_explanation"]},
                 pred={**pred, "explanation": explanation}, outcome=outcome,
                 invalid=pred["emotion"] is None or pred["intent"] is None, cut_off=bool(row.get("cut_off")),
-                score=clip_rouge_l(explanation or "", row["ref_explanation"]))
+                scores=scores if scores is not None else {"rouge_l": clip_rouge_l(explanation or "",
+                                                                                  row["ref_explanation"])})
 
 
 def _confusion(cards: list[Card], labels: dict[str, LabelSet]) -> dict[str, list[list[int]]]:

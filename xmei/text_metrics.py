@@ -17,13 +17,17 @@ Six corpus-level numbers, as the published tables report them:
   rescale_baseline/en/roberta-large.tsv) and named in the result as ``"baseline"``.
 - ``bleurt``: mean raw score of a converted PyTorch BLEURT checkpoint (:mod:`xmei.bleurt`).
 
-Each metric is ``{"value": float}`` or ``{"unavailable": reason}`` when its model folder, jar or
-Java is missing or unset (or the folder cannot be loaded); the others are computed all the same.
+Each metric is ``{"value": float, "per_clip": [float, ...]}`` or ``{"unavailable": reason}`` when its
+model folder, jar or Java is missing or unset (or the folder cannot be loaded); the others are
+computed all the same. ``per_clip`` holds each clip's own score from the same computation: the
+sentence BLEU-4 and METEOR of the clip, its ROUGE-L, CIDEr-D (with the corpus's idf), BERTScore F1
+and BLEURT; the corpus value is their mean for the last four, not for BLEU-4 and METEOR, whose
+corpus scores pool the statistics of all clips.
 Without Java, BLEU/ROUGE-L/CIDEr-D fall back to a plain tokenization (lower case, punctuation
 stripped) and say so with ``"tokenizer": "simple (java missing)"``; METEOR is then unavailable.
 Bad inputs (different lengths, nothing to score, non-strings) raise.
 
-    explanation_metrics(refs, cands, cfg.eval)["bleu4"]  # {"value": 0.123}
+    explanation_metrics(refs, cands, cfg.eval)["bleu4"]  # {"value": 0.123, "per_clip": [0.0, 0.31, ...]}
 """
 from __future__ import annotations
 
@@ -64,14 +68,18 @@ def coco_metrics(references: list[str], candidates: list[str]) -> dict[str, dict
     gts, res, tokenizer_note = _tokenize(references, candidates, java)
     extra = {"tokenizer": tokenizer_note} if tokenizer_note else {}
 
-    bleu = float(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
-    rouge = float(Rouge().compute_score(gts, res)[0])
+    bleu, bleu_clips = Bleu(4).compute_score(gts, res, verbose=0)  # BLEU-1..4, corpus and per clip
+    rouge, rouge_clips = Rouge().compute_score(gts, res)
     if any(ref.split() for refs in gts.values() for ref in refs):
-        cider = float(Cider().compute_score(gts, res)[0])
+        cider, cider_clips = Cider().compute_score(gts, res)
     else:  # no reference n-gram at all: every tf-idf vector is empty (pycocoevalcap would fail on max())
-        cider = 0.0
-    return {"bleu4": {"value": bleu, **extra}, "meteor": _meteor(gts, res, java),
-            "rouge_l": {"value": rouge, **extra}, "cider_d": {"value": cider, **extra}}
+        cider, cider_clips = 0.0, [0.0] * len(gts)
+    return {"bleu4": _metric(bleu[3], bleu_clips[3], **extra), "meteor": _meteor(gts, res, java),
+            "rouge_l": _metric(rouge, rouge_clips, **extra), "cider_d": _metric(cider, cider_clips, **extra)}
+
+
+def _metric(value, per_clip, **extra) -> dict:
+    return {"value": float(value), "per_clip": [float(v) for v in per_clip], **extra}
 
 
 def simple_tokenize(text: str) -> str:
@@ -128,14 +136,14 @@ def _meteor(gts: dict, res: dict, java: str | None) -> dict:
     except OSError as err:
         return {"unavailable": f"METEOR 1.5 could not start Java: {err}"}
     try:
-        value = float(scorer.compute_score(gts, res)[0])
+        value, per_clip = scorer.compute_score(gts, res)
     except (OSError, ValueError) as err:  # the JVM died or answered nothing (e.g. no memory for -Xmx2G)
         return {"unavailable": f"METEOR 1.5 failed: {err!r}"}
     finally:
         if scorer.lock.locked():  # a failure leaves it held, and Meteor.__del__ would wait on it forever
             scorer.lock.release()
         del scorer  # Meteor.__del__ closes the pipe and ends the JVM
-    return {"value": value}
+    return _metric(value, per_clip)
 
 
 def _local_folder(key: str, given) -> tuple[Path | None, str | None]:
@@ -197,7 +205,7 @@ def bertscore_metric(references: list[str], candidates: list[str], eval_cfg) -> 
         del scorer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    result = {"value": float(sum(raw) / len(raw))}
+    result = _metric(sum(raw) / len(raw), raw)
     if baseline is not None:
         result["baseline"] = str(baseline.relative_to(baseline.parents[1]))  # e.g. en/roberta-large.tsv
     return result
@@ -283,7 +291,7 @@ def bleurt_metric(references: list[str], candidates: list[str], eval_cfg) -> dic
         del scorer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return {"value": float(sum(scores) / len(scores))}
+    return _metric(sum(scores) / len(scores), scores)
 
 
 def _check_inputs(references: Sequence[str], candidates: Sequence[str]) -> tuple[list[str], list[str]]:
