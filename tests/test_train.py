@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import config
-from stores import FAILED, FeatureStore
-from xmei.data import EpochSampler, StoreSamples
+from stores import FeatureStore
+from xmei.data import StoreSamples
 from xmei.schedule import linear_warmup_cosine_lr
 from xmei.train import Trainer, TrainError, target_tokens
 
