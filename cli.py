@@ -640,7 +640,8 @@ def _print_demo(summary: dict) -> None:
         console.print(f"report ({name}): {path}")
     console.print(f"confusion matrices: {', '.join(summary['confusion'])}")
     console.print(f"attention maps: {', '.join(summary['attention'])}")
-    console.print(f"browsable page (every test clip, A+V+T beside the Q-Former; open it in a browser): {summary['page']}")
+    console.print(f"browsable page (every test clip, A+V+T beside the Q-Former; open it in a browser): "
+                  f"{summary['page']}")
     console.print(f"elapsed: {summary['seconds'] / 60:.1f} minutes")
 
 

@@ -29,8 +29,8 @@ from xmei.errors import UserError, read_text
 from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, DEFAULT_SYNONYMS, LabelSet
 
 __all__ = [
-    "Config", "ConfigError", "ConfigWarning", "DatasetConfig", "EvalConfig", "ExtractConfig", "LabelsConfig", "ModelConfig",
-    "RunConfig", "MODEL_SUBDIRS", "load_config",
+    "Config", "ConfigError", "ConfigWarning", "DatasetConfig", "EvalConfig", "ExtractConfig", "LabelsConfig",
+    "ModelConfig", "RunConfig", "MODEL_SUBDIRS", "load_config",
 ]
 
 # Layout of a models folder as `xmei models tiny` writes it; `--models DIR` maps each

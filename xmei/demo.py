@@ -150,7 +150,8 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
                                                      ("A+V+T", "A+V+T, absent audio not flagged")}},
                "reports": {k: str(out / "eval" / _slug(k) / "report.md") for k in results},
                "confusion": [str(out / "eval" / _slug("A+V+T") / f"confusion_{k}.png") for k in ("emotion", "intent")],
-               "attention": [str(p) for p in attention], "page": str(page), "checkpoints": {k: str(v) for k, v in finished.items()},
+               "attention": [str(p) for p in attention], "page": str(page),
+               "checkpoints": {k: str(v) for k, v in finished.items()},
                "seconds": time.perf_counter() - began}
     summary["check"] = _modality_check(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -34,8 +34,8 @@ from xmei.classification import classification_report, joint_report, plot_confus
 from xmei.errors import UserError
 from xmei.text_metrics import explanation_metrics
 
-__all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "check_store_labels", "read_predictions", "score", "score_file", "staged",
-           "write_evaluation", "write_predictions", "write_report"]
+__all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "check_store_labels", "read_predictions", "score", "score_file",
+           "staged", "write_evaluation", "write_predictions", "write_report"]
 
 REFERENCES = ("video_id", "ref_emotion", "ref_intent", "ref_explanation")  # missing: an error
 ANSWERS = ("emotion", "intent", "explanation")  # missing: an invalid answer (null)

@@ -35,7 +35,8 @@ from xmei.distributed import llm_dtype
 from xmei.lqformer import LQFormer, LQFormerConfig
 from xmei.prompt import AUDIO_TOKEN, PLACEHOLDER_TOKENS, VIDEO_TOKEN, PromptBuilder
 
-__all__ = ["CHECKPOINT_FILES", "FeatureFacts", "LQFormers", "XMEIQwen", "XMEISettings", "load_weights", "verify_checkpoint"]
+__all__ = ["CHECKPOINT_FILES", "FeatureFacts", "LQFormers", "XMEIQwen", "XMEISettings", "load_weights",
+           "verify_checkpoint"]
 
 MODALITIES = ("video", "audio")
 PLACEHOLDERS = dict(zip(MODALITIES, (VIDEO_TOKEN, AUDIO_TOKEN)))
@@ -99,7 +100,8 @@ class XMEISettings:
             cross_attention_freq=m.cross_attention_freq)
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps({"model": self.model.model_dump(), "features": asdict(self.features)}, default=str))
+        plain = {"model": self.model.model_dump(), "features": asdict(self.features)}
+        return json.loads(json.dumps(plain, default=str))
 
     @classmethod
     def from_json(cls, data: dict, source: Path) -> "XMEISettings":
