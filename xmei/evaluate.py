@@ -213,8 +213,8 @@ def score(rows: list[dict], emotions, intents, eval_cfg) -> dict[str, Any]:
 def write_evaluation(rows: list[dict], out: Path, emotions, intents, eval_cfg, title: str,
                      facts: dict[str, Any]) -> dict[str, Any]:
     """`xmei eval`'s outputs of generated ``rows``: predictions.jsonl, then their scores (with
-    ``facts`` added: rate, checkpoint, store, generation ...) as results.json, report.md and the
-    PNGs, renamed into ``out`` together (:func:`staged`). Returns the results."""
+    ``facts`` added: rate, checkpoint, store, generation ...) as results.json, clip_scores.jsonl,
+    report.md and the PNGs, renamed into ``out`` together (:func:`staged`). Returns the results."""
     with staged(out) as partial:  # a kill leaves the earlier evaluation's files whole
         write_predictions(rows, partial / "predictions.jsonl")
         results = score(rows, emotions, intents, eval_cfg)
@@ -225,7 +225,7 @@ def write_evaluation(rows: list[dict], out: Path, emotions, intents, eval_cfg, t
 
 def score_file(predictions: Path, out: Path, emotions, intents, eval_cfg, name: str) -> dict[str, Any]:
     """`xmei score`: the scores of a predictions file (``name``: the model in the report's tables)
-    as results.json, report.md and the PNGs in ``out``. ``out`` is checked and the file read and
+    as results.json, clip_scores.jsonl, report.md and the PNGs in ``out``. ``out`` is checked and the file read and
     scored before anything is written. Returns the results."""
     check_out(out)
     rows = read_predictions(predictions, emotions, intents)  # an error names the file and line
