@@ -169,12 +169,11 @@ class StoreSamples(Dataset):
             for m, hide in zip(MODALITIES, hidden):
                 if hide and m in self.modalities:
                     sample[f"{m}_caption_mask"] = np.zeros_like(sample[f"{m}_caption_mask"])
-        texts = {n: self.strings[n][position] for n in TEXTS}
-        if self.builder is None:
-            sample["texts"] = texts
+        if self.builder is None:  # generation: the texts themselves
+            sample["texts"] = {n: self.strings[n][position] for n in TEXTS}
             return sample
         try:
-            encoded = self.builder.encode(texts["subtitle"], texts["emotion"], texts["intent"], texts["explanation"])
+            encoded = self._encode(position)
             ids, labels, truncated, skipped = encoded.input_ids, encoded.labels, encoded.truncated, False
         except Exception:  # noqa: BLE001 - whatever one record does, the run goes on; the trainer reports it
             ids = self.builder.prompt("")
@@ -186,12 +185,16 @@ class StoreSamples(Dataset):
     def failure(self, position: int) -> str:
         """Why the sample at ``position`` could not be made ("" if it can): it is made again here,
         in this process (skipped samples are few)."""
-        texts = {n: self.strings[n][position] for n in TEXTS}
         try:
-            self.builder.encode(texts["subtitle"], texts["emotion"], texts["intent"], texts["explanation"])
+            self._encode(position)
         except Exception as e:  # noqa: BLE001 - as in _sample
             return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         return ""
+
+    def _encode(self, position: int):
+        """The training sample's prompt + target ids and labels (:meth:`PromptBuilder.encode`)."""
+        texts = {n: self.strings[n][position] for n in ("subtitle", "emotion", "intent", "explanation")}
+        return self.builder.encode(**texts)
 
 
 class EpochSampler(Sampler[int]):
