@@ -49,9 +49,14 @@ ModelsOpt = Annotated[Optional[Path], typer.Option(
 
 @app.callback()
 def _options(debug: Annotated[bool, typer.Option(
-        "--debug", help="Show the traceback of an error the user can fix, too (or set XMEI_DEBUG=1).")] = False):
+        "--debug", help="Show the traceback of an error the user can fix, too (or set XMEI_DEBUG=1).")] = False,
+        local_rank: Annotated[Optional[int], typer.Option(
+            "--local_rank", "--local-rank", hidden=True,
+            help="Set by the deepspeed launcher (`deepspeed --num_gpus N $(which xmei) train ...`).")] = None):
     if debug:
         os.environ[DEBUG_VARIABLE] = "1"  # also reaches the processes a command starts
+    if local_rank is not None:  # the launcher's LOCAL_RANK (it sets both) wins
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
 
 def _load(config: Path | None, sets: list[str] | None, models: Path | None, *, checkpoint: Path | None = None,
@@ -307,9 +312,11 @@ def train(
     DistributedDataParallel, --engine deepspeed in ZeRO-2. Each optimizer step averages the loss over
     every target token of all its micro-batches on all ranks.
     """
+    from xmei.distributed import launcher_env
     from xmei.train import Trainer, TrainWarning
 
     cfg = _load(config, sets, models, require=("model.llama_model_path", "model.caption_tokenizer_path"))
+    launcher_env()  # a SLURM task without a launcher learns its rank here
     rank0 = int(os.environ.get("RANK", 0)) == 0
     fields = TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[clips]:.1f} clips/s  "
                         "data wait {task.fields[wait]:.0%}")
@@ -393,7 +400,7 @@ def eval_cmd(
     from dataclasses import replace
 
     from stores import FeatureStore
-    from xmei.distributed import Distributed
+    from xmei.distributed import Distributed, resolve_precision
     from xmei.evaluate import check_out, check_store_labels, write_evaluation
     from xmei.generate import GenerationError, GenerationSettings, generate_store, generation_config, label_constraint
     from xmei.model import XMEIQwen
@@ -408,7 +415,8 @@ def eval_cmd(
                        f"--config {config}" if config else f"the config of {checkpoint}")
     root = _store_media_root(cfg, media_root, store) if html else None  # a bad root: an error before generating
     dist = Distributed.start(cfg.run.device)
-    model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device)
+    model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device,
+                                     dtype=resolve_precision(cfg.run, dist.device))
     try:
         label_constraint(model, generation)  # a max_new_tokens too short for the answer head: an error now
     except GenerationError as e:

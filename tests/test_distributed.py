@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from xmei.distributed import DeviceError, llm_dtype, resolve_device, single_process_env
+from xmei.distributed import DeviceError, launcher_env, resolve_device, resolve_precision, single_process_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -31,11 +32,25 @@ def test_device_policy_with_gpus(monkeypatch):
         resolve_device("cuda:4")
     with pytest.raises(DeviceError, match="this is local rank 5"):
         resolve_device("cuda", local_rank=5)
-    assert resolve_device("auto", local_rank=5) == torch.device("cpu")  # more ranks than GPUs: auto falls back
     with pytest.raises(DeviceError, match="expected auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")
     with pytest.raises(DeviceError, match="expected cuda:N"):
         resolve_device("cuda:x")
+
+
+def test_auto_never_puts_one_rank_of_many_on_the_cpu(monkeypatch):
+    gpus(monkeypatch, 4)
+    assert resolve_device("auto", local_rank=3, world=8) == torch.device("cuda:3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    with pytest.raises(DeviceError, match=r"LOCAL_RANK 5 of 8 processes, but it sees 4 GPU\(s\) "
+                                          r"\(CUDA_VISIBLE_DEVICES=0,1,2,3\)"):
+        resolve_device("auto", local_rank=5, world=8)  # it fell back to the CPU: gloo there, NCCL elsewhere, a hang
+    gpus(monkeypatch, 1)  # srun --gpus-per-task=1: each rank sees its own GPU only
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert resolve_device("auto", local_rank=5, world=8) == torch.device("cuda:0")
+    assert resolve_device("cuda", local_rank=5, world=8) == torch.device("cuda:0")
+    gpus(monkeypatch, 0)  # no rank sees a GPU: all on the CPU (gloo)
+    assert resolve_device("auto", local_rank=5, world=8) == torch.device("cpu")
 
 
 def test_device_policy_without_gpus(monkeypatch):
@@ -43,7 +58,46 @@ def test_device_policy_without_gpus(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(DeviceError, match=r"0 GPU\(s\)"):
         resolve_device("cuda")
-    assert llm_dtype(torch.device("cpu")) == torch.float32 and llm_dtype(torch.device("cuda:0")) == torch.bfloat16
+
+
+def test_precision_means_the_same_on_every_device(monkeypatch):
+    run = lambda precision, amp=True: SimpleNamespace(precision=precision, amp=amp)  # noqa: E731
+    gpus(monkeypatch, 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
+    assert resolve_precision(run("auto"), gpu) == torch.bfloat16 and resolve_precision(run("auto"), cpu) == torch.float32
+    assert resolve_precision(run("bf16"), gpu) == resolve_precision(run("bf16"), cpu) == torch.bfloat16
+    assert resolve_precision(run("fp32"), gpu) == resolve_precision(run("auto", amp=False), gpu) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    assert resolve_precision(run("auto"), gpu) == torch.float32
+    with pytest.raises(DeviceError, match="Tesla V100 has no bf16"):
+        resolve_precision(run("bf16"), gpu)
+
+
+def test_a_slurm_job_without_a_launcher_gets_its_ranks_from_slurm(monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER}
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"}
+    monkeypatch.setattr(os, "environ", {**env, **slurm})
+    with pytest.raises(DeviceError, match="needs MASTER_ADDR and MASTER_PORT set in the job script"):
+        launcher_env()
+    os.environ.update(MASTER_ADDR="10.0.0.1", MASTER_PORT="29500")
+    assert launcher_env() == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert single_process_env() == {}  # a job of several tasks is no single process
+    monkeypatch.setattr(os, "environ", {**env, **slurm, "RANK": "0", "WORLD_SIZE": "2"})
+    assert launcher_env() == {}  # a launcher inside the job (srun torchrun ...) wins
+    monkeypatch.setattr(os, "environ", {**env, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert launcher_env() == {}  # one task: one process
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted(monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    result = CliRunner().invoke(app, ["--local_rank=3", "train", "--help"])
+    assert result.exit_code == 0 and "--output-dir" in result.output and os.environ["LOCAL_RANK"] == "3"
 
 
 def test_single_process_env_sets_only_what_no_launcher_set(monkeypatch):

@@ -189,14 +189,20 @@ class RunConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)  # the last K are kept
     num_workers: int = Field(4, ge=0)
     seed: int = 42
-    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    # bf16: frozen weights in bf16 and the forward under bf16 autocast, trainable weights, gradients and
+    # optimizer state fp32, in both engines, on a GPU or the CPU; fp32: fp32 throughout; auto: bf16 on a
+    # GPU that has it, else fp32 (a CPU gains no speed from bf16 at the tiny models' size)
+    precision: Annotated[str, _one_of("auto", "bf16", "fp32")] = "auto"
+    amp: bool = True  # the published switch: false means fp32 (run.precision must then not say bf16)
     use_wandb: bool = False
     device: _Device = "auto"  # auto (the local rank's GPU when present, else cpu) | cpu | cuda | cuda:N
 
     @model_validator(mode="after")
-    def _min_lr_at_most_init_lr(self) -> RunConfig:
+    def _consistent(self) -> RunConfig:
         if self.min_lr > self.init_lr:
             raise _Problems({"min_lr": f"{self.min_lr} is above run.init_lr {self.init_lr}"})
+        if not self.amp and self.precision == "bf16":
+            raise _Problems({"precision": "bf16, but run.amp is false (mixed precision off): set one of them"})
         return self
 
 

@@ -67,7 +67,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
     from pipeline.synth import synth_corpus, text_corpus
     from pipeline.tiny_models import build_tiny_models
     from xmei.attention import draw_attention
-    from xmei.distributed import Distributed
+    from xmei.distributed import Distributed, resolve_precision
     from xmei.evaluate import write_evaluation
     from xmei.generate import GenerationSettings, generate_store, generation_config
     from xmei.model import LQFormers, XMEIQwen
@@ -119,7 +119,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
     runs = [(name, name, {}) for name in MODELS] + [(name, "A+V+T", options) for name, options in ABLATIONS.items()]
     for name, model_name, options in runs:
         _step(say, f"eval: {name}")
-        model = XMEIQwen.from_checkpoint(finished[model_name], device=device)
+        model = XMEIQwen.from_checkpoint(finished[model_name], device=device, dtype=resolve_precision(cfg.run, device))
         options = dict(options)
         how = replace(generation, constrained=options.pop("constrained", generation.constrained))
         rows, rate = generate_store(model, stores / "test", cfg.emotions, cfg.intents, how, **options)

@@ -7,7 +7,12 @@ tokens in a (LoRA-tuned) Qwen2.5 causal LM.
 ``model.modalities`` picks the branches built ([video, audio], or one of them: the A+T / V+T
 ablations); a clip without audio (``has_audio`` 0) gives the audio LQ-Former its learned
 "absent" context instead of zeros. Only the LQ-Formers, the projections and the LoRA adapter
-(plus any ``lora_modules_to_save``) train. A checkpoint is a folder: ``trainable.safetensors``
+(plus any ``lora_modules_to_save``) train.
+
+Precision (xmei.distributed): the model computes in ``dtype`` (bf16 or fp32). The frozen LLM is
+loaded in it; every trainable weight is fp32 (checked when the model is built), and ``forward``
+and ``generate`` run under ``torch.autocast(dtype)`` themselves, so a training engine, eval or
+predict cannot run them otherwise. A checkpoint is a folder: ``trainable.safetensors``
 (LQ-Formers + projections), ``adapter/`` (peft ``save_pretrained``), ``xmei_model.json`` (the
 settings: the config's model section as it is, and stage 1's feature facts) and ``config.yaml``
 (the resolved run config, when given); loading never unpickles, and checks every file first
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +37,6 @@ from torch import nn
 from xmei.checkpoint import (ADAPTER_FILES, CHECKPOINT_FILES, CheckpointError, check_files, check_safetensors,
                              check_tensors, checkpoint_folder, loading, read_json)
 from xmei.config import ModelConfig
-from xmei.distributed import llm_dtype
 from xmei.lqformer import LQFormer, LQFormerConfig
 from xmei.prompt import AUDIO_TOKEN, PLACEHOLDER_TOKENS, VIDEO_TOKEN, PromptBuilder
 
@@ -182,25 +187,38 @@ def _add_placeholders(llm: nn.Module, tokenizer) -> None:
                 llm.get_output_embeddings().weight[rows:] = 0
 
 
-def _load_llm(path: str, device: torch.device):
-    """The LLM straight onto ``device`` in its dtype (bf16 on a GPU): the weights are read shard by
-    shard into place, so no rank holds a full host copy of a 7B model first."""
+def _peft_model(llm: nn.Module, lora) -> nn.Module:
+    """peft's get_peft_model, without the FutureWarning of transformers 5 that peft 0.21 triggers on
+    every model (it reads the deprecated ``is_gradient_checkpointing``): noise in every command."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(llm, lora)
+
+
+def _load_llm(path: str, device: torch.device, dtype: torch.dtype):
+    """The LLM straight onto ``device`` in ``dtype``: the weights are read shard by shard into
+    place, so no rank holds a full host copy of a 7B model first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype=llm_dtype(device), device_map={"": device})
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
     return llm, AutoTokenizer.from_pretrained(path)
 
 
 class XMEIQwen(nn.Module):
     def __init__(self, settings: XMEISettings, llm: nn.Module | None = None, tokenizer=None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         """Wrap ``llm``/``tokenizer`` (loaded from ``model.llama_model_path`` onto ``device`` when not
-        given); the LQ-Formers and projections are put on the LLM's device."""
+        given: in ``dtype`` when it stays frozen or gets an adapter, in fp32 when it trains whole);
+        the LQ-Formers and projections are put on the LLM's device. ``dtype``: what the forward
+        computes in (bf16 or fp32)."""
         super().__init__()
         m = settings.model
         if llm is None or tokenizer is None:
-            llm, tokenizer = _load_llm(str(m.llama_model_path), torch.device(device))
-        self.settings, self.tokenizer = settings, tokenizer
+            whole = not m.frozen_llm and not m.use_lora  # trained whole: fp32 master weights
+            llm, tokenizer = _load_llm(str(m.llama_model_path), torch.device(device), torch.float32 if whole else dtype)
+        self.settings, self.tokenizer, self.dtype = settings, tokenizer, dtype
         _add_placeholders(llm, tokenizer)
         self.placeholder_ids = {modality: tokenizer.convert_tokens_to_ids(PLACEHOLDERS[modality])
                                 for modality in settings.modalities}
@@ -217,10 +235,23 @@ class XMEIQwen(nn.Module):
             setattr(self, f"{modality}_proj", proj)
         for module in self.trainable_modules().values():
             module.to(llm.get_input_embeddings().weight.device)
+        self.trainable_in_fp32()
         if m.gradient_checkpointing:
             for modality in settings.modalities:
                 self.lqformers[modality].gradient_checkpointing = True
             self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    def trainable_in_fp32(self) -> None:
+        """Every trainable weight in fp32 (peft's copies of ``lora_modules_to_save`` take the frozen
+        LLM's dtype): the master weights of either engine. Call again after requires_grad changes."""
+        for p in self.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+
+    def autocast(self):
+        """The forward's precision: ``torch.autocast`` to ``self.dtype`` on the LLM's device (off in fp32)."""
+        device = self.llm.get_input_embeddings().weight.device
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     @property
     def lqformers(self) -> dict[str, LQFormer]:
@@ -231,12 +262,12 @@ class XMEIQwen(nn.Module):
         llm.requires_grad_(not s.frozen_llm and not s.use_lora)  # trained whole only without adapter
         if s.frozen_llm or not s.use_lora:
             return llm
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         lora = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
                           target_modules=list(s.lora_target_modules), modules_to_save=list(s.lora_modules_to_save) or None,
                           task_type="CAUSAL_LM")
-        return get_peft_model(llm, lora)
+        return _peft_model(llm, lora)
 
     # ------------------------------------------------------------------ forward
 
@@ -246,11 +277,12 @@ class XMEIQwen(nn.Module):
         the audio LQ-Former's learned absent context."""
         dtype = self.llm.get_input_embeddings().weight.dtype
         tokens, outputs = {}, {}
-        for m, lqformer in self.lqformers.items():
-            present = batch.get("has_audio") if m == "audio" else None
-            out = lqformer(batch[m].float(), batch[f"{m}_caption_ids"], batch[f"{m}_caption_mask"], output_attentions,
-                           present=present)
-            tokens[m], outputs[m] = getattr(self, f"{m}_proj")(out.last_hidden_state).to(dtype), out
+        with self.autocast():
+            for m, lqformer in self.lqformers.items():
+                present = batch.get("has_audio") if m == "audio" else None
+                out = lqformer(batch[m].float(), batch[f"{m}_caption_ids"], batch[f"{m}_caption_mask"],
+                               output_attentions, present=present)
+                tokens[m], outputs[m] = getattr(self, f"{m}_proj")(out.last_hidden_state).to(dtype), out
         return tokens, outputs
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -271,16 +303,18 @@ class XMEIQwen(nn.Module):
         or their sum divided by ``num_items_in_batch`` when given (the target tokens of a whole
         optimizer step, all micro-batches and ranks, so each token weighs the same)."""
         extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        return self.llm(inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"],
-                        labels=batch.get("labels"), **extra)
+        with self.autocast():
+            return self.llm(inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"],
+                            labels=batch.get("labels"), **extra)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor], generation_config, **kwargs) -> torch.Tensor:
         """Generated token ids (B, new tokens) after the prompts in ``batch`` (left-padded), under
         ``generation_config`` (a transformers GenerationConfig, see xmei.generate); ``kwargs`` go to
         the LLM's generate (e.g. the label constraint's ``prefix_allowed_tokens_fn``)."""
-        return self.llm.generate(inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"],
-                                 generation_config=generation_config, **kwargs)
+        with self.autocast():
+            return self.llm.generate(inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"],
+                                     generation_config=generation_config, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -312,11 +346,11 @@ class XMEIQwen(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, llm: str | None = None, trainable: bool = False,
-                        device: torch.device | str = "cpu") -> "XMEIQwen":
-        """Restore a checkpoint onto ``device``; ``llm`` overrides the base LLM folder recorded in it.
-        Every file is checked before it loads (``verify_checkpoint``), and a load that still fails
-        names its file: a CheckpointError."""
-        from peft import PeftConfig, get_peft_model
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "XMEIQwen":
+        """Restore a checkpoint onto ``device``, computing in ``dtype``; ``llm`` overrides the base LLM
+        folder recorded in it. Every file is checked before it loads (``verify_checkpoint``), and a
+        load that still fails names its file: a CheckpointError."""
+        from peft import PeftConfig
 
         folder = Path(folder)
         settings = verify_checkpoint(folder, config=False)
@@ -330,11 +364,12 @@ class XMEIQwen(nn.Module):
                 said = "given" if llm is not None else f"recorded in {folder / CHECKPOINT_FILES['settings']}"
                 raise CheckpointError(f"the base LLM folder {source} ({said}) does not exist (moved or deleted?): "
                                       "point at it with --set model.llama_model_path=DIR or --models DIR")
+        whole = trainable and settings.llm_part == "llm"  # trained on: fp32 master weights
         with loading(source):
-            base, tokenizer = _load_llm(str(source), torch.device(device))
+            base, tokenizer = _load_llm(str(source), torch.device(device), torch.float32 if whole else dtype)
         bare = copy.deepcopy(settings)  # built without an adapter, which loads next
         bare.model.use_lora, bare.model.frozen_llm, bare.model.caption_embeddings_from = False, True, None
-        model = cls(bare, base, tokenizer)
+        model = cls(bare, base, tokenizer, dtype=dtype)
         model.settings = settings
         if settings.llm_part == "adapter":  # as PeftModel.from_pretrained, the weights checked before they load
             lora_file = folder / CHECKPOINT_FILES["adapter"] / ADAPTER_FILES["config"]
@@ -342,12 +377,13 @@ class XMEIQwen(nn.Module):
                 lora = PeftConfig.from_pretrained(str(lora_file.parent))
                 lora.inference_mode = not trainable
                 lora.base_model_name_or_path = base.name_or_path  # the base LLM where it is now: no warning
-                model.llm = get_peft_model(base, lora)
+                model.llm = _peft_model(base, lora)
             model.load_adapter(folder)  # onto the base model's device
             if not trainable:
                 model.llm.eval()
         elif settings.llm_part == "llm":
             model.llm.requires_grad_(trainable)
+        model.trainable_in_fp32()
         model.load_trainable(folder)
         return model
 

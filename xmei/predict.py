@@ -9,6 +9,7 @@ import torch
 from pipeline.decode import MediaError
 from pipeline.decode_pool import Clip, prepare
 from pipeline.encoders import EncoderSettings, Encoders, preparation, tokenize_captions
+from xmei.distributed import resolve_precision
 from xmei.generate import GenerationSettings, answer, prompt_batch
 from xmei.model import XMEIQwen
 from xmei.parse import parse_answer
@@ -45,7 +46,8 @@ def predict_clip(cfg, checkpoint: Path, video: Path, audio: Path | None, subtitl
     model.max_length, as in training."""
     sample = clip_features(cfg, video, audio, video_description, audio_description)
     sample["texts"] = {"subtitle": subtitle}
-    model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=device).eval()
+    model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=device,
+                                     dtype=resolve_precision(cfg.run, device)).eval()
     builder = model.prompt_builder()
     batch = prompt_batch(model, [sample], builder)
     subtitle_cut = len(builder.prompt(subtitle, budget=sys.maxsize)) > builder.max_length

@@ -3,9 +3,13 @@
     trainer = Trainer(cfg, stores, val_store, output_dir, engine="torch", resume=False)
     trainer.setup(); trainer.train(); trainer.cleanup()
 
-One loop, two engines, each in one process or many (``torchrun`` / ``deepspeed`` launchers, any
-number of GPUs and nodes; gloo between CPU processes): ``torch`` (DistributedDataParallel when
-there are several processes) and ``deepspeed`` (ZeRO-2; without a launcher it runs as rank 0 of 1).
+One loop, two engines, each in one process or many (``torchrun`` / ``deepspeed`` launchers or SLURM
+tasks, any number of GPUs and nodes; gloo between CPU processes): ``torch`` (DistributedDataParallel
+when there are several processes) and ``deepspeed`` (ZeRO-2; without a launcher it runs as rank 0
+of 1). Both run one precision recipe (``run.precision``, see xmei.distributed): the model autocasts
+its own forward and keeps its trainable weights fp32, so neither engine's mixed precision is used.
+At start the ranks check that they share the output folder and read the same frozen weights,
+which are therefore not broadcast.
 
 A step: fetch the step's micro-batches -> count their target tokens over all ranks -> forward and
 backward each, its loss the sum over its target tokens divided by that count (so every token of
@@ -29,6 +33,7 @@ uninterrupted run. A resume with another shape is refused, naming what changed, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import warnings
@@ -44,7 +49,8 @@ from torch.utils.data import BatchSampler, DataLoader
 from stores import FeatureStore
 from xmei.checkpoint import DAMAGED, CheckpointError, check_deepspeed, check_torch_file, checkpoints, loading
 from xmei.data import FLAGS, EpochSampler, StoreSamples, feature_facts, loader
-from xmei.distributed import Distributed, single_process_env
+from xmei.distributed import (Distributed, frozen_names, resolve_precision, single_process_env, unbroadcast_frozen,
+                              weights_checksum)
 from xmei.errors import UserError
 from xmei.model import XMEIQwen, XMEISettings, verify_checkpoint
 from xmei.prompt import IGNORE, collate
@@ -130,6 +136,8 @@ class Trainer:
             single_process_env()  # no launcher: rank 0 of 1 (DeepSpeed would look for MPI)
         self.dist = Distributed.start(run.device)
         self.rank, self.world, self.device = self.dist.rank, self.dist.world, self.dist.device
+        self.dtype = resolve_precision(run, self.device)
+        self._check_shared_output()
         torch.manual_seed(run.seed)  # the same initial weights on every rank
 
         facts = feature_facts(FeatureStore(self.stores[0]))
@@ -137,7 +145,8 @@ class Trainer:
 
         caption_vocab = len(AutoTokenizer.from_pretrained(str(cfg.model.caption_tokenizer_path)))
         settings = XMEISettings.from_config(cfg, caption_vocab_size=caption_vocab, **facts)
-        self.model = XMEIQwen(settings, device=self.device)
+        self.model = XMEIQwen(settings, device=self.device, dtype=self.dtype)
+        self._check_same_frozen_weights()
         if self.rank:  # each rank its own dropout
             torch.manual_seed(run.seed + self.rank)
         builder = self.model.prompt_builder()
@@ -185,10 +194,12 @@ class Trainer:
         elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            # the frozen weights are equal on every rank (checked above): not broadcast at start
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, frozen_names(self.model))
             # every trainable parameter gets a gradient each step; the feature statistics are equal everywhere
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
                                                broadcast_buffers=False)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.amp and self.device.type == "cuda")
+        self._check_master_weights()
 
         self.position = Position()
         if self.resume:
@@ -203,6 +214,48 @@ class Trainer:
                 import wandb
 
                 self.wandb = wandb.init(project="xmei", config=cfg.to_dict(), dir=str(self.logs))
+
+    def _check_shared_output(self) -> None:
+        """Several nodes write one checkpoint folder (each rank its ZeRO share, rank 0 the rest, then
+        renames it), so every rank must see the same --output-dir: rank 0 writes a token there and
+        each rank looks for it. A rank that cannot see it stops every rank, naming the folder."""
+        if self.world == 1:
+            return
+        token = self.output_dir / f".xmei-shared-{self.dist.broadcast(os.urandom(8).hex())}"
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            token.touch()
+        self.dist.barrier()
+        blind = [rank for rank, seen in enumerate(self.dist.all_gather(token.exists())) if not seen]
+        self.dist.barrier()
+        if self.rank == 0:
+            token.unlink()
+        if blind:
+            raise TrainError(f"--output-dir {self.output_dir} is not shared by every rank: rank(s) "
+                             f"{', '.join(map(str, blind))} cannot see the file rank 0 wrote there. A run of "
+                             "several nodes writes its checkpoints into one folder on a filesystem all nodes "
+                             "mount (NFS, Lustre, ...): give every node the same shared --output-dir")
+
+    def _check_same_frozen_weights(self) -> None:
+        """The frozen weights are not broadcast at start (15 GB for a 7B LLM): every rank read them
+        from disk, and a checksum of their bits, compared here, shows they read the same."""
+        if self.world == 1:
+            return
+        sums = self.dist.all_gather(weights_checksum(self.model))
+        if len(set(sums)) > 1:
+            differ = [rank for rank, value in enumerate(sums) if value != sums[0]]
+            raise TrainError(f"the frozen weights differ between ranks: rank(s) {', '.join(map(str, differ))} "
+                             f"read other weights than rank 0 from {self.cfg.model.llama_model_path} (another "
+                             "copy on another node?): every rank must load the same LLM")
+
+    def _check_master_weights(self) -> None:
+        """Every trainable weight is fp32 whatever the precision (bf16 trainable weights would lose
+        small updates); an engine that cast them would break the precision recipe: a bug."""
+        module = self.engine.module if self.engine else self.model
+        wrong = sorted({str(p.dtype) for p in module.parameters() if p.requires_grad and p.dtype != torch.float32})
+        if wrong:
+            raise RuntimeError(f"trainable weights in {', '.join(wrong)} after {self.engine_name} set up: "
+                               "the precision recipe keeps them fp32")
 
     def _set_feature_statistics(self, clips: int = 512, chunk: int = 32) -> None:
         """Feature statistics of the LQ-Formers from up to ``clips`` training clips, evenly spread,
@@ -233,18 +286,23 @@ class Trainer:
         import deepspeed
 
         run = self.cfg.run
+        # No "bf16" / "fp16" / "torch_autocast" section: DeepSpeed's own mixed precision would cast every
+        # parameter (the LQ-Formers too) to bf16. The model autocasts its forward itself (XMEIQwen.autocast)
+        # and its trainable weights are fp32, so ZeRO-2 keeps fp32 master weights, fp32 optimizer state and
+        # accumulates and reduce-scatters fp32 gradients, as the torch engine does.
         config = {
             "train_micro_batch_size_per_gpu": run.batch_size_train,
             "gradient_accumulation_steps": run.gradient_accumulation_steps,
             "gradient_clipping": run.max_grad_norm,
             "zero_optimization": {"stage": 2},
-            "bf16": {"enabled": run.amp and self.device.type == "cuda"},
+            "communication_data_type": "fp32",
             "zero_allow_untested_optimizer": True,  # our AdamW with its two parameter groups
             "steps_per_print": 10**9,
         }
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config,
-            dist_init_required=True)
+        with unbroadcast_frozen(self.model):  # equal on every rank (checked in setup)
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=config,
+                dist_init_required=True)
 
     def loader(self, data: StoreSamples, sampler, batch_size: int) -> DataLoader:
         return loader(data, BatchSampler(sampler, batch_size, drop_last=False),
@@ -298,7 +356,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             last = i == len(micro) - 1
-            with self.ddp.no_sync() if self.ddp and not last else nullcontext(), self.autocast:
+            with self.ddp.no_sync() if self.ddp and not last else nullcontext():
                 loss = model(batch, num_items_in_batch=targets).loss  # this micro-batch's share of the step's mean
                 if self.engine:
                     self.engine.backward(loss * scale)
@@ -362,8 +420,7 @@ class Trainer:
             flags = {k: batch.pop(k) for k in FLAGS}
             skipped += flags["position"][flags["skipped"]].tolist()
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.autocast:
-                loss_sum = self.model(batch, num_items_in_batch=1).loss  # divided by 1: the sum
+            loss_sum = self.model(batch, num_items_in_batch=1).loss  # divided by 1: the sum
             total += torch.tensor([loss_sum.item(), target_tokens(batch["labels"]), int(flags["truncated"].sum()),
                                    int(flags["skipped"].sum())])
         self.model.train()
@@ -441,7 +498,8 @@ class Trainer:
         if self.engine:
             check_deepspeed(deepspeed_dir / "state", self.rank)
         with loading(state_file):
-            state = torch.load(state_file, weights_only=True)  # tensors and plain values only
+            # tensors and plain values only, onto the CPU first: never onto the GPU they were saved from
+            state = torch.load(state_file, weights_only=True, map_location="cpu")
         if isinstance(state, dict) and "position" in state and "shape" not in state:
             raise TrainError(f"{folder} was written by an earlier xmei whose trainer state lacks the run's shape and "
                              "the samples seen: it cannot be resumed; start a new --output-dir (its weights load "
