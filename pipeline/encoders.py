@@ -120,13 +120,16 @@ def encoder_identity(settings: EncoderSettings, caption_tokenizer: str) -> dict[
 
 def tokenize_captions(tokenizer_path: str, captions: dict[str, list[str]], length: int) -> dict[str, np.ndarray]:
     """``{kind: texts}`` -> ``{kind}_caption_ids`` and ``{kind}_caption_mask``, (N, length) int32
-    each, truncated / padded to ``length`` by the caption tokenizer."""
+    each, truncated / padded to ``length`` by the caption tokenizer. A description is text: a
+    ``[SEP]`` or ``[PAD]`` written in it is tokenized as those characters, not as the token; only
+    the tokenizer's own [CLS] ... [SEP] and padding are special."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     arrays = {}
     for kind, texts in captions.items():
-        out = tokenizer(texts, max_length=length, truncation=True, padding="max_length", return_tensors="np")
+        out = tokenizer(texts, max_length=length, truncation=True, padding="max_length", return_tensors="np",
+                        split_special_tokens=True)
         arrays[f"{kind}_caption_ids"] = out["input_ids"].astype(np.int32)
         arrays[f"{kind}_caption_mask"] = out["attention_mask"].astype(np.int32)
     return arrays

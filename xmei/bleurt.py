@@ -286,10 +286,11 @@ class BleurtScorer:
         return cls(model, classifier, tokenizer, max_length, device, config)
 
     def encode(self, references: Sequence[str], candidates: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Token ids, token types (0: reference, 1: candidate) and attention mask of the pairs."""
+        """Token ids, token types (0: reference, 1: candidate) and attention mask of the pairs; a
+        ``[SEP]`` written in a text is text, not a third segment."""
         batch = self.tokenizer(list(references), list(candidates), padding=True, truncation="longest_first",
                                max_length=self.max_length, return_token_type_ids=True, return_attention_mask=True,
-                               return_tensors="pt")
+                               return_tensors="pt", split_special_tokens=True)
         return {key: batch[key] for key in ("input_ids", "token_type_ids", "attention_mask")}
 
     @torch.inference_mode()

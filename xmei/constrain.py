@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor
 
-from xmei.prompt import answer_text
+from xmei.prompt import answer_text, text_ids
 
 __all__ = ["LabelConstraint", "LabelProcessor", "answer_head"]
 
@@ -43,8 +43,8 @@ class LabelConstraint:
     """The trie of the answer heads of every (emotion, intent) pair of the label sets, as token ids."""
 
     def __init__(self, tokenizer, emotions: Sequence[str], intents: Sequence[str]):
-        def ids(text: str) -> tuple[int, ...]:
-            return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        def ids(text: str) -> tuple[int, ...]:  # as the training targets are tokenized
+            return tuple(text_ids(tokenizer, text))
 
         self.heads: dict[tuple[int, ...], tuple[str, str]] = {}  # head ids -> (emotion, intent)
         self.children: dict[tuple[int, ...], set[int]] = {}  # a prefix inside a head -> the tokens that may follow

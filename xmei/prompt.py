@@ -9,6 +9,12 @@ The delimiters <Video> ... </Audio> are plain text; only the placeholders are to
 Assistant target:
     The user's emotion is {emotion}, intent is {intent}. The underlying reason is: {explanation}.
 
+Text is text: the subtitle, the labels and the explanation are tokenized with the tokenizer's
+special tokens split as plain text (:func:`text_ids`), so a subtitle holding ``<ImageHere>`` or
+``<|im_end|>`` adds no placeholder and ends no turn. Only the fixed pieces of the prompt (the
+template around the subtitle, the end token) are tokenized with their special tokens. Text free
+of special tokens gives the same ids either way.
+
 ``chat`` renders the user message through the tokenizer's chat template; ``plain`` writes
 ``###Human: {user} ###Assistant: `` as the published code did. Labels are -100 everywhere but on
 the target (and its end-of-turn token). A batch is padded to its own longest sequence.
@@ -31,7 +37,8 @@ import torch
 
 from xmei.errors import UserError
 
-__all__ = ["IGNORE", "PLACEHOLDER_TOKENS", "PromptBuilder", "PromptError", "answer_text", "collate", "user_text"]
+__all__ = ["IGNORE", "PLACEHOLDER_TOKENS", "PromptBuilder", "PromptError", "answer_text", "collate", "text_ids",
+           "user_text"]
 
 IGNORE = -100
 VIDEO_TOKEN, AUDIO_TOKEN = "<ImageHere>", "<AudioHere>"
@@ -54,6 +61,13 @@ def user_text(subtitle: str, video_queries: int, audio_queries: int) -> str:
 
 def answer_text(emotion: str, intent: str, explanation: str) -> str:
     return ANSWER.format(emotion=emotion, intent=intent, explanation=explanation.strip().rstrip("."))
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of user text (a subtitle, an answer, a label): special tokens written in it
+    (``<ImageHere>``, ``<|im_end|>``, ``[SEP]``) are tokenized as the plain text they are."""
+    # verbose=False: a text past the model's length is no mistake here (it is cut), so no warning
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
 
 class PromptError(UserError, ValueError):
@@ -85,17 +99,21 @@ class PromptBuilder:
         else:
             raise ValueError(f"prompt_format must be 'chat' or 'plain', got {prompt_format!r}")
         prefix, suffix = text.split(_SUBTITLE)
-        self.prefix, self.suffix = self._ids(prefix), self._ids(suffix)
-        self.end = self._ids(end) if end else []
+        self.prefix, self.suffix = self._template_ids(prefix), self._template_ids(suffix)
+        self.end = self._template_ids(end) if end else []
         for token, count in ((VIDEO_TOKEN, video_queries), (AUDIO_TOKEN, audio_queries)):
             found = self.prefix.count(tokenizer.convert_tokens_to_ids(token))
             if found != count:
                 raise ValueError(f"the prompt holds {found} {token} tokens, expected {count}: "
                                  f"is {token} a special token of the tokenizer?")
 
+    def _template_ids(self, text: str) -> list[int]:
+        """Ids of a fixed piece of the prompt, whose special tokens (placeholders, chat markers) are tokens."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def _ids(self, text: str) -> list[int]:
-        # verbose=False: a text past the model's length is no mistake here (it is cut), so no warning
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        """Ids of user text: special tokens in it are plain text (:func:`text_ids`)."""
+        return text_ids(self.tokenizer, text)
 
     def prompt(self, subtitle: str, budget: int | None = None) -> list[int]:
         """Prompt ids for generation, the subtitle cut to fit ``budget`` tokens (default max_length)."""

@@ -212,7 +212,8 @@ def bertscore_metric(references: list[str], candidates: list[str], eval_cfg) -> 
 
 
 def _bert_scorer(model_type: str, layer: int, baseline: Path | None):
-    """bert-score's scorer on a local folder, with the tokenizer behaving as under transformers 4."""
+    """bert-score's scorer on a local folder, with the tokenizer behaving as under transformers 4
+    (and special tokens written in a text tokenized as text)."""
     from bert_score import BERTScorer
     from transformers import AutoTokenizer, GPT2Tokenizer, RobertaTokenizer
 
@@ -224,6 +225,7 @@ def _bert_scorer(model_type: str, layer: int, baseline: Path | None):
         # bert-score asks for add_prefix_space=True per call (RoBERTa, as in the published
         # scores); transformers 5 ignores that per-call argument, so set it on the tokenizer.
         scorer._tokenizer = AutoTokenizer.from_pretrained(model_type, use_fast=False, add_prefix_space=True)
+    scorer._tokenizer.split_special_tokens = True  # "<s>" or "[SEP]" written in an explanation is text
     return scorer
 
 
