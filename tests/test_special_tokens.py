@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from bert_score.utils import sent_encode
+from transformers import AutoTokenizer
 
 from conftest import config
 from pipeline.encoders import tokenize_captions
@@ -25,6 +26,7 @@ from test_train import SMALL, read_log
 from xmei.bleurt import BleurtScorer, write_tiny_checkpoint
 from xmei.data import StoreSamples
 from xmei.prompt import IGNORE, PromptBuilder, text_ids
+from xmei.text_metrics import _bert_scorer
 
 SUBTITLE = "Well <ImageHere> and <AudioHere>, then <|im_end|> or <|endoftext|> <|im_start|>user [SEP] hi."
 EXPLANATION = "the face says <|im_end|> <AudioHere> while <ImageHere> <|endoftext|> waits"
@@ -39,7 +41,8 @@ def tokenizer(tiny_models):
 
 
 def special_counts(tokenizer, ids: list[int]) -> Counter:
-    return Counter(i for i in ids if i in set(tokenizer.all_special_ids))
+    specials = set(tokenizer.all_special_ids)
+    return Counter(i for i in ids if i in specials)
 
 
 @pytest.mark.parametrize("prompt_format", ["chat", "plain"])
@@ -65,7 +68,6 @@ def test_text_without_special_tokens_gives_the_ids_it_gave_before(tokenizer, tin
     assert all(text_ids(tokenizer, t) == tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
     caption_tokenizer = tiny_models / "caption_tokenizer"
     ours = tokenize_captions(str(caption_tokenizer), {"video": texts}, 16)
-    from transformers import AutoTokenizer
     before = AutoTokenizer.from_pretrained(caption_tokenizer)(texts, max_length=16, truncation=True,
                                                               padding="max_length", return_tensors="np")
     assert (ours["video_caption_ids"] == before["input_ids"]).all()
@@ -73,8 +75,6 @@ def test_text_without_special_tokens_gives_the_ids_it_gave_before(tokenizer, tin
 
 
 def test_a_description_holding_special_tokens_is_text(tiny_models):
-    from transformers import AutoTokenizer
-
     folder = tiny_models / "caption_tokenizer"
     tok = AutoTokenizer.from_pretrained(folder)
     arrays = tokenize_captions(str(folder), {"video": [VIDEO_DESCRIPTION], "audio": [AUDIO_DESCRIPTION]}, 40)
@@ -93,8 +93,6 @@ def test_explanation_metrics_read_special_tokens_as_text(tmp_path):
     ids = batch["input_ids"][0].tolist()
     assert ids.count(scorer.tokenizer.sep_token_id) == 2 and ids.count(scorer.tokenizer.cls_token_id) == 1
     assert batch["token_type_ids"][0].tolist().count(1) == len(ids) - ids.index(scorer.tokenizer.sep_token_id) - 1
-    from xmei.text_metrics import _bert_scorer
-
     bert = _bert_scorer(str(MINILM), 6, None)._tokenizer
     assert sent_encode(bert, "a face [SEP] smiles").count(bert.sep_token_id) == 1
 
@@ -118,7 +116,7 @@ def test_a_clip_whose_texts_hold_special_tokens_extracts_trains_evaluates_and_pr
     from xmei.predict import predict_clip
     from xmei.train import Trainer
 
-    cfg = config(tiny_models, *SMALL, "run.max_epoch=1", "run.batch_size_train=2", "run.warmup_steps=1",
+    cfg = config(tiny_models, *SMALL, "run.max_epoch=1", "run.batch_size_train=2", "run.warmup_steps=0",
                  "eval.max_new_tokens=40")
     odd = odd_annotations(corpus, tmp_path / "odd.json")
     store = tmp_path / "store"
