@@ -258,6 +258,7 @@ def extract(
     media are missing or corrupt is marked failed (reason in STORE/failures.jsonl) and the run goes on.
     Each worker decodes in extract.decode_workers processes (default: its share of the cores).
     """
+    from pipeline.extract import ExtractWarning
     from pipeline.extract import extract as run_extract
 
     cfg = _load(config, sets, models)
@@ -279,8 +280,12 @@ def extract(
         def advanced(clips: int, failed: int) -> None:
             bar.update(task, advance=clips, failed=bar.tasks[task].fields["failed"] + failed)
 
-        summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,
-                              strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ExtractWarning)
+            summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,
+                                  strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started)
+    for w in caught:
+        err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     rate = (summary.clips - summary.shards_skipped * shard_size) / max(summary.seconds, 1e-9)
     console.print(f"{out}: {summary.ok} ok, {len(summary.failed)} failed of {summary.clips} clips "
                   f"in {summary.shards} shards ({summary.seconds:.1f} s, {max(rate, 0):.1f} clips/s)")
@@ -400,6 +405,7 @@ def eval_cmd(
     from dataclasses import replace
 
     from stores import FeatureStore
+    from xmei.data import dtype_warning
     from xmei.distributed import Distributed, resolve_precision
     from xmei.evaluate import check_out, check_store_labels, write_evaluation
     from xmei.generate import GenerationError, GenerationSettings, generate_store, generation_config, label_constraint
@@ -417,6 +423,8 @@ def eval_cmd(
     dist = Distributed.start(cfg.run.device)
     model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device,
                                      dtype=resolve_precision(cfg.run, dist.device))
+    if dist.main and (mixed := dtype_warning([store], model.settings.features.compute_dtype)):
+        err.print(f"[yellow]warning:[/] {mixed}", highlight=False)
     try:
         label_constraint(model, generation)  # a max_new_tokens too short for the answer head: an error now
     except GenerationError as e:

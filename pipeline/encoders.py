@@ -15,14 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.farm import assigned_device
+from pipeline.farm import PRECISIONS, auto_dtype, check_dtype, local_device
 from pipeline.preprocess import AudioPreprocess, FramePreprocess, Preparation
 from stores import FeatureSpec
 
 if TYPE_CHECKING:
     from pipeline.decode_pool import Prepared
 
-__all__ = ["EncoderSettings", "Encoders", "encoder_identity", "feature_specs", "preparation", "tokenize_captions"]
+__all__ = ["EncoderSettings", "Encoders", "encoder_identity", "feature_specs", "machine_fault", "preparation",
+           "tokenize_captions"]
+
+# what torch (2.13) says, lower case, when the memory, the GPU or its driver fails: the machine's fault, not a clip's
+MEMORY_FAULTS = ("out of memory", "can't allocate memory")
+DEVICE_FAULTS = ("cuda error", "cublas_status", "cudnn_status", "cudnn error", "nccl", "hip error",
+                 "device-side assert", "no cuda gpus are available", "nvidia driver", "cuda driver",
+                 "cuda-capable device")
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,8 @@ class EncoderSettings:
     audio_layers: int
     batch_size: int
     device: str  # "auto" | "cpu" | "cuda" | "cuda:N"; a worker given its own GPU uses that one
-    decode_workers: int = 0  # decode processes; 0: the cores available to the worker
+    decode_workers: int = 0  # decode processes; 0: the worker's share of its node's cores
+    compute_dtype: str = ""  # bfloat16 | float16 | float32; "": what extract.precision auto gives here
 
     @classmethod
     def from_config(cls, cfg) -> "EncoderSettings":
@@ -50,7 +58,8 @@ class EncoderSettings:
                    visual_name=cfg.model.visual_encoder, audio_name=cfg.model.acoustic_encoder,
                    visual_tokens=x.visual_tokens, num_frames=x.num_frames, num_audio_clips=x.num_audio_clips,
                    audio_clip_seconds=x.audio_clip_seconds, audio_layers=x.audio_layers,
-                   batch_size=x.batch_size, device=x.device, decode_workers=x.decode_workers)
+                   batch_size=x.batch_size, device=x.device, decode_workers=x.decode_workers,
+                   compute_dtype=PRECISIONS.get(x.precision, ""))
 
     def key(self) -> str:
         return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:16]
@@ -147,10 +156,24 @@ def preparation(settings: EncoderSettings) -> Preparation:
                        audio_clip_seconds=settings.audio_clip_seconds)
 
 
+def machine_fault(err: BaseException) -> str | None:
+    """Whose fault an encoder error is: "memory" (out of memory), "device" (any other failure of
+    the GPU or its driver: a CUDA error, a device-side assert, a GPU gone), or None: the clip's."""
+    import torch
+
+    text = str(err).lower()
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(m in text for m in MEMORY_FAULTS):
+        return "memory"
+    if isinstance(err, getattr(torch, "AcceleratorError", ())) or any(m in text for m in DEVICE_FAULTS):
+        return "device"
+    return None
+
+
 class Encoders:
     """The frozen CLIP and HuBERT of one worker, loaded once, eval mode, no gradients.
 
-    fp32 on CPU; bf16 (fp16 where bf16 is unsupported) on GPU. Outputs are float16 numpy.
+    They compute in ``settings.compute_dtype`` (extract.precision; auto: fp32 on CPU, bf16 on a GPU
+    that has it, else fp16); a GPU that cannot is a FarmError. Outputs are float16 numpy.
     """
 
     def __init__(self, settings: EncoderSettings):
@@ -160,15 +183,10 @@ class Encoders:
 
         hf_logging.disable_progress_bar()  # a worker's log is no place for "Loading weights" bars
         self.settings = settings
-        device = assigned_device() or settings.device  # a worker pinned to its GPU uses that one
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        cuda = self.device.type == "cuda"
-        if not cuda:
-            self.dtype = torch.float32
-        else:
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        device = local_device(settings.device)  # a worker pinned to its GPU uses that one
+        dtype = settings.compute_dtype or auto_dtype(device) or "float32"  # None: a GPU torch will refuse below
+        check_dtype(device, dtype)
+        self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.preparation = preparation(settings)
         self.visual = _load_checked(CLIPVisionModelWithProjection, settings.visual_path,
                                     config=_vision_config(settings.visual_path), dtype=self.dtype)

@@ -2,16 +2,27 @@
 
 A task extracts and writes one whole shard, so no two workers ever write the same files and
 no lock is needed. A worker loads the encoders and starts its decode processes once and keeps
-them (pipeline.decode_pool). Within a task, the decode processes prepare clips a bounded number
-ahead while the encoders work on the previous batch. A rerun skips finished shards; a clip whose
-media are missing or corrupt, or whose decoder crashes, is marked failed with its reason, never
-replaced.
+them (pipeline.decode_pool); when extract.decode_workers is 0, the driver deals each node's
+cores among that node's workers (pipeline.farm.decode_shares). Within a task, the decode
+processes prepare clips a bounded number ahead while the encoders work on the previous batch.
+Task keys and progress events name the store, so extractions into several stores share one
+scheduler. Before any shard runs, the driver resolves extract.precision to one dtype for the
+whole store (recorded in it; a resume in another dtype is refused).
+
+A rerun skips finished shards; a clip whose media are missing or corrupt, or whose decoder
+crashes, or that an encoder refuses, is marked failed with its reason, never replaced. An error
+of the machine (a CUDA error, out of memory on one clip, a GPU gone: encoders.machine_fault) is
+no clip's: the task ends with a MachineError before anything of its shard is written, dask tries
+it again (RETRIES), and its clips stay pending for a rerun.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
+import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -20,21 +31,31 @@ import numpy as np
 
 from pipeline.annotations import FIELDS, Record, read_annotations
 from pipeline.decode_pool import Clip, DecodePool, Failure, Prepared, available_cores
-from pipeline.encoders import (EncoderSettings, Encoders, encoder_identity, feature_specs, preparation,
-                               tokenize_captions)
-from pipeline.farm import check_farm, start_cluster, worker_devices, worker_gpu_info
+from pipeline.encoders import (EncoderSettings, Encoders, encoder_identity, feature_specs, machine_fault,
+                               preparation, tokenize_captions)
+from pipeline.farm import (PRECISIONS, check_farm, compute_dtype, decode_shares, local_device, local_infos,
+                           start_cluster, worker_devices, worker_gpu_info)
 from stores import FAILED, OK, FeatureStore, StoreError, create_store
 from xmei.errors import UserError
 
-__all__ = ["ExtractionError", "ExtractSummary", "extract", "extract_shard"]
+__all__ = ["ExtractWarning", "ExtractionError", "ExtractSummary", "MachineError", "extract", "extract_shard"]
 
-PROGRESS_TOPIC = "xmei-extract-progress"
 MODEL_KEYS = ("model.visual_encoder_path", "model.acoustic_encoder_path", "model.caption_tokenizer_path")
 AHEAD_BATCHES = 2
+RETRIES = 2  # dask runs a failed shard task up to twice more (a machine error may pass: a new GPU, reloaded encoders)
 
 
 class ExtractionError(UserError, RuntimeError):
     """A clip failed under --strict."""
+
+
+class MachineError(UserError, RuntimeError):
+    """The machine failed, not a clip (a CUDA error, out of memory on one clip, a GPU gone): the
+    message names the worker and the error; the shard's clips stay pending for a rerun."""
+
+
+class ExtractWarning(UserWarning):
+    """Something a run goes on with but should say (a store that does not record its dtype)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,7 @@ class ShardJob:
     clips: list[tuple[str, str, str]]  # (video_id, video file, audio file or "" for the video's track)
     settings: EncoderSettings
     strict: bool
+    decode_processes: dict[str, int] = field(default_factory=dict)  # by host: each worker's share of its cores
 
 
 @dataclass
@@ -67,35 +89,54 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
     ``workers`` = 0 runs in this process without dask; otherwise a LocalCluster on 127.0.0.1 of
     that many workers (None: one per GPU slot, see pipeline.farm; 1 on a CPU machine), each
     pinned to its own GPU, unless ``scheduler`` names an existing cluster (whose workers must
-    each declare their GPU). Local workers share the cores for decoding unless
+    each declare their GPU). Workers share their node's cores for decoding unless
     extract.decode_workers says how many each one starts.
     ``progress(clips, failed)`` is called after each encoder batch and each failed clip;
     ``on_start(summary)`` once the work is known (and the dashboard address, on a cluster).
+    A MachineError ends the run naming the worker and its error; the finished shards are kept
+    and the same call again completes the rest.
     """
     cfg.require_paths(MODEL_KEYS)
     # workers of a farm need absolute paths (their working folder is not ours)
     out, media_root = Path(out).resolve(), Path(media_root).resolve()
     records = read_annotations(annotations, cfg.emotions, cfg.intents, media_root=None, labeled=not unlabeled,
                                allow_absolute=cfg.extract.allow_absolute_paths)
-    settings = EncoderSettings.from_config(cfg)
-    devices, x = None, cfg.extract
-    if scheduler is None:  # a GPU this machine lacks is one error here, not one in every worker
-        devices = worker_devices(x.device, 1 if workers == 0 else workers, x.workers_per_gpu, _gpu_count())
-        if workers != 0 and not x.decode_workers:  # the cores of this machine, dealt among its workers
-            settings = replace(settings, decode_workers=max(1, available_cores() // len(devices)))
-    store = _open_or_create(cfg, out, records, settings, split or Path(annotations).stem, annotations)
-    done = store.done_shards()
-    jobs = [ShardJob(str(out), k, [_clip_files(records[i], media_root) for i in store.shard_range(k)], settings, strict)
-            for k in range(store.num_shards) if k not in done]
-    summary = ExtractSummary(out, len(records), store.num_shards, len(done))
-    start = time.perf_counter()
-    if workers == 0 and scheduler is None:
-        if on_start:
-            on_start(summary)
-        for job in jobs:
-            extract_shard(job, progress)
-    else:
-        _run_on_cluster(jobs, summary, scheduler, devices, cfg, progress, on_start)
+    x, client = cfg.extract, None
+    with ExitStack() as stack:
+        if scheduler is None:  # a GPU this machine lacks is one error here, not one in every worker
+            devices = worker_devices(x.device, 1 if workers == 0 else workers, x.workers_per_gpu, _gpu_count())
+            # this process computes on its own device (XMEI_DEVICE may pin it); local workers get theirs by plugin
+            infos = local_infos([local_device(x.device)] if workers == 0 else devices)
+        else:
+            from distributed import Client
+
+            client = stack.enter_context(Client(scheduler))
+            infos = client.run(worker_gpu_info, x.device)
+            check_farm(infos, x.device, x.workers_per_gpu)  # never two workers on one GPU unless asked
+        settings = replace(EncoderSettings.from_config(cfg), compute_dtype=compute_dtype(infos, x.precision))
+        store = _open_or_create(cfg, out, records, settings, split or Path(annotations).stem, annotations)
+        done = store.done_shards()
+        shares = {} if x.decode_workers else decode_shares(infos)
+        jobs = [ShardJob(str(out), k, [_clip_files(records[i], media_root) for i in store.shard_range(k)], settings,
+                         strict, shares) for k in range(store.num_shards) if k not in done]
+        summary = ExtractSummary(out, len(records), store.num_shards, len(done))
+        start = time.perf_counter()
+        try:
+            if client is None and workers == 0:
+                if on_start:
+                    on_start(summary)
+                for job in jobs:
+                    extract_shard(job, progress)
+            else:
+                if client is None:
+                    from distributed import Client
+
+                    client = stack.enter_context(Client(stack.enter_context(start_cluster(devices))))
+                _run_on_cluster(client, jobs, summary, progress, on_start)
+        except MachineError as err:
+            raise MachineError(f"{err}\n{len(store.done_shards())} of {store.num_shards} shards are finished and kept; "
+                               "the clips of the others stay pending: run the same command again (on a working "
+                               "machine) to complete them") from err
     summary.seconds = time.perf_counter() - start
     store.write_failures_log()
     status = store.status()
@@ -110,30 +151,45 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _run_on_cluster(jobs: list[ShardJob], summary: ExtractSummary, scheduler: str | None, devices: list[str] | None,
-                    cfg, progress, on_start) -> None:
-    """The shard tasks on a LocalCluster of one worker per device, or on the farm at ``scheduler``."""
-    from distributed import Client, as_completed
+def _run_on_cluster(client, jobs: list[ShardJob], summary: ExtractSummary, progress, on_start) -> None:
+    """The shard tasks on the cluster of ``client``, each run up to 1 + RETRIES times; the first
+    error that remains ends the run (the tasks not done are cancelled)."""
+    from distributed import as_completed
 
-    cluster = start_cluster(devices) if scheduler is None else None
+    summary.dashboard = client.dashboard_link
+    if on_start:
+        on_start(summary)
+    run = _run_name(summary.store)  # keys and events of this store only: other runs may share the scheduler
+    if progress:  # workers report each batch as an event (see _report)
+        client.subscribe_topic(run, lambda event: progress(*event[1]))
+    futures = [client.submit(_shard_task, job, key=f"{run}-shard-{job.shard}", pure=False, retries=RETRIES)
+               for job in jobs]
     try:
-        with Client(scheduler or cluster) as client:
-            if scheduler is not None:  # never two workers on one GPU unless asked
-                check_farm(client.run(worker_gpu_info), cfg.extract.device, cfg.extract.workers_per_gpu)
-            summary.dashboard = client.dashboard_link
-            if on_start:
-                on_start(summary)
-            if progress:  # workers report each batch as an event (see _report)
-                client.subscribe_topic(PROGRESS_TOPIC, lambda event: progress(*event[1]))
-            futures = [client.submit(extract_shard, job, key=f"xmei-shard-{job.shard}", pure=False) for job in jobs]
+        for future in as_completed(futures):
             try:
-                for future in as_completed(futures):
-                    future.result()  # raises the first task error (e.g. --strict) as soon as it comes
-            finally:
-                client.cancel(futures)
+                result = future.result()  # raises the first task error as soon as it comes
+            except MachineError as err:
+                raise MachineError(f"{err} (the task was tried {1 + RETRIES} times)") from err
+            if isinstance(result, ExtractionError):
+                raise result
     finally:
-        if cluster is not None:
-            cluster.close()
+        client.cancel(futures)
+        if progress:
+            client.unsubscribe_topic(run)
+
+
+def _run_name(store: Path) -> str:
+    """The dask name of an extraction into ``store`` (its task keys and progress topic)."""
+    return f"xmei-{store.name}-{_sha(str(store))[:8]}"
+
+
+def _shard_task(job: ShardJob) -> dict[str, Any] | ExtractionError:
+    """extract_shard as a dask task: a clip's failure under --strict comes back as a value, so
+    that dask retries only the errors a retry may mend."""
+    try:
+        return extract_shard(job)
+    except ExtractionError as err:
+        return err
 
 
 def _clip_files(record: Record, media_root: Path) -> tuple[str, str, str]:
@@ -158,6 +214,7 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
                    if store.attrs.get("fingerprint", {}).get(k) != v]
         made, now = store.attrs.get("extract", {}), _stored_settings(cfg)
         differs += [f"extract.{k} {made.get(k)!r}, this run {v!r}" for k, v in now.items() if made.get(k) != v]
+        differs += _other_dtype(out, store.attrs.get("compute_dtype"), settings.compute_dtype)
         if differs:
             raise StoreError(f"{out} cannot be resumed by this run, it was made with {'; '.join(differs)}; "
                              "choose another --out (or delete it to start over)")
@@ -175,6 +232,7 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
         "encoders": encoder_identity(settings, str(cfg.model.caption_tokenizer_path)),
         "preprocess": asdict(preparation(settings)),  # what the decode processes do, from the processors
         "extract": cfg.extract.model_dump(),
+        "compute_dtype": settings.compute_dtype,  # what extract.precision gave: the encoders' dtype on every worker
         "labels": {"emotions": list(cfg.emotions.labels), "intents": list(cfg.intents.labels)},
         "fingerprint": fingerprint,
         "created_by": "xmei extract",
@@ -188,13 +246,29 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
 
 # how a run goes, not what it stores: a rerun may change them (a smaller batch after running out of memory)
 RUN_ONLY = ("batch_size", "device", "workers_per_gpu", "decode_workers", "allow_absolute_paths")
+# compared as what it resolves to: auto here and bf16 there are the same when both give bfloat16
+RESOLVED = ("precision",)
 
 
 def _stored_settings(cfg) -> dict[str, Any]:
-    """The extract settings that decide the stored values and layout (all but RUN_ONLY), as JSON
-    gives them back from the store's attributes."""
-    settings = {k: v for k, v in cfg.extract.model_dump().items() if k not in RUN_ONLY}
+    """The extract settings that decide the stored values and layout (all but RUN_ONLY and
+    RESOLVED), as JSON gives them back from the store's attributes."""
+    settings = {k: v for k, v in cfg.extract.model_dump().items() if k not in RUN_ONLY + RESOLVED}
     return json.loads(json.dumps(settings, default=str))
+
+
+def _other_dtype(out: Path, made: str | None, now: str) -> list[str]:
+    """[why the store ``out``, computed in ``made``, cannot be resumed in ``now``], or []. A store
+    made before the dtype was recorded resumes, with an ExtractWarning."""
+    if made is None:
+        warnings.warn(f"{out} does not record the encoders' compute dtype (made by an earlier xmei): resuming it in "
+                      f"{now}, which its finished shards may not have been computed in", ExtractWarning, stacklevel=3)
+        return []
+    if made == now:
+        return []
+    precision = next(k for k, v in PRECISIONS.items() if v == made)
+    return [f"encoders computing in {made}, this run in {now} (resume it with extract.precision={precision} "
+            "on workers that compute in it)"]
 
 
 def _sha(obj: Any) -> str:
@@ -215,32 +289,54 @@ def _encoders(settings: EncoderSettings) -> Encoders:
 _POOLS: dict[int, DecodePool] = {}  # per process: decode processes started once, kept across shards
 
 
-def _pool(settings: EncoderSettings) -> DecodePool:
-    processes = settings.decode_workers or available_cores()
+def _pool(job: ShardJob) -> DecodePool:
+    """This worker's decode processes: extract.decode_workers, else its share of its node's cores
+    (a worker on a host the driver did not know at the start takes every core it may use)."""
+    processes = job.settings.decode_workers or job.decode_processes.get(socket.gethostname()) or available_cores()
     if processes not in _POOLS:
         _POOLS[processes] = DecodePool(processes)
     return _POOLS[processes]
 
 
-def _report(progress: Callable[[int, int], None] | None, clips: int, failed: int) -> None:
+def _report(job: ShardJob, progress: Callable[[int, int], None] | None, clips: int, failed: int) -> None:
     """Tell the driver that ``clips`` more clips are done, ``failed`` of them failed: directly in
-    this process, or as a dask event when running on a worker."""
+    this process, or as a dask event of the job's store when running on a worker."""
     if progress is not None:
         progress(clips, failed)
         return
     from distributed import get_worker
 
     try:
-        get_worker().log_event(PROGRESS_TOPIC, (clips, failed))
+        get_worker().log_event(_run_name(Path(job.store)), (clips, failed))
     except ValueError:  # not on a dask worker, nobody is listening
         pass
 
 
+def _machine_error(job: ShardJob, err: BaseException) -> MachineError:
+    """``err`` is the machine's, not a clip's: this process's encoders are dropped (the next task
+    here loads them anew) and the error names the worker."""
+    _ENCODERS.pop(job.settings.key(), None)
+    from distributed import get_worker
+
+    try:
+        worker = f"worker {get_worker().address} on {socket.gethostname()}"
+    except ValueError:  # not on a dask worker
+        worker = f"this process on {socket.gethostname()}"
+    return MachineError(f"{worker} failed on shard {job.shard} of {job.store}: {_reason(err)}; nothing of the shard "
+                        "was written and its clips stay pending (not failed: the fault is the machine's)")
+
+
 def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Extract and write one whole shard; returns {"shard", "ok", "failed", "seconds"}.
-    ``progress(clips, failed)`` is called after each batch (on a dask worker: an event)."""
+    ``progress(clips, failed)`` is called after each batch (on a dask worker: an event). An error
+    of the machine (see machine_fault) raises a MachineError before anything is written."""
     start = time.perf_counter()
-    encoders = _encoders(job.settings)
+    try:
+        encoders = _encoders(job.settings)
+    except Exception as err:
+        if machine_fault(err):
+            raise _machine_error(job, err) from err
+        raise
     store = FeatureStore(job.store, mode="r+")
     specs = {name: (tuple(v["shape"]), v["dtype"]) for name, v in store.attrs["features"].items()}
     n = len(job.clips)
@@ -258,35 +354,41 @@ def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = N
             values[i] = 0
         status[i] = FAILED
         failures.append({"video_id": video_id, "stage": stage, "reason": reason})
-        _report(progress, 1, 1)
+        _report(job, progress, 1, 1)
 
     def encode(items: list[tuple[int, Prepared]]) -> None:
         rows = [i for i, _ in items]
         for name, values in encoders.encode([p for _, p in items]).items():
             arrays[name][rows] = values
+        _report(job, progress, len(items), 0)
+
+    def encode_alone(item: tuple[int, Prepared]) -> None:
+        """One clip: an error of its own fails it; an error of the machine ends the task."""
+        try:
+            encode([item])
+        except Exception as err:  # noqa: BLE001 - one clip's error must not end the shard
+            if machine_fault(err):
+                raise _machine_error(job, err) from err
+            fail(item[0], "encode", _reason(err))
 
     def flush() -> None:
-        """Encode the batch; when it fails, clip by clip, so that only a bad clip fails."""
-        if not batch:
-            return
-        try:
-            encode(batch)
-            _report(progress, len(batch), 0)
-        except Exception as err:  # noqa: BLE001 - one clip's error must not end the shard
-            if len(batch) == 1:
-                fail(batch[0][0], "encode", _reason(err))
-            else:
+        """Encode the batch; when it fails (a bad clip, or out of memory), clip by clip, so that
+        only a bad clip fails. Any other error of the machine ends the task at once."""
+        if len(batch) == 1:
+            encode_alone(batch[0])
+        elif batch:
+            try:
+                encode(batch)
+            except Exception as err:  # noqa: BLE001
+                if machine_fault(err) == "device":  # e.g. an illegal memory access: no clip would fare better
+                    raise _machine_error(job, err) from err
                 for item in batch:
-                    try:
-                        encode([item])
-                        _report(progress, 1, 0)
-                    except Exception as one:  # noqa: BLE001
-                        fail(item[0], "encode", _reason(one))
+                    encode_alone(item)
         batch.clear()
 
     # the decode processes work ahead of the encoders by AHEAD_BATCHES batches (bounds memory),
     # and at least one clip per process so that none idles
-    pool = _pool(job.settings)
+    pool = _pool(job)
     ahead = max(AHEAD_BATCHES * job.settings.batch_size, pool.processes)
     prepared = pool.map((Clip(video, audio, encoders.preparation) for _, video, audio in job.clips), ahead)
     try:
@@ -299,7 +401,7 @@ def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = N
                 flush()
         flush()
     finally:
-        prepared.close()  # --strict: stop now, not after the clips decoding ahead
+        prepared.close()  # --strict or a machine error: stop now, not after the clips decoding ahead
     store.write_shard(job.shard, arrays, status, failures)
     return {"shard": job.shard, "ok": int((status == OK).sum()), "failed": failures,
             "seconds": time.perf_counter() - start}

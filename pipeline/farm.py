@@ -17,12 +17,19 @@ A worker learns its device in one of three ways, and ``assigned_device()`` reads
 
 Device strings are local to the process that reads them: "cuda:1" is the second GPU that
 process sees (after CUDA_VISIBLE_DEVICES). torch is imported only inside functions.
+
+Before any shard runs, the driver also learns from each worker (``worker_gpu_info``, or
+``local_infos`` for a LocalCluster it is about to start) its host, its cores and the dtype
+``extract.precision: auto`` gives on its device: ``compute_dtype`` makes that one dtype for the
+whole store (workers that disagree are refused), ``decode_shares`` deals each node's cores among
+that node's workers.
 """
 from __future__ import annotations
 
 import os
 import re
 import socket
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import dask
@@ -33,16 +40,18 @@ from xmei.errors import UserError
 if TYPE_CHECKING:
     from distributed import LocalCluster, Worker
 
-__all__ = ["DevicePlugin", "FarmError", "assigned_device", "check_farm", "start_cluster", "worker_devices",
+__all__ = ["PRECISIONS", "DevicePlugin", "FarmError", "assigned_device", "auto_dtype", "check_dtype", "check_farm",
+           "compute_dtype", "decode_shares", "local_device", "local_infos", "start_cluster", "worker_devices",
            "worker_gpu_info"]
 
 DEVICE_ENV = "XMEI_DEVICE"  # how a farm worker declares its GPU, e.g. XMEI_DEVICE=cuda:3
+PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # extract.precision -> torch dtype name
 _assigned: str | None = None  # set in a worker process by DevicePlugin.setup
 
 
 class FarmError(UserError, ValueError):
-    """A worker layout that would put two workers on one GPU, or a GPU worker that does not say
-    which GPU is its own."""
+    """A worker layout that would put two workers on one GPU, a GPU worker that does not say
+    which GPU is its own, or workers that cannot all compute in the store's one dtype."""
 
 
 def _gpu_index(device: str) -> int | None:
@@ -120,16 +129,101 @@ def assigned_device() -> str | None:
     return _assigned or os.environ.get(DEVICE_ENV) or None
 
 
-def worker_gpu_info(dask_worker: Worker | None = None) -> dict:
-    """What check_farm needs from one worker; run on each worker with ``client.run``, which
-    passes ``dask_worker``. "dask_cuda" says dask-cuda started it (its GPU is then the first of
-    CUDA_VISIBLE_DEVICES)."""
+def local_device(device: str) -> str:
+    """The device this process computes on: the one it was given (assigned_device), else
+    ``device`` (extract.device), "auto" being its GPU when it sees one, else the CPU."""
+    import torch
+
+    device = assigned_device() or device
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def auto_dtype(device: str) -> str | None:
+    """What extract.precision auto computes in on ``device`` of this process (auto | cpu | cuda |
+    cuda:N): bfloat16 on a GPU that computes in it natively, float16 on an older GPU, float32 on
+    the CPU; None for a GPU this process does not see."""
+    import torch
+
+    device = "cuda" if device == "auto" and torch.cuda.is_available() else device
+    if device in ("auto", "cpu"):
+        return "float32"
+    index = _gpu_index(device)
+    if not torch.cuda.is_available() or (index or 0) >= torch.cuda.device_count():
+        return None
+    with torch.cuda.device(torch.cuda.current_device() if index is None else index):
+        # natively only: older GPUs emulate bf16 at a fraction of their fp16 speed
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+
+
+def check_dtype(device: str, dtype: str) -> None:
+    """A FarmError unless this process's ``device`` computes in ``dtype`` (bfloat16 needs a GPU
+    that computes in it natively; the CPU and any GPU take float16 and float32)."""
+    if dtype == "bfloat16" and auto_dtype(device) == "float16":
+        import torch
+
+        raise FarmError(f"{device} ({torch.cuda.get_device_name(device)}) does not compute in bfloat16 natively; "
+                        "set extract.precision to fp16 or fp32 (a store's resume needs the dtype it was made in)")
+
+
+def _cpus() -> list[int]:
+    """The cores this process may run on (its CPU affinity, which a farm's launcher may limit)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def worker_gpu_info(device: str = "auto", dask_worker: Worker | None = None) -> dict:
+    """What the driver needs from one worker, ``device`` being extract.device; run on each worker
+    with ``client.run(worker_gpu_info, device)``, which passes ``dask_worker``. "dask_cuda" says
+    dask-cuda started it (its GPU is then the first of CUDA_VISIBLE_DEVICES); "cpus" are its cores,
+    "dtype" what extract.precision auto gives on its device (None: a GPU it does not see)."""
     import torch
 
     plugins = dask_worker.plugins.values() if dask_worker is not None else ()
     return {"host": socket.gethostname(), "assigned": assigned_device(),
             "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpus": torch.cuda.device_count(),
-            "dask_cuda": any(type(p).__module__.startswith("dask_cuda") for p in plugins)}
+            "dask_cuda": any(type(p).__module__.startswith("dask_cuda") for p in plugins),
+            "cpus": _cpus(), "dtype": auto_dtype(local_device(device))}
+
+
+def local_infos(devices: list[str]) -> dict[str, dict]:
+    """What worker_gpu_info will say of the workers of a LocalCluster (or of this process) on
+    ``devices``, known before any starts: the host and cores are this machine's."""
+    return {f"local worker {i} ({device})": {"host": socket.gethostname(), "cpus": _cpus(), "dtype": auto_dtype(device)}
+            for i, device in enumerate(devices)}
+
+
+def compute_dtype(infos: dict[str, dict], precision: str) -> str:
+    """The one dtype every worker computes in, for extract.precision (auto | bf16 | fp16 | fp32);
+    ``infos``: worker_gpu_info (or local_infos) by worker. A FarmError names the workers when
+    auto gives them different dtypes, or when bf16 is asked of GPUs without it."""
+    on: dict[str | None, list[str]] = {}  # what auto gives -> workers
+    for worker, info in sorted(infos.items()):
+        on.setdefault(info["dtype"], []).append(worker)
+    if precision != "auto":
+        if precision == "bf16" and "float16" in on:
+            raise FarmError(f"extract.precision is bf16 but the GPUs of {', '.join(on['float16'])} do not compute "
+                            "in bfloat16 natively; set extract.precision to fp16 or fp32")
+        return PRECISIONS[precision]
+    if len(on) > 1:
+        found = "; ".join(f"{dtype} on {', '.join(workers)}" for dtype, workers in on.items())
+        raise FarmError(f"extract.precision auto gives the workers different dtypes ({found}), and a store holds "
+                        "one; set extract.precision to one that every worker computes in (fp16 or fp32)")
+    return next(iter(on))
+
+
+def decode_shares(infos: dict[str, dict]) -> dict[str, int]:
+    """Decode processes per worker by host, for extract.decode_workers 0: the cores of each host
+    (all its workers' CPU affinities together) divided among its workers, at least 1 each.
+    ``infos``: worker_gpu_info (or local_infos) by worker."""
+    workers = Counter(info["host"] for info in infos.values())
+    cores: dict[str, set[int]] = {}
+    for info in infos.values():
+        cores.setdefault(info["host"], set()).update(info["cpus"])
+    return {host: max(1, len(cores[host]) // n) for host, n in workers.items()}
 
 
 def _farm_gpu(info: dict, device: str) -> tuple[str | None, str | None]:

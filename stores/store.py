@@ -2,7 +2,9 @@
 
 Layout (N clips, S clips per shard):
 
-    STORE/zarr.json                 group attributes: schema version, encoders, extraction config, labels
+    STORE/zarr.json                 group attributes: schema version, encoders, extraction config, labels,
+                                    compute_dtype (the encoders' dtype on every worker: bfloat16 | float16 |
+                                    float32; absent in stores made before it was kept)
     STORE/<feature>/                float16 features (N, ...): one clip per inner chunk, S clips per shard
     STORE/<feature>/c/<k>/0/.../0   shard k's file: its clips' bytes (each checksummed), their index (stores/reader.py)
     STORE/status/                   uint8 (N,): 0 pending, 1 ok, 2 failed; sharded like the features

@@ -60,3 +60,17 @@ def patch_store(tiny_models, corpus, annotations, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stores") / "patch"
     extract(config(tiny_models), annotations, corpus, out, workers=0)
     return out
+
+
+def store_in_dtype(source: Path, out: Path, dtype: str | None) -> Path:
+    """A copy of the store ``source`` whose attributes say its encoders computed in ``dtype``
+    (None: no record, as made by an earlier xmei)."""
+    import shutil
+
+    shutil.copytree(source, out)
+    meta = json.loads((out / "zarr.json").read_text())
+    meta["attributes"].pop("compute_dtype", None)
+    if dtype:
+        meta["attributes"]["compute_dtype"] = dtype
+    (out / "zarr.json").write_text(json.dumps(meta))
+    return out

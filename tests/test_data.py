@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import config
+from conftest import config, store_in_dtype
 from stores import FAILED, FeatureStore
-from xmei.data import TEXTS, EpochSampler, PackedStrings, StoreSamples
+from xmei.data import TEXTS, EpochSampler, PackedStrings, StoreSamples, dtype_warning
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch(patch_store):
@@ -61,6 +61,18 @@ def test_two_stores_train_together_and_other_features_are_refused(patch_store, t
     extract(config(tiny_models, "extract.visual_tokens=pooled"), annotations, corpus, tmp_path / "pooled", workers=0)
     with pytest.raises(ValueError, match="other encoders or settings"):
         StoreSamples([patch_store, tmp_path / "pooled"])
+
+
+def test_stores_of_other_compute_dtypes_train_together_with_a_warning(patch_store, tmp_path):
+    bf16 = store_in_dtype(patch_store, tmp_path / "bf16", "bfloat16")
+    unknown = store_in_dtype(patch_store, tmp_path / "unknown", None)
+    assert len(StoreSamples([patch_store, bf16, unknown])) == 72  # the same layout: no error
+    assert dtype_warning([patch_store, unknown]) is None  # a store that does not say is not counted
+    assert dtype_warning([patch_store], "float32") is None
+    assert dtype_warning([patch_store, bf16, unknown]) == (
+        f"features computed by the encoders in different dtypes (bfloat16 in {bf16}; float32 in {patch_store}): the "
+        "model sees slightly other features than it was trained on; extract every store with one extract.precision")
+    assert "bfloat16 in the checkpoint's training stores; float32 in" in dtype_warning([patch_store], "bfloat16")
 
 
 class ShardedPositions:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import config
+from conftest import config, store_in_dtype
 from xmei.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,19 @@ def test_beam_search_generates_too(checkpoint, patch_store, tmp_path):
     xmei("eval", "--checkpoint", checkpoint, "--store", patch_store, "--out", tmp_path, "--set", "eval.num_beams=2",
          "--set", "eval.max_new_tokens=16")
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 24
+
+
+def test_eval_on_a_store_of_another_compute_dtype_warns_before_generating(checkpoint, patch_store, tmp_path,
+                                                                        monkeypatch):
+    """The warning comes once the checkpoint is read, before any clip is generated: here the run
+    then stops at its next check (max_new_tokens too short), which keeps the test short."""
+    monkeypatch.setenv("COLUMNS", "1000")  # the warning on one line
+    store = store_in_dtype(patch_store, tmp_path / "bf16", "bfloat16")
+    result = xmei("eval", "--checkpoint", checkpoint, "--store", store, "--out", tmp_path / "eval", "--set",
+                  "eval.max_new_tokens=1", check=False)
+    assert result.returncode == 2 and "eval.max_new_tokens 1 cannot hold the answer head" in result.stderr
+    assert ("warning: features computed by the encoders in different dtypes (bfloat16 in "
+            f"{store}; float32 in the checkpoint's training stores)") in result.stderr, result.stderr[-2000:]
 
 
 def test_predict_on_a_raw_mp4(checkpoint, corpus):

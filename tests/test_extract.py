@@ -441,3 +441,107 @@ def test_silent_audio_extracts_and_verifies(tiny_models, tmp_path):
     lengths = store.array("audio_lengths")
     lengths[1] = np.zeros(lengths.shape[1:], lengths.dtype)  # flagged with audio, yet no window: still caught
     assert verify_store(FeatureStore(store.path)) == ["audio: clip 1 ('wav') has audio but zero window lengths"]
+
+
+CUDA_FAULT = "CUDA error: an illegal memory access was encountered"
+
+
+def test_a_failing_machine_fails_no_clip_and_a_rerun_completes_the_store(patch_store, tiny_models, corpus,
+                                                                       annotations, tmp_path, monkeypatch):
+    """An encoder whose GPU fails on every call: the run ends at the first batch naming this
+    process and the error, no clip is failed, nothing is written; the encoders are dropped, and a
+    rerun on a working encoder gives the store of an uninterrupted run."""
+    import socket
+
+    import pipeline.extract as stage1
+    from pipeline.encoders import Encoders
+
+    broken = []
+
+    def sick_gpu(self, clips):
+        broken.append(self)
+        raise RuntimeError(CUDA_FAULT)
+
+    monkeypatch.setattr(Encoders, "encode", sick_gpu)
+    out = tmp_path / "store"
+    with pytest.raises(stage1.MachineError) as caught:
+        extract(config(tiny_models), annotations, corpus, out, workers=0)
+    message = str(caught.value)
+    assert f"this process on {socket.gethostname()} failed on shard 0 of {out}: RuntimeError: {CUDA_FAULT}" in message
+    assert "0 of 3 shards are finished and kept" in message and "run the same command again" in message
+    assert len(broken) == 1  # an illegal memory access is not retried clip by clip
+    assert broken[0] not in stage1._ENCODERS.values()  # the next task loads them anew
+    store = FeatureStore(out)
+    assert (store.status() == PENDING).all() and store.failures() == [] and not store.done_shards()
+    monkeypatch.undo()
+    summary = extract(config(tiny_models), annotations, corpus, out, workers=0)
+    assert summary.ok == 24 and summary.shards_skipped == 0
+    assert_same(contents(out), contents(patch_store))
+
+
+@pytest.fixture(scope="module")
+def first_shard(annotations, tmp_path_factory) -> Path:
+    """The first 8 records of the corpus (the patch store's first shard)."""
+    path = tmp_path_factory.mktemp("first") / "first.json"
+    path.write_text(json.dumps(json.loads(annotations.read_text())[:8]))
+    return path
+
+
+def test_out_of_memory_is_retried_clip_by_clip_then_is_the_machines(patch_store, tiny_models, corpus, first_shard,
+                                                                   tmp_path, monkeypatch):
+    """A batch that runs out of memory is encoded clip by clip (every clip ok, the features of the
+    uninterrupted run); out of memory on one clip alone ends the task, failing no clip."""
+    import torch
+
+    import pipeline.extract as stage1
+    from pipeline.encoders import Encoders
+
+    encode, sizes = Encoders.encode, []
+
+    def small_gpu(limit):
+        def encode_within(self, clips):
+            sizes.append(len(clips))
+            if len(clips) > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return encode(self, clips)
+        return encode_within
+
+    monkeypatch.setattr(Encoders, "encode", small_gpu(1))
+    summary = extract(config(tiny_models), first_shard, corpus, tmp_path / "alone", workers=0)
+    assert summary.ok == 8 and sizes == [4, 1, 1, 1, 1, 4, 1, 1, 1, 1]  # batches of 4, retried one by one
+    alone, whole = contents(tmp_path / "alone"), contents(patch_store)
+    for name in ("visual", "audio"):
+        np.testing.assert_allclose(alone[name].astype(np.float32), whole[name][:8].astype(np.float32), atol=1e-2,
+                                   err_msg=name)
+    monkeypatch.setattr(Encoders, "encode", small_gpu(0))
+    with pytest.raises(stage1.MachineError, match="OutOfMemoryError: CUDA out of memory"):
+        extract(config(tiny_models), first_shard, corpus, tmp_path / "none", workers=0)
+    store = FeatureStore(tmp_path / "none")
+    assert (store.status() == PENDING).all() and store.failures() == []
+
+
+def test_the_compute_dtype_is_recorded_and_a_resume_in_another_is_refused(patch_store, tiny_models, corpus,
+                                                                        annotations, first_shard, tmp_path):
+    from pipeline.extract import ExtractWarning
+
+    assert FeatureStore(patch_store).attrs["compute_dtype"] == "float32"  # auto on the CPU
+    copy = Path(shutil.copytree(patch_store, tmp_path / "copy"))
+    with pytest.raises(StoreError, match=f"{copy} cannot be resumed .* encoders computing in float32, this run in "
+                                         r"bfloat16 \(resume it with extract.precision=fp32"):
+        extract(config(tiny_models, "extract.precision=bf16"), annotations, corpus, copy, workers=0)
+    summary = extract(config(tiny_models, "extract.precision=fp32"), annotations, corpus, copy, workers=0)
+    assert summary.shards_skipped == 3  # fp32 is what auto gave: the same store
+    meta = json.loads((copy / "zarr.json").read_text())
+    del meta["attributes"]["compute_dtype"]  # as made by an earlier xmei
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    with pytest.warns(ExtractWarning, match=f"{copy} does not record the encoders' compute dtype .* resuming it in "
+                                            "bfloat16"):
+        summary = extract(config(tiny_models, "extract.precision=bf16"), annotations, corpus, copy, workers=0)
+    assert summary.shards_skipped == 3
+    # bf16 on the CPU: computed in it (close to fp32, not equal), and recorded
+    extract(config(tiny_models, "extract.precision=bf16"), first_shard, corpus, tmp_path / "bf16", workers=0)
+    bf16, fp32 = FeatureStore(tmp_path / "bf16"), FeatureStore(patch_store)
+    assert bf16.attrs["compute_dtype"] == "bfloat16" and (bf16.status() == OK).all()
+    low, full = bf16.array("visual")[:].astype(np.float32), fp32.array("visual")[:8].astype(np.float32)
+    assert not np.array_equal(low, full)
+    np.testing.assert_allclose(low, full, atol=0.1)

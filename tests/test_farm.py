@@ -3,6 +3,9 @@ a real 2-worker LocalCluster on 127.0.0.1 (CPU only: the devices are strings), a
 LocalCUDACluster branch against a stand-in dask_cuda."""
 from __future__ import annotations
 
+import os
+import re
+import socket
 import sys
 import types
 from types import SimpleNamespace
@@ -223,3 +226,127 @@ def test_cli_extract_on_a_gpu_this_machine_lacks_is_a_clear_error(tiny_models, c
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1 and "device 'cuda:1': this machine has no GPU" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "store").exists()
+
+
+def test_decode_shares_deal_each_nodes_cores_among_its_workers():
+    infos = {f"tcp://a:{i}": {"host": "node1", "cpus": list(range(64))} for i in range(8)}  # 8 GPU workers, 64 cores
+    infos.update({"tcp://b:1": {"host": "node2", "cpus": list(range(16))},  # a launcher that pinned each its cores
+                  "tcp://b:2": {"host": "node2", "cpus": list(range(16, 32))},
+                  **{f"tcp://c:{i}": {"host": "node3", "cpus": [0, 1]} for i in range(3)}})  # more workers than cores
+    assert farm.decode_shares(infos) == {"node1": 8, "node2": 16, "node3": 1}
+    here = farm.local_infos(["cpu", "cpu"])
+    assert farm.decode_shares(here) == {socket.gethostname(): max(1, len(os.sched_getaffinity(0)) // 2)}
+
+
+def test_compute_dtype_is_one_for_every_worker():
+    gpus = {"tcp://a:1": {"dtype": "bfloat16"}, "tcp://a:2": {"dtype": "bfloat16"}}
+    old = {**gpus, "tcp://b:1": {"dtype": "float16"}}
+    assert farm.compute_dtype(gpus, "auto") == "bfloat16" and farm.compute_dtype(old, "fp16") == "float16"
+    assert farm.compute_dtype(farm.local_infos(["cpu"]), "auto") == "float32"
+    with pytest.raises(FarmError, match=r"auto gives the workers different dtypes \(bfloat16 on tcp://a:1, "
+                                        r"tcp://a:2; float16 on tcp://b:1\)"):
+        farm.compute_dtype(old, "auto")
+    with pytest.raises(FarmError, match="bf16 but the GPUs of tcp://b:1 do not compute in bfloat16"):
+        farm.compute_dtype(old, "bf16")
+
+
+def _break_encoders() -> None:
+    """On a worker: every encoder call fails as a GPU with an illegal memory access does."""
+    from pipeline.encoders import Encoders
+
+    def sick_gpu(self, clips):
+        global _sick_calls
+        _sick_calls = globals().get("_sick_calls", 0) + 1
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    Encoders.real_encode, Encoders.encode = Encoders.encode, sick_gpu
+
+
+def _mend_encoders() -> int:
+    """On a worker: the encoders work again; how many sick calls it saw."""
+    from pipeline.encoders import Encoders
+
+    Encoders.encode = Encoders.real_encode
+    return globals().get("_sick_calls", 0)
+
+
+def _decode_pools() -> list[int]:
+    from pipeline.extract import _POOLS
+
+    return sorted(_POOLS)
+
+
+@pytest.fixture(scope="module")
+def cpu_cluster():
+    """A real 2-worker LocalCluster on 127.0.0.1 whose workers compute on the CPU."""
+    from distributed import LocalCluster
+
+    cpu = {"XMEI_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0", env=cpu) as cluster:
+        yield cluster
+
+
+def test_two_extractions_share_one_scheduler(cpu_cluster, tiny_models, corpus, annotations, tmp_path):
+    """Two `--scheduler` runs into two stores at once: each completes its own store, counts its
+    own progress, and each worker decodes in its share of the cores."""
+    import threading
+    import time
+
+    from conftest import config
+    from pipeline.extract import extract
+    from stores import OK, FeatureStore, verify_store
+    from test_extract import assert_same, contents
+
+    done, summaries, errors = {"a": [], "b": []}, {}, []
+
+    def run(name: str) -> None:
+        try:
+            summaries[name] = extract(config(tiny_models), annotations, corpus, tmp_path / name,
+                                      scheduler=cpu_cluster.scheduler_address,
+                                      progress=lambda clips, failed: done[name].append(clips))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in done]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    deadline = time.monotonic() + 10  # progress events may trail their task's result
+    while time.monotonic() < deadline and min(sum(d) for d in done.values()) < 24:
+        time.sleep(0.1)
+    assert {name: sum(d) for name, d in done.items()} == {"a": 24, "b": 24}  # its own events only
+    for name in done:
+        store = FeatureStore(tmp_path / name)
+        assert summaries[name].ok == 24 and (store.status() == OK).all() and verify_store(store) == []
+    assert_same(contents(tmp_path / "a"), contents(tmp_path / "b"))
+    with Client(cpu_cluster) as client:
+        share = max(1, len(os.sched_getaffinity(0)) // 2)  # this machine's cores between its 2 workers
+        assert sorted(client.run(_decode_pools).values()) == [[share], [share]]
+
+
+def test_a_failing_gpu_on_a_farm_fails_no_clip(cpu_cluster, tiny_models, corpus, annotations, tmp_path):
+    """Every worker's encoder fails as a sick GPU: the one shard task is tried 1 + RETRIES times,
+    the run ends naming a worker and the error, and every clip stays pending."""
+    from conftest import config
+    from pipeline.extract import RETRIES, MachineError, extract
+    from stores import PENDING, FeatureStore
+
+    out = tmp_path / "store"
+    with Client(cpu_cluster) as client:
+        client.run(_break_encoders)
+        try:
+            with pytest.raises(MachineError) as caught:
+                extract(config(tiny_models, "extract.shard_size=24"), annotations, corpus, out,
+                        scheduler=cpu_cluster.scheduler_address)
+        finally:
+            calls = client.run(_mend_encoders)
+    message = str(caught.value)
+    assert re.search(rf"worker tcp://127\.0\.0\.1:\d+ on {socket.gethostname()} failed on shard 0 of {out}: "
+                     r"RuntimeError: CUDA error: an illegal memory access was encountered", message), message
+    assert f"tried {1 + RETRIES} times" in message and "0 of 1 shards are finished and kept" in message
+    assert sum(calls.values()) == 1 + RETRIES  # each try failed at its first batch
+    store = FeatureStore(out)
+    assert (store.status() == PENDING).all() and store.failures() == []

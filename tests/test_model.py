@@ -284,6 +284,17 @@ def test_a_checkpoint_of_an_earlier_layout_is_refused(tiny_models, tmp_path):
         XMEIQwen.from_checkpoint(tmp_path / "ckpt")
 
 
+def test_a_checkpoint_from_before_compute_dtypes_were_kept_loads(tiny_models, tmp_path):
+    import json
+
+    model = make_model(tiny_models)
+    model.save_checkpoint(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "xmei_model.json").read_text())
+    assert saved["features"].pop("compute_dtype") is None  # make_model's facts name no store
+    (tmp_path / "ckpt" / "xmei_model.json").write_text(json.dumps(saved))
+    assert XMEIQwen.from_checkpoint(tmp_path / "ckpt").settings.features.compute_dtype is None
+
+
 def test_every_model_key_reaches_the_settings(tiny_models):
     """One definition: the model section is the settings' own, so a key set in the config is the
     key the model reads (no filtered, renamed copy)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import config
+from conftest import config, store_in_dtype
 from stores import FeatureStore
 from xmei.data import StoreSamples
 from xmei.schedule import linear_warmup_cosine_lr
-from xmei.train import Trainer, TrainError, target_tokens
+from xmei.train import Trainer, TrainError, TrainWarning, target_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 XMEI = Path(sys.executable).parent / "xmei"
@@ -87,6 +88,14 @@ def test_feature_statistics_come_from_the_training_clips(tiny_models, patch_stor
     for lqformer, features in ((t.model.video_lqformer, video), (t.model.audio_lqformer, audio)):
         np.testing.assert_allclose(lqformer.feature_mean.numpy(), features.mean(0), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(lqformer.feature_std.numpy(), features.std(0, ddof=1), rtol=1e-4, atol=1e-7)
+
+
+def test_stores_of_other_compute_dtypes_are_warned_of_and_the_model_keeps_its_own(tiny_models, patch_store,
+                                                                                    tmp_path):
+    val = store_in_dtype(patch_store, tmp_path / "bf16", "bfloat16")
+    with pytest.warns(TrainWarning, match=re.escape(f"different dtypes (bfloat16 in {val}; float32 in {patch_store})")):
+        t = trainer(tiny_models, [patch_store], tmp_path / "run", "run.max_epoch=1", val=val)
+    assert t.model.settings.features.compute_dtype == "float32"  # the training stores': what eval compares with
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tiny_models, patch_store, tmp_path):

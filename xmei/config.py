@@ -222,8 +222,12 @@ class ExtractConfig(_Section):
     compression: Annotated[str, _one_of("none", "zstd")] = "none"
     device: _Device = "auto"  # auto (every GPU when present, else cpu) | cpu | cuda (every GPU) | cuda:N (one)
     workers_per_gpu: int = Field(1, ge=1)  # local workers sharing one GPU (never more than one unless asked)
-    decode_workers: Annotated[int, _must(  # decode processes per worker; 0: the cores available to the worker
-        lambda n: n >= 0, "must be >= 0 (0: one per core)")] = 0
+    # decode processes per worker; 0: the cores of the worker's node (its CPU affinity, over all its
+    # workers on that node) divided among the node's workers, at least 1 each
+    decode_workers: Annotated[int, _must(lambda n: n >= 0, "must be >= 0 (0: a share of the node's cores)")] = 0
+    # the encoders' compute dtype, one for the whole store (recorded in it; a resume in another is refused):
+    # auto: bf16 on a GPU that computes in it natively, fp16 on an older GPU, fp32 on the CPU
+    precision: Annotated[str, _one_of("auto", "bf16", "fp16", "fp32")] = "auto"
     # media paths in the annotations stay inside the media root; true also accepts absolute ones
     # (a path climbing out with '..' is refused either way). Not part of what a store is made with.
     allow_absolute_paths: bool = False

@@ -34,7 +34,7 @@ from stores import OK, ClipReader, FeatureStore, StoreError
 from xmei.errors import UserError
 from xmei.prompt import IGNORE, PromptBuilder
 
-__all__ = ["FLAGS", "EpochSampler", "PackedStrings", "StoreSamples", "feature_facts", "loader"]
+__all__ = ["FLAGS", "EpochSampler", "PackedStrings", "StoreSamples", "dtype_warning", "feature_facts", "loader"]
 
 FEATURES = {"video": "visual", "audio": "audio"}  # modality (batch key) -> store array
 CAPTIONS = ("video_caption_ids", "video_caption_mask", "audio_caption_ids", "audio_caption_mask")
@@ -43,13 +43,31 @@ MODALITIES = tuple(FEATURES)
 FLAGS = ("position", "truncated", "skipped")  # per training sample; not model inputs: popped before the forward
 
 
-def feature_facts(store: FeatureStore) -> dict[str, int]:
+def feature_facts(store: FeatureStore) -> dict[str, int | str | None]:
     """What the model needs to know about the features, from the store's attributes (0 for a
-    modality the store has no features of)."""
+    modality the store has no features of; compute_dtype None for a store that does not say)."""
     feats = store.attrs["features"]
     visual, audio = (feats.get(name, {"shape": [0, 0]})["shape"] for name in ("visual", "audio"))
     return {"visual_size": visual[-1], "audio_size": audio[-1], "num_frames": visual[0], "num_audio_clips": audio[0],
-            "caption_tokens": store.attrs["extract"]["caption_tokens"]}
+            "caption_tokens": store.attrs["extract"]["caption_tokens"],
+            "compute_dtype": store.attrs.get("compute_dtype")}
+
+
+def dtype_warning(stores: Iterable[str | Path], trained_in: str | None = None) -> str | None:
+    """A warning when ``stores`` (and the stores a checkpoint was trained on, computed in
+    ``trained_in``) hold features that the encoders computed in different dtypes, else None.
+    Stores that do not record their dtype (made by an earlier xmei) are not counted."""
+    dtypes = {str(path): FeatureStore(path).attrs.get("compute_dtype") for path in stores}
+    dtypes["the checkpoint's training stores"] = trained_in
+    by_dtype: dict[str, list[str]] = {}
+    for source, dtype in dtypes.items():
+        if dtype:
+            by_dtype.setdefault(dtype, []).append(source)
+    if len(by_dtype) < 2:
+        return None
+    found = "; ".join(f"{dtype} in {', '.join(sources)}" for dtype, sources in sorted(by_dtype.items()))
+    return (f"features computed by the encoders in different dtypes ({found}): the model sees slightly other "
+            "features than it was trained on; extract every store with one extract.precision")
 
 
 class PackedStrings:
@@ -98,7 +116,8 @@ class StoreSamples(Dataset):
                                  f"{list(self.modalities)} needs")
             # a missing or damaged shard file: an error now (no clip decoded), not zeros or a stop mid-epoch
             store.check_files([*(FEATURES[m] for m in self.modalities), "has_audio"])
-        facts = [feature_facts(s) for s in stores]
+        # another compute dtype is no other feature layout: a warning where the stores are opened (dtype_warning)
+        facts = [{k: v for k, v in feature_facts(s).items() if k != "compute_dtype"} for s in stores]
         for path, store, f in zip(self.paths[1:], stores[1:], facts[1:]):
             if f != facts[0] or stores[0].attrs["encoders"] != store.attrs["encoders"]:
                 raise StoreError(f"{path}: features {f} from other encoders or settings than {self.paths[0]}")

@@ -57,6 +57,7 @@ class FeatureFacts:
     num_audio_clips: int
     caption_vocab_size: int  # the caption tokenizer's vocabulary
     caption_tokens: int  # caption ids per description
+    compute_dtype: str | None = None  # the encoders' dtype in stage 1 (None: not recorded by an earlier xmei)
 
 
 @dataclass

@@ -48,7 +48,7 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from stores import FeatureStore
 from xmei.checkpoint import DAMAGED, CheckpointError, check_deepspeed, check_torch_file, checkpoints, loading
-from xmei.data import FLAGS, EpochSampler, StoreSamples, feature_facts, loader
+from xmei.data import FLAGS, EpochSampler, StoreSamples, dtype_warning, feature_facts, loader
 from xmei.distributed import (Distributed, frozen_names, resolve_precision, single_process_env, unbroadcast_frozen,
                               weights_checksum)
 from xmei.errors import UserError
@@ -141,6 +141,8 @@ class Trainer:
         torch.manual_seed(run.seed)  # the same initial weights on every rank
 
         facts = feature_facts(FeatureStore(self.stores[0]))
+        if self.rank == 0 and (mixed := dtype_warning([*self.stores, *filter(None, [self.val_store])])):
+            warnings.warn(mixed, TrainWarning, stacklevel=2)
         from transformers import AutoTokenizer
 
         caption_vocab = len(AutoTokenizer.from_pretrained(str(cfg.model.caption_tokenizer_path)))
