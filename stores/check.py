@@ -28,7 +28,8 @@ def store_info(store: FeatureStore) -> dict[str, Any]:
         "shards": store.num_shards, "shard_size": store.shard_size,
         "status": {name: status.get(name, 0) for name in STATUS_NAMES.values()},
         "bytes": _bytes_on_disk(store.path), "arrays": arrays,
-        "encoders": store.attrs.get("encoders"), "extract": store.attrs.get("extract"),
+        "encoders": store.attrs.get("encoders"), "compute_dtype": store.attrs.get("compute_dtype"),
+        "extract": store.attrs.get("extract"),
         "labels": store.attrs.get("labels"), "failures": len(store.failures()),
     }
 

@@ -64,15 +64,15 @@ def test_two_stores_train_together_and_other_features_are_refused(patch_store, t
 
 
 def test_stores_of_other_compute_dtypes_train_together_with_a_warning(patch_store, tmp_path):
-    bf16 = store_in_dtype(patch_store, tmp_path / "bf16", "bfloat16")
+    fp32, bf16 = (store_in_dtype(patch_store, tmp_path / name, name) for name in ("float32", "bfloat16"))
     unknown = store_in_dtype(patch_store, tmp_path / "unknown", None)
-    assert len(StoreSamples([patch_store, bf16, unknown])) == 72  # the same layout: no error
-    assert dtype_warning([patch_store, unknown]) is None  # a store that does not say is not counted
-    assert dtype_warning([patch_store], "float32") is None
-    assert dtype_warning([patch_store, bf16, unknown]) == (
-        f"features computed by the encoders in different dtypes (bfloat16 in {bf16}; float32 in {patch_store}): the "
+    assert len(StoreSamples([fp32, bf16, unknown])) == 72  # the same layout: no error
+    assert dtype_warning([fp32, unknown]) is None  # a store that does not say is not counted
+    assert dtype_warning([fp32], "float32") is None
+    assert dtype_warning([fp32, bf16, unknown]) == (
+        f"features computed by the encoders in different dtypes (bfloat16 in {bf16}; float32 in {fp32}): the "
         "model sees slightly other features than it was trained on; extract every store with one extract.precision")
-    assert "bfloat16 in the checkpoint's training stores; float32 in" in dtype_warning([patch_store], "bfloat16")
+    assert "bfloat16 in the checkpoint's training stores; float32 in" in dtype_warning([fp32], "bfloat16")
 
 
 class ShardedPositions:

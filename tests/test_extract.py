@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.extract import ExtractionError, extract
+from pipeline.farm import PRECISIONS, auto_dtype, local_device
 from pipeline.synth import write_camera_mp4
 from stores import FAILED, OK, PENDING, FeatureStore, StoreError, export_hdf5, import_hdf5, verify_store
 from conftest import config
@@ -388,6 +389,7 @@ def test_stores_cli_info_export_import(patch_store, tmp_path):
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["clips"] == 24 and info["status"] == {"pending": 0, "ok": 24, "failed": 0}
+    assert info["compute_dtype"] == auto_dtype(local_device("auto"))  # extract.precision auto: float32 on the CPU
     assert info["arrays"]["visual"]["shape"] == [24, 8, 257, 64] and info["arrays"]["visual"]["bytes"] > 0
     h5 = tmp_path / "s.h5"
     assert subprocess.run([str(XMEI), "stores", "export", str(patch_store), str(h5)]).returncode == 0
@@ -524,24 +526,27 @@ def test_the_compute_dtype_is_recorded_and_a_resume_in_another_is_refused(patch_
                                                                         annotations, first_shard, tmp_path):
     from pipeline.extract import ExtractWarning
 
-    assert FeatureStore(patch_store).attrs["compute_dtype"] == "float32"  # auto on the CPU
+    auto = auto_dtype(local_device("auto"))  # float32 on the CPU
+    same = {dtype: name for name, dtype in PRECISIONS.items()}[auto]
+    other = "fp16" if auto != "float16" else "fp32"
+    assert FeatureStore(patch_store).attrs["compute_dtype"] == auto
     copy = Path(shutil.copytree(patch_store, tmp_path / "copy"))
-    with pytest.raises(StoreError, match=f"{copy} cannot be resumed .* encoders computing in float32, this run in "
-                                         r"bfloat16 \(resume it with extract.precision=fp32"):
-        extract(config(tiny_models, "extract.precision=bf16"), annotations, corpus, copy, workers=0)
-    summary = extract(config(tiny_models, "extract.precision=fp32"), annotations, corpus, copy, workers=0)
-    assert summary.shards_skipped == 3  # fp32 is what auto gave: the same store
+    with pytest.raises(StoreError, match=f"{copy} cannot be resumed .* encoders computing in {auto}, this run in "
+                                         rf"{PRECISIONS[other]} \(resume it with extract.precision={same} "):
+        extract(config(tiny_models, f"extract.precision={other}"), annotations, corpus, copy, workers=0)
+    summary = extract(config(tiny_models, f"extract.precision={same}"), annotations, corpus, copy, workers=0)
+    assert summary.shards_skipped == 3  # what auto gave: the same store
     meta = json.loads((copy / "zarr.json").read_text())
     del meta["attributes"]["compute_dtype"]  # as made by an earlier xmei
     (copy / "zarr.json").write_text(json.dumps(meta))
     with pytest.warns(ExtractWarning, match=f"{copy} does not record the encoders' compute dtype .* resuming it in "
-                                            "bfloat16"):
-        summary = extract(config(tiny_models, "extract.precision=bf16"), annotations, corpus, copy, workers=0)
+                                            f"{PRECISIONS[other]}"):
+        summary = extract(config(tiny_models, f"extract.precision={other}"), annotations, corpus, copy, workers=0)
     assert summary.shards_skipped == 3
-    # bf16 on the CPU: computed in it (close to fp32, not equal), and recorded
-    extract(config(tiny_models, "extract.precision=bf16"), first_shard, corpus, tmp_path / "bf16", workers=0)
-    bf16, fp32 = FeatureStore(tmp_path / "bf16"), FeatureStore(patch_store)
-    assert bf16.attrs["compute_dtype"] == "bfloat16" and (bf16.status() == OK).all()
-    low, full = bf16.array("visual")[:].astype(np.float32), fp32.array("visual")[:8].astype(np.float32)
+    # another precision is computed in (close, not equal) and recorded
+    extract(config(tiny_models, f"extract.precision={other}"), first_shard, corpus, tmp_path / "other", workers=0)
+    low, full = FeatureStore(tmp_path / "other"), FeatureStore(patch_store)
+    assert low.attrs["compute_dtype"] == PRECISIONS[other] and (low.status() == OK).all()
+    low, full = low.array("visual")[:].astype(np.float32), full.array("visual")[:8].astype(np.float32)
     assert not np.array_equal(low, full)
     np.testing.assert_allclose(low, full, atol=0.1)

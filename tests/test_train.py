@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -92,10 +91,14 @@ def test_feature_statistics_come_from_the_training_clips(tiny_models, patch_stor
 
 def test_stores_of_other_compute_dtypes_are_warned_of_and_the_model_keeps_its_own(tiny_models, patch_store,
                                                                                     tmp_path):
-    val = store_in_dtype(patch_store, tmp_path / "bf16", "bfloat16")
-    with pytest.warns(TrainWarning, match=re.escape(f"different dtypes (bfloat16 in {val}; float32 in {patch_store})")):
+    made = FeatureStore(patch_store).attrs["compute_dtype"]  # float32 on the CPU
+    other = "float16" if made != "float16" else "bfloat16"
+    val = store_in_dtype(patch_store, tmp_path / "other", other)
+    with pytest.warns(TrainWarning, match="features computed by the encoders in different dtypes") as caught:
         t = trainer(tiny_models, [patch_store], tmp_path / "run", "run.max_epoch=1", val=val)
-    assert t.model.settings.features.compute_dtype == "float32"  # the training stores': what eval compares with
+    said = " ".join(str(w.message) for w in caught)
+    assert f"{other} in {val}" in said and f"{made} in {patch_store}" in said
+    assert t.model.settings.features.compute_dtype == made  # the training stores': what eval compares with
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tiny_models, patch_store, tmp_path):
