@@ -550,3 +550,28 @@ def test_the_compute_dtype_is_recorded_and_a_resume_in_another_is_refused(patch_
     low, full = low.array("visual")[:].astype(np.float32), full.array("visual")[:8].astype(np.float32)
     assert not np.array_equal(low, full)
     np.testing.assert_allclose(low, full, atol=0.1)
+
+
+@pytest.mark.parametrize("error, fault", [
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "device"),
+    (RuntimeError("CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA`"), "device"),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, ...)`"), "device"),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), "device"),
+    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error"), "device"),
+    (RuntimeError("No CUDA GPUs are available"), "device"),
+    (RuntimeError("Found no NVIDIA driver on your system."), "device"),
+    ("accelerator", "device"),  # torch.AcceleratorError, whatever its message
+    ("out of memory", "memory"),  # torch.OutOfMemoryError
+    (RuntimeError("CUDA error: out of memory"), "memory"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), "memory"),
+    (ValueError("a clip the encoder cannot take"), None),
+    (RuntimeError("The size of tensor a (257) must match the size of tensor b (50)"), None),
+])
+def test_machine_faults_are_told_from_a_clips_own(error, fault):
+    import torch
+
+    from pipeline.encoders import machine_fault
+
+    error = {"accelerator": torch.AcceleratorError("an error of the device"),
+             "out of memory": torch.OutOfMemoryError("Tried to allocate 2.00 GiB")}.get(error, error)
+    assert machine_fault(error) == fault
