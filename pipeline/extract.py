@@ -12,8 +12,8 @@ whole store (recorded in it; a resume in another dtype is refused).
 A rerun skips finished shards; a clip whose media are missing or corrupt, or whose decoder
 crashes, or that an encoder refuses, is marked failed with its reason, never replaced. An error
 of the machine (a CUDA error, out of memory on one clip, a GPU gone: encoders.machine_fault) is
-no clip's: the task ends with a MachineError before anything of its shard is written, dask tries
-it again (RETRIES), and its clips stay pending for a rerun.
+no clip's: the task ends with a MachineError before anything of its shard is written, it is tried
+again on another worker (RETRIES), and its clips stay pending for a rerun.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ __all__ = ["ExtractWarning", "ExtractionError", "ExtractSummary", "MachineError"
 
 MODEL_KEYS = ("model.visual_encoder_path", "model.acoustic_encoder_path", "model.caption_tokenizer_path")
 AHEAD_BATCHES = 2
-RETRIES = 2  # dask runs a failed shard task up to twice more (a machine error may pass: a new GPU, reloaded encoders)
+RETRIES = 2  # a shard task that met a machine error runs up to twice more, on other workers where there are any
 
 
 class ExtractionError(UserError, RuntimeError):
@@ -51,7 +51,10 @@ class ExtractionError(UserError, RuntimeError):
 
 class MachineError(UserError, RuntimeError):
     """The machine failed, not a clip (a CUDA error, out of memory on one clip, a GPU gone): the
-    message names the worker and the error; the shard's clips stay pending for a rerun."""
+    message names the worker and the error; the shard's clips stay pending for a rerun.
+    ``worker``: the dask worker's address (None in this process)."""
+
+    worker: str | None = None
 
 
 class ExtractWarning(UserWarning):
@@ -152,28 +155,39 @@ def _gpu_count() -> int:
 
 
 def _run_on_cluster(client, jobs: list[ShardJob], summary: ExtractSummary, progress, on_start) -> None:
-    """The shard tasks on the cluster of ``client``, each run up to 1 + RETRIES times; the first
-    error that remains ends the run (the tasks not done are cancelled)."""
+    """The shard tasks on the cluster of ``client``. A task that ends with a MachineError is tried
+    again, up to RETRIES times, on the workers that have not failed it (any worker once every one
+    has); the first error that remains ends the run (the tasks not done are cancelled)."""
     from distributed import as_completed
 
     summary.dashboard = client.dashboard_link
     if on_start:
         on_start(summary)
     run = _run_name(summary.store)  # keys and events of this store only: other runs may share the scheduler
+
+    def submit(job: ShardJob, failed_on: tuple[str, ...] = ()):
+        others = [w for w in client.scheduler_info()["workers"] if w not in failed_on] if failed_on else None
+        key = f"{run}-shard-{job.shard}" + (f"-try{len(failed_on) + 1}" if failed_on else "")
+        future = client.submit(extract_shard, job, key=key, pure=False, workers=others or None)
+        tries[future] = (job, failed_on)
+        return future
+
     if progress:  # workers report each batch as an event (see _report)
         client.subscribe_topic(run, lambda event: progress(*event[1]))
-    futures = [client.submit(_shard_task, job, key=f"{run}-shard-{job.shard}", pure=False, retries=RETRIES)
-               for job in jobs]
+    tries: dict = {}  # future -> (its job, the workers that failed it so far)
+    pending = as_completed([submit(job) for job in jobs])
     try:
-        for future in as_completed(futures):
+        for future in pending:
+            job, failed_on = tries[future]
             try:
-                result = future.result()  # raises the first task error as soon as it comes
+                future.result()  # raises the first task error (e.g. --strict) as soon as it comes
             except MachineError as err:
-                raise MachineError(f"{err} (the task was tried {1 + RETRIES} times)") from err
-            if isinstance(result, ExtractionError):
-                raise result
+                failed_on = (*failed_on, err.worker or "")
+                if len(failed_on) > RETRIES:
+                    raise MachineError(f"{err} (tried {len(failed_on)} times, on {', '.join(failed_on)})") from err
+                pending.add(submit(job, failed_on))
     finally:
-        client.cancel(futures)
+        client.cancel(list(tries))
         if progress:
             client.unsubscribe_topic(run)
 
@@ -181,15 +195,6 @@ def _run_on_cluster(client, jobs: list[ShardJob], summary: ExtractSummary, progr
 def _run_name(store: Path) -> str:
     """The dask name of an extraction into ``store`` (its task keys and progress topic)."""
     return f"xmei-{store.name}-{_sha(str(store))[:8]}"
-
-
-def _shard_task(job: ShardJob) -> dict[str, Any] | ExtractionError:
-    """extract_shard as a dask task: a clip's failure under --strict comes back as a value, so
-    that dask retries only the errors a retry may mend."""
-    try:
-        return extract_shard(job)
-    except ExtractionError as err:
-        return err
 
 
 def _clip_files(record: Record, media_root: Path) -> tuple[str, str, str]:
@@ -319,11 +324,14 @@ def _machine_error(job: ShardJob, err: BaseException) -> MachineError:
     from distributed import get_worker
 
     try:
-        worker = f"worker {get_worker().address} on {socket.gethostname()}"
+        address = get_worker().address
     except ValueError:  # not on a dask worker
-        worker = f"this process on {socket.gethostname()}"
-    return MachineError(f"{worker} failed on shard {job.shard} of {job.store}: {_reason(err)}; nothing of the shard "
-                        "was written and its clips stay pending (not failed: the fault is the machine's)")
+        address = None
+    worker = f"worker {address} on {socket.gethostname()}" if address else f"this process on {socket.gethostname()}"
+    error = MachineError(f"{worker} failed on shard {job.shard} of {job.store}: {_reason(err)}; nothing of the shard "
+                         "was written and its clips stay pending (not failed: the fault is the machine's)")
+    error.worker = address  # kept through pickling (an exception's __dict__ travels with it)
+    return error
 
 
 def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:

@@ -63,12 +63,12 @@ def test_device_policy_without_gpus(monkeypatch):
 def test_precision_means_the_same_on_every_device(monkeypatch):
     run = lambda precision, amp=True: SimpleNamespace(precision=precision, amp=amp)  # noqa: E731
     gpus(monkeypatch, 1)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
     assert resolve_precision(run("auto"), gpu) == torch.bfloat16 and resolve_precision(run("auto"), cpu) == torch.float32
     assert resolve_precision(run("bf16"), gpu) == resolve_precision(run("bf16"), cpu) == torch.bfloat16
     assert resolve_precision(run("fp32"), gpu) == resolve_precision(run("auto", amp=False), gpu) == torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # a V100
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
     assert resolve_precision(run("auto"), gpu) == torch.float32
     with pytest.raises(DeviceError, match="Tesla V100 has no bf16"):

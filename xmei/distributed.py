@@ -98,7 +98,8 @@ def resolve_precision(run, device: torch.device | str = "cpu") -> torch.dtype:
     device, precision = torch.device(device), run.precision
     if not run.amp or precision == "fp32":
         return torch.float32
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # natively only: older GPUs (V100, T4) emulate bf16 at a fraction of their speed
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "auto":
         return torch.bfloat16 if cuda_bf16 else torch.float32
     if device.type == "cuda" and not cuda_bf16:
