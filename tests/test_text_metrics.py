@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -269,6 +270,18 @@ def test_java_missing_by_which_and_missing_models(monkeypatch, tmp_path):
 
 
 # --- BERTScore ----------------------------------------------------------------------------------
+
+def test_missing_packages_are_unavailable(monkeypatch):
+    """A machine given only some of the project's packages (bench/gpu.sh's GPU machine lacks
+    pycocoevalcap and bert-score): those metrics say why, nothing raises."""
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # importing it fails as if it were not installed
+    monkeypatch.setitem(sys.modules, "bert_score", None)
+    result = explanation_metrics(REFS, CANDS, EvalConfig(bertscore_model=MINILM))
+    for name in ("bleu4", "meteor", "rouge_l", "cider_d"):
+        assert result[name]["unavailable"].startswith("pycocoevalcap is not installed"), result[name]
+    assert result["bertscore"]["unavailable"].startswith("bert_score is not installed")
+    assert result["bleurt"] == {"unavailable": "eval.bleurt_checkpoint is not set"}
+
 
 def test_bertscore_with_local_minilm(no_java, tmp_path):
     cfg = EvalConfig(bertscore_model=MINILM, bertscore_layer=6)

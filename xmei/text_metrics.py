@@ -18,7 +18,7 @@ Six corpus-level numbers, as the published tables report them:
 - ``bleurt``: mean raw score of a converted PyTorch BLEURT checkpoint (:mod:`xmei.bleurt`).
 
 Each metric is ``{"value": float, "per_clip": [float, ...]}`` or ``{"unavailable": reason}`` when its
-model folder, jar or Java is missing or unset (or the folder cannot be loaded); the others are
+package, model folder, jar or Java is missing or unset (or the folder cannot be loaded); the others are
 computed all the same. ``per_clip`` holds each clip's own score from the same computation: the
 sentence BLEU-4 and METEOR of the clip, its ROUGE-L, CIDEr-D (with the corpus's idf), BERTScore F1
 and BLEURT; the corpus value is their mean for the last four, not for BLEU-4 and METEOR, whose
@@ -32,6 +32,7 @@ Bad inputs (different lengths, nothing to score, non-strings) raise.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import shutil
 import tempfile
@@ -43,6 +44,7 @@ from typing import Any
 __all__ = ["METRICS", "explanation_metrics", "simple_tokenize"]
 
 METRICS = ("bleu4", "meteor", "rouge_l", "cider_d", "bertscore", "bleurt")
+COCO_METRICS = METRICS[:4]  # pycocoevalcap's
 SIMPLE_JAVA_MISSING = "simple (java missing)"
 
 
@@ -60,6 +62,9 @@ def explanation_metrics(references: list[str], candidates: list[str], eval_cfg) 
 
 def coco_metrics(references: list[str], candidates: list[str]) -> dict[str, dict]:
     """BLEU-4, METEOR, ROUGE-L and CIDEr-D with pycocoevalcap, on PTB-tokenized text."""
+    missing = _missing_package("pycocoevalcap")
+    if missing:  # e.g. a GPU machine given the project's wheels without this 104 MB one (bench/gpu.sh)
+        return {name: {"unavailable": missing} for name in COCO_METRICS}
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -146,6 +151,15 @@ def _meteor(gts: dict, res: dict, java: str | None) -> dict:
     return _metric(value, per_clip)
 
 
+def _missing_package(name: str) -> str | None:
+    """Why the package ``name`` cannot be used, or None when it imports."""
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        return f"{name} is not installed ({err})"
+    return None
+
+
 def _local_folder(key: str, given) -> tuple[Path | None, str | None]:
     """The model folder a config key names, or why there is none (unset or missing)."""
     if given is None:
@@ -160,6 +174,7 @@ def bertscore_metric(references: list[str], candidates: list[str], eval_cfg) -> 
     """Mean BERTScore F1 with the local model folder ``eval_cfg.bertscore_model``."""
     given = eval_cfg.bertscore_model
     folder, missing = _local_folder("eval.bertscore_model", given)
+    missing = missing or _missing_package("bert_score")
     if missing:
         return {"unavailable": missing}
     if not (folder / "config.json").is_file():

@@ -390,6 +390,8 @@ class Trainer:
                   "tokens": int(counts[2].item()), "target_tokens": int(counts[0].item()),
                   "data_wait": counts[3].item() / self.world / seconds, "seconds": seconds,
                   "truncated": int(counts[4]), "skipped": int(counts[5])}
+        if self.device.type == "cuda":  # this process's peak so far: weights, optimizer state, activations
+            record["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if skipped_clips:
             record["skipped_clips"] = skipped_clips
         self._log(record)
