@@ -6,7 +6,8 @@ commands, stage by stage, each time-boxed, one PASS/FAIL line per stage with its
 
 Stages (``full``: CLIP ViT-L/14, HuBERT-Large and Qwen2.5-7B from their published config numbers,
 random weights saved with ``save_pretrained`` and read back with ``from_pretrained``; LQ-Formers 768
-wide, LoRA r64 on q/k/v/o/gate/up/down, gradient checkpointing: configs/xmei_qwen.yaml):
+wide, LoRA r64 on q/k/v/o/gate/up/down, gradient checkpointing: configs/xmei_qwen.yaml; bf16 in
+``run.precision`` and ``extract.precision``, at the tiny scale on the CPU too):
 
     preflight        versions, the GPU, every import the stages need, free disk
     models           the model folders (the 7B built in bf16 on the GPU, no fp32 copy)
@@ -50,16 +51,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 STEPS, RESUME_FROM = 20, 10  # training steps of each run; the resume starts after this step
-# per-step loss agreement of the resumed run: bf16 kernels (atomics in some backward passes) make
-# two runs of the same steps differ in the last bits; fp32 on a CPU repeats them to rounding
-TOLERANCE = {"bf16": 1e-2, "fp32": 1e-5}
+# run.precision and extract.precision at both scales: the tiny one runs the GPU's recipe on the CPU
+PRECISION = "bf16"
+# the resumed run's per-step losses against the uninterrupted run's (relative): GPU kernels with
+# atomics (some backward passes) make two runs of the same steps differ in the last bits
+TOLERANCE = 1e-2
 
 
 @dataclass(frozen=True)
 class Scale:
     config: str  # the base config, under configs/
     sets: tuple[str, ...]  # --set on every command
-    precision: str  # run.precision
     synth_clips: int  # `xmei synth --n` (70/15/15 train/val/test)
     camera_files: int  # camera-like mp4s (plus camera_corpus's warm-up file, not extracted)
     camera_rounds: int  # clips per file: camera_files x camera_rounds clips
@@ -68,18 +70,19 @@ class Scale:
 
 
 RUN_SETS = (f"run.iters_per_epoch={STEPS}", "run.max_epoch=1", f"run.save_every_steps={RESUME_FROM}",
-            "run.keep_checkpoints=2", "run.warmup_steps=5")
+            "run.keep_checkpoints=2", "run.warmup_steps=5", f"run.precision={PRECISION}",
+            f"extract.precision={PRECISION}")
 SCALES = {
     # estimates on one H100 (16 cores): preflight 20 s, models 60 s (the 7B's 15 GB written),
     # extract 60 s, train_deepspeed 75 s, train_torch 60 s, resume 45 s, eval 40 s: ~6 min with
     # corpus hidden beside models; each limit is about twice its estimate, all within `budget`
-    "full": Scale("xmei_qwen.yaml", RUN_SETS, "bf16", synth_clips=107, camera_files=4, camera_rounds=48,
+    "full": Scale("xmei_qwen.yaml", RUN_SETS, synth_clips=107, camera_files=4, camera_rounds=48,
                   budget=480, limits={"preflight": 60, "models": 150, "corpus": 150, "extract": 150,
                                       "train_deepspeed": 150, "train_torch": 120, "resume": 100, "eval": 100}),
     # the tiny models on a CPU: the same stages in a few minutes (2 cores)
     "tiny": Scale("tiny.yaml", (*RUN_SETS, "run.batch_size_train=4", "run.batch_size_eval=4", "extract.shard_size=8",
                                 "model.gradient_checkpointing=true", "model.lora_modules_to_save=[]"),
-                  "fp32", synth_clips=30, camera_files=2, camera_rounds=8,
+                  synth_clips=30, camera_files=2, camera_rounds=8,
                   budget=1200, limits={"preflight": 120, "models": 180, "corpus": 240, "extract": 300,
                                        "train_deepspeed": 300, "train_torch": 240, "resume": 240, "eval": 240}),
 }
@@ -258,7 +261,7 @@ class Bench:
     @property
     def config_args(self) -> list[str]:
         args = ["--config", str(REPO / "configs" / self.scale.config), "--models", str(self.work / "models")]
-        for s in (*self.scale.sets, f"run.precision={self.scale.precision}"):
+        for s in self.scale.sets:
             args += ["--set", s]
         return args
 
@@ -453,7 +456,7 @@ def train(bench: Bench, deadline: float, engine: str) -> tuple[dict, str]:
     check_steps(records, 1, STEPS)
     f = training_figures(records)
     peak = "n/a (cpu)" if f["peak_gpu_gib"] is None else f"{f['peak_gpu_gib']:.1f} GiB"
-    return f, (f"{STEPS} steps {bench.scale.precision}: {f['tokens_per_s']:,.0f} tokens/s ({f['s_per_step']:.2f} s/step, "
+    return f, (f"{STEPS} steps {PRECISION}: {f['tokens_per_s']:,.0f} tokens/s ({f['s_per_step']:.2f} s/step, "
                f"{f['tokens_per_step']:,.0f} tokens/step), peak GPU memory {peak}, loss {f['first_loss']:.3f} -> "
                f"{f['last_loss']:.3f}")
 
@@ -469,13 +472,12 @@ def resume(bench: Bench, deadline: float) -> tuple[dict, str]:
                          "--output-dir", str(out), "--resume"], deadline)
     resumed = step_records(out / "logs" / "train.jsonl")
     check_steps(resumed, RESUME_FROM + 1, STEPS)
-    tolerance = TOLERANCE[bench.scale.precision]
-    problems, worst = compare_resume(step_records(bench.run_dir("deepspeed") / "logs" / "train.jsonl"), resumed, tolerance)
+    problems, worst = compare_resume(step_records(bench.run_dir("deepspeed") / "logs" / "train.jsonl"), resumed, TOLERANCE)
     if problems:
         raise StageFailed(f"{len(problems)} difference(s) from the uninterrupted run: " + "; ".join(problems[:4]))
-    return ({"steps": len(resumed), "worst_relative_loss_difference": worst, "tolerance": tolerance},
+    return ({"steps": len(resumed), "worst_relative_loss_difference": worst, "tolerance": TOLERANCE},
             f"steps {RESUME_FROM + 1}-{STEPS} from the step-{RESUME_FROM} checkpoint: the same tokens and lr, losses "
-            f"within {worst:.1e} of the uninterrupted run's (tolerance {tolerance:.0e})")
+            f"within {worst:.1e} of the uninterrupted run's (tolerance {TOLERANCE:.0e})")
 
 
 def evaluate(bench: Bench, deadline: float) -> tuple[dict, str]:
