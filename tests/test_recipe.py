@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train import (DS_ENV, NO_DROPOUT, TORCHRUN, XMEI, finish, free_port, losses_by_step, read_log, sets_args,
+from test_train import (DS_ENV, NO_DROPOUT, TORCHRUN, XMEI, free_port, losses_by_step, read_log, sets_args,
                         train_program, trained_weights, trainer)
 
 BF16 = ("run.precision=bf16", "model.gradient_checkpointing=true", "run.max_epoch=2", "run.save_every_steps=100",
