@@ -165,6 +165,8 @@ def _run_on_cluster(client, jobs: list[ShardJob], summary: ExtractSummary, progr
         on_start(summary)
     run = _run_name(summary.store)  # keys and events of this store only: other runs may share the scheduler
 
+    tries: dict = {}  # future -> (its job, the workers that failed it so far)
+
     def submit(job: ShardJob, failed_on: tuple[str, ...] = ()):
         others = [w for w in client.scheduler_info()["workers"] if w not in failed_on] if failed_on else None
         key = f"{run}-shard-{job.shard}" + (f"-try{len(failed_on) + 1}" if failed_on else "")
@@ -174,7 +176,6 @@ def _run_on_cluster(client, jobs: list[ShardJob], summary: ExtractSummary, progr
 
     if progress:  # workers report each batch as an event (see _report)
         client.subscribe_topic(run, lambda event: progress(*event[1]))
-    tries: dict = {}  # future -> (its job, the workers that failed it so far)
     pending = as_completed([submit(job) for job in jobs])
     try:
         for future in pending:

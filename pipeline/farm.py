@@ -253,13 +253,16 @@ def _farm_gpu(info: dict, device: str) -> tuple[str | None, str | None]:
 
 
 def check_farm(infos: dict[str, dict], device: str, workers_per_gpu: int) -> None:
-    """Refuse a farm (``--scheduler ADDRESS``) where a GPU worker does not say which GPU is its
-    own, or where more than ``workers_per_gpu`` workers share one GPU of one host.
+    """Refuse a farm (``--scheduler ADDRESS``) without workers, or where a GPU worker does not say
+    which GPU is its own, or where more than ``workers_per_gpu`` workers share one GPU of one host.
 
     ``infos`` is ``client.run(worker_gpu_info)``: {worker address: info}. A worker's GPU is its
     XMEI_DEVICE (else extract.device's cuda:N, else its only GPU), read through its
     CUDA_VISIBLE_DEVICES. Every problem is reported in one FarmError.
     """
+    if not infos:  # nothing would ever run the shards, nor say what dtype they compute in
+        raise FarmError("the dask scheduler has no workers: start them first (e.g. `dask worker ADDRESS`, one per "
+                        "GPU), then run xmei extract --scheduler again")
     if device == "cpu":
         return
     problems, on_gpu = [], {}

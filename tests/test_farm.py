@@ -215,6 +215,12 @@ def test_extract_on_a_farm_of_workers_without_a_gpu_is_refused(tiny_models, corp
     assert all(address in str(caught.value) for address in addresses)
 
 
+def test_check_farm_refuses_a_scheduler_without_workers():
+    for device in ("cpu", "auto"):
+        with pytest.raises(FarmError, match="the dask scheduler has no workers: start them first"):
+            check_farm({}, device, 1)
+
+
 def test_cli_extract_on_a_gpu_this_machine_lacks_is_a_clear_error(tiny_models, corpus, annotations, tmp_path):
     import subprocess
 
