@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from xmei.errors import UserError, read_text
+from xmei.errors import UserError, parse_json, read_text
 from xmei.labels import LabelSet
 
 __all__ = ["FIELDS", "AnnotationError", "Problem", "Record", "Summary", "check_annotations",
@@ -165,6 +165,7 @@ def write_annotations(path: str | Path, records: list[Record]) -> None:
 
 
 _EXPECTED = "expected a JSON list of records or JSONL, one object a line"
+_WHAT = "the annotation file"
 
 
 def _read_raw(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
@@ -173,16 +174,13 @@ def _read_raw(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
         return [], [Problem(None, None, None, message)]
 
     try:
-        text = read_text(path, "annotation file").removeprefix("\ufeff")  # a byte order mark is no content
+        text = read_text(path, _WHAT)
+        if not text.strip():
+            return fail(f"the file is empty; {_EXPECTED}")
+        items = parse_json(text, path, _WHAT) if text.lstrip().startswith("[") else None
     except UserError as err:
         return fail(str(err))
-    if not text.strip():
-        return fail(f"the file is empty; {_EXPECTED}")
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            return fail(f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}")
+    if items is not None:
         return (list(enumerate(items)), []) if items else fail(f"the file holds no records (an empty list); {_EXPECTED}")
     try:
         whole = json.loads(text)
@@ -196,14 +194,14 @@ def _read_raw(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
         if not one_record:
             return fail(f"the file holds the JSON value {text.strip()[:40]}, not records; {_EXPECTED}")
     pairs, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit in a string
         if not line.strip():
             continue
         index = len(pairs) + len(problems)
         try:
-            pairs.append((index, json.loads(line)))
-        except json.JSONDecodeError as err:
-            problems.append(Problem(index, None, None, f"line {lineno} is not valid JSON: {err.msg} at column {err.colno}"))
+            pairs.append((index, parse_json(line, path, _WHAT, line=lineno)))
+        except UserError as err:  # every bad line is a problem of its record: read on
+            problems.append(Problem(index, None, None, str(err)))
     return pairs, problems
 
 

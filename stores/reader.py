@@ -36,7 +36,8 @@ import google_crc32c
 import numpy as np
 import zarr
 
-from stores.store import DECODE_ERRORS, StoreError, read_json
+from stores.store import DECODE_ERRORS, StoreError
+from xmei.errors import read_json
 
 __all__ = ["ClipReader"]
 
@@ -106,7 +107,7 @@ class ClipReader:
         self.folder = Path(folder)
         self.name = self.folder.name
         self.array = array
-        meta = read_json(self.folder / "zarr.json", f"the metadata of array {self.name!r}")
+        meta = read_json(self.folder / "zarr.json", f"the metadata of array {self.name!r}", StoreError)
         self.why_not_direct = _direct_layout(meta)  # None: shard files are read directly
         self.num_clips = int(array.shape[0])
         self.clip_shape: tuple[int, ...] = tuple(array.shape[1:])

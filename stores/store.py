@@ -41,7 +41,7 @@ import zarr
 from numcodecs import VLenUTF8, Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from xmei.errors import UserError
+from xmei.errors import UserError, json_lines, read_json
 
 if TYPE_CHECKING:
     from stores.reader import ClipReader
@@ -62,6 +62,8 @@ class StoreError(UserError, ValueError):
 # Zarr errors of a file that does not decode: a checksum that does not match (ValueError), zstd
 # that does not decompress (RuntimeError), a file that cannot be read (OSError)
 DECODE_ERRORS = (ValueError, RuntimeError, OSError)
+REWRITE_LOG = "rerun xmei extract to rewrite the log"  # failures.jsonl is rebuilt from the shards' files
+
 # A clip without audio has all-zero audio features, window lengths and flag, and Zarr writes no
 # chunk equal to the fill value: a shard none of whose clips has audio has no file in these arrays.
 AUDIO_ARRAYS = ("audio", "audio_lengths", "has_audio")
@@ -155,35 +157,13 @@ def _write_store(path: Path, n: int, shard_size: int, features: dict[str, Featur
     (path / "failures").mkdir()
 
 
-def read_json(path: Path, what: str, kind: type = dict) -> Any:
-    """The JSON ``kind`` (object or list) in ``path``: a StoreError naming the file when it is
-    missing, unreadable, not JSON or not a ``kind``. ``what`` says what the file holds."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError as err:
-        raise StoreError(f"{path} is missing ({what})") from err
-    except UnicodeDecodeError as err:
-        raise StoreError(f"{path} is not JSON text ({err}): {what}, damaged") from err
-    except OSError as err:
-        raise StoreError(f"{path} cannot be read ({what}): {err}") from err
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        state = "is empty" if not text.strip() else f"is not valid JSON ({err})"
-        raise StoreError(f"{path} {state}: {what}, damaged") from err
-    if not isinstance(value, kind):
-        raise StoreError(f"{path} holds a JSON {type(value).__name__}, not a{'n object' if kind is dict else ' list'}: "
-                         f"{what}, damaged")
-    return value
-
-
 STORE_ATTRIBUTES = {"num_clips": int, "shard_size": int, "features": dict, "texts": list, "ints": list}
 
 
 def _store_attributes(path: Path) -> dict[str, Any]:
     """The attributes in the store's zarr.json, checked: schema version, and the keys this code reads."""
     meta_path = path / "zarr.json"
-    meta = read_json(meta_path, "the store's attributes")
+    meta = read_json(meta_path, "the store's attributes", StoreError)
     if meta.get("zarr_format") != 3 or meta.get("node_type") != "group" or not isinstance(meta.get("attributes"), dict):
         raise StoreError(f"{meta_path}: not the attributes of a Zarr v3 group (zarr_format "
                          f"{meta.get('zarr_format')!r}, node_type {meta.get('node_type')!r}), damaged")
@@ -276,7 +256,7 @@ class FeatureStore:
         if name not in self._arrays:
             meta_path = self.path / name / "zarr.json"
             what = f"the metadata of array {name!r}"
-            meta = read_json(meta_path, what)
+            meta = read_json(meta_path, what, StoreError)
             if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
                 raise StoreError(f"{meta_path}: not a Zarr v3 array (zarr_format {meta.get('zarr_format')!r}, "
                                  f"node_type {meta.get('node_type')!r}): {what}, damaged")
@@ -306,7 +286,7 @@ class FeatureStore:
         other layout through Zarr. ~0.9 s for 1M strings in chunks of 64, where Zarr takes 3-6 s."""
         array = self.array(name)
         folder = self.path / name
-        meta = read_json(folder / "zarr.json", f"the metadata of array {name!r}")
+        meta = read_json(folder / "zarr.json", f"the metadata of array {name!r}", StoreError)
         if not _plain_chunks(meta):
             return self._zarr_rows(name, slice(None))
         decompress = Zstd().decode if len(meta["codecs"]) == 2 else bytes
@@ -498,7 +478,7 @@ class FeatureStore:
         for shard in sorted(self.done_shards()):  # a pending shard's file may be left by a killed run
             path = self.path / "failures" / f"shard_{shard:05d}.json"
             if path.exists():
-                found = read_json(path, f"the failed clips of shard {shard}", list)
+                found = read_json(path, f"the failed clips of shard {shard}", StoreError, list)
                 if not all(isinstance(row, dict) and "video_id" in row for row in found):
                     raise StoreError(f"{path}: expected a list of failed clips, each with its video_id, damaged")
                 rows += found
@@ -510,19 +490,10 @@ class FeatureStore:
         log, rows = self.path / "failures.jsonl", []
         if not log.exists():
             return rows
-        try:
-            lines = log.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise StoreError(f"{log} cannot be read: {err}") from err
-        for number, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise StoreError(f"{log} line {number} is not JSON ({err}), damaged: rerun xmei extract "
-                                 "to rewrite the log") from err
+        for number, row in json_lines(log, "the failures log", StoreError, hint=REWRITE_LOG):
             if not isinstance(row, dict) or "video_id" not in row:
-                raise StoreError(f"{log} line {number} is not a failed clip (no video_id), damaged: rerun "
-                                 "xmei extract to rewrite the log")
+                raise StoreError(f"{log} (the failures log): line {number} is not a failed clip (no video_id); "
+                                 f"{REWRITE_LOG}")
             rows.append(row)
         return rows
 

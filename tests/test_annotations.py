@@ -100,13 +100,16 @@ def test_broken_files_are_named(tmp_path, cfg):
     bad = tmp_path / "broken.json"
     bad.write_text('[{"video_id": "a",]')
     _, problems, _ = check_annotations(bad, cfg.emotions, cfg.intents)
-    assert "not valid JSON" in problems[0].message and "line 1" in problems[0].message
+    assert problems[0].message == (f"{bad} (the annotation file) is not valid JSON: Expecting property name enclosed "
+                                   "in double quotes at line 1, column 19")
     lines = tmp_path / "broken.jsonl"
     lines.write_text(json.dumps(record(0)) + "\n{oops\n" + json.dumps(record(1)) + "\n")
     records, problems, _ = check_annotations(lines, cfg.emotions, cfg.intents)
-    assert len(records) == 2 and problems[0].index == 1 and "line 2" in problems[0].message
+    assert len(records) == 2 and problems[0].index == 1
+    assert problems[0].message == (f"{lines} (the annotation file): line 2 is not valid JSON: Expecting property name "
+                                   "enclosed in double quotes at column 2")
     _, problems, _ = check_annotations(tmp_path / "absent.json", cfg.emotions, cfg.intents)
-    assert "does not exist" in problems[0].message
+    assert problems[0].message == f"{tmp_path / 'absent.json'} (the annotation file) does not exist"
 
 
 def test_published_layout_gives_the_default_media_root(tmp_path):

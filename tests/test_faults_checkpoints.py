@@ -80,18 +80,20 @@ def fewer_keys(path: Path) -> None:
 
 
 # one case per kind of damage, spread over the files (each CLI run costs seconds)
-DAMAGES = {  # id: (file in the last checkpoint, damage, words the error says besides the file's path)
+CUT_OFF = "(the end of the file: cut off?)"
+DAMAGES = {  # id: (file in the last checkpoint, damage, words the error says besides the file's path: one or a tuple)
     "settings-missing": ("xmei_model.json", remove, "is missing"),
-    "settings-cut": ("xmei_model.json", cut, "not valid JSON"),
+    "settings-cut": ("xmei_model.json", cut, ("(the checkpoint's settings) is not valid JSON", CUT_OFF)),
     "settings-earlier-layout": ("xmei_model.json", earlier_layout, "earlier xmei"),
     "settings-newer-layout": ("xmei_model.json", newer_layout, "mixture_of_lqformers"),
     "config-cut": ("config.yaml", cut, "cut off"),
-    "config-garbage": ("config.yaml", garbage, "not UTF-8"),
+    "config-garbage": ("config.yaml", garbage, "(the run's config) is not UTF-8 text: byte"),
     "trainable-cut": ("trainable.safetensors", cut, "cut off"),
     "trainable-garbage": ("trainable.safetensors", garbage, "not a whole safetensors file"),
     "trainable-other-model-size": ("trainable.safetensors", other_size, "wrong shapes"),
     "adapter-folder-missing": ("adapter", remove, "is missing"),
-    "adapter-config-cut": ("adapter/adapter_config.json", cut, "not valid JSON"),
+    "adapter-config-cut": ("adapter/adapter_config.json", cut,
+                           ("(the LoRA adapter's config) is not valid JSON", CUT_OFF)),
     "adapter-weights-cut": ("adapter/adapter_model.safetensors", cut, "cut off"),
     "adapter-weights-fewer-keys": ("adapter/adapter_model.safetensors", fewer_keys, "lacks"),
 }
@@ -107,7 +109,7 @@ def test_eval_names_the_damaged_file(case, run, patch_store, tmp_path):
     damage(run / LAST / name)
     kept = snapshot(run)
     result = xmei(*eval_args(run / LAST, patch_store, tmp_path / "eval"))
-    assert_clean_error(result, run / LAST / name, words)
+    assert_clean_error(result, run / LAST / name, *([words] if isinstance(words, str) else words))
     assert_kept(kept)
     assert not (tmp_path / "eval").exists()
 

@@ -72,8 +72,9 @@ def non_utf8(rows, folder):
     at = text.index(b'"subtitle": "') + len(b'"subtitle": "')
     path = folder / "latin1.json"
     path.write_bytes(text[:at] + b"caf\xe9 " + text[at:])  # a Latin-1 subtitle
-    line = text[:at].count(b"\n") + 1
-    return path, [f"not UTF-8 text: byte {at + 3} (line {line}) is 0xe9"]
+    line, column = text[:at].count(b"\n") + 1, at + 3 - text.rfind(b"\n", 0, at)
+    return path, [f"{path} (the annotation file) is not UTF-8 text: byte {at + 3} (line {line}, column {column}) "
+                  "is 0xe9"]
 
 
 def invalid_json(rows, folder):
@@ -83,19 +84,21 @@ def invalid_json(rows, folder):
         json.loads(cut)
     path = folder / "broken.json"
     path.write_text(cut)
-    return path, [f"not valid JSON: {err.value.msg} at line {err.value.lineno} column {err.value.colno}"]
+    return path, [f"{path} (the annotation file) is not valid JSON: {err.value.msg} at line {err.value.lineno}, "
+                  f"column {err.value.colno}"]
 
 
 def jsonl_bad_line(rows, folder):
     path = folder / "broken.jsonl"
     path.write_text(json.dumps(rows[0]) + "\n{oops\n" + json.dumps(rows[1]) + "\n")
-    return path, ["record 1: line 2 is not valid JSON"]
+    return path, [f"record 1: {path} (the annotation file): line 2 is not valid JSON: Expecting property name "
+                  "enclosed in double quotes at column 2"]
 
 
 def a_folder(rows, folder):
     path = folder / "split.json"
     path.mkdir()
-    return path, ["is a folder, not a file"]
+    return path, [f"{path} (the annotation file) is a folder, not a file"]
 
 
 def write(name: str, content, culprit):
@@ -131,7 +134,8 @@ ANNOTATION_FAULTS = {
                       "record 0, video_id '', field 'video_id': empty"),
     "empty-file": write("a.json", "", "the file is empty"),
     "blank-jsonl": write("a.jsonl", "\n  \n", "the file is empty"),
-    "no-such-file": lambda rows, folder: (folder / "absent.json", ["annotation file", "does not exist"]),
+    "no-such-file": lambda rows, folder: (folder / "absent.json",
+                                          [f"{folder / 'absent.json'} (the annotation file) does not exist"]),
     "a-folder": a_folder,
 }
 
@@ -273,7 +277,7 @@ def yaml_file(name: str, content: bytes | str):
 # name: (the config file or None, extra arguments, culprits); the file is named too when there is one
 CONFIG_FAULTS = {
     "non-utf8": (yaml_file("c.yaml", b"run:\n  init_lr: 1e-4  # r\xe9glage\n"), [],
-                 ["not UTF-8 text: byte 25 (line 2) is 0xe9"]),
+                 ["(the config file) is not UTF-8 text: byte 25 (line 2, column 21) is 0xe9"]),
     "syntax-error": (yaml_file("c.yaml", "run:\n  init_lr: [1e-4\n  max_epoch: 2\n"), [],
                      ["not valid YAML at line 3, column 12", "while parsing a flow sequence at line 2"]),
     "top-level-list": (yaml_file("c.yaml", "- run\n- model\n"), [], ["the top level must be a mapping of sections"]),
@@ -286,8 +290,9 @@ CONFIG_FAULTS = {
     "set-unknown-section": (None, ["--set", "trainer.lr=1"], ["trainer: unknown key"]),
     "set-bad-value": (None, ["--set", "extract.allow_absolute_paths=maybe"],
                       ["extract.allow_absolute_paths: expected bool, got str 'maybe'"]),
-    "config-missing": (lambda folder: folder / "none.yaml", [], ["config file", "does not exist"]),
-    "config-is-folder": (lambda folder: (folder / "cfg").mkdir() or folder / "cfg", [], ["is a folder, not a file"]),
+    "config-missing": (lambda folder: folder / "none.yaml", [], ["(the config file) does not exist"]),
+    "config-is-folder": (lambda folder: (folder / "cfg").mkdir() or folder / "cfg", [],
+                         ["(the config file) is a folder, not a file"]),
     "models-missing": (None, ["--models", "no/such/models"], ["--models no/such/models: no such folder"]),
 }
 

@@ -45,11 +45,15 @@ def row(i: int, **fields) -> dict:
 
 # --------------------------------------------------------------------------- xmei score
 
+LATIN = lines(row(0), json.dumps(row(1)).encode().replace(b"yellow", b"yell\xffow"))  # 0xff on line 2
+AT, LINE_2 = LATIN.index(b"\xff"), LATIN.index(b"\n") + 1
 SCORE_FAULTS = {  # name: (file contents or None for no file, what the message names besides the file)
-    "no file": (None, ["cannot read the predictions file"]),
-    "not UTF-8": (lines(row(0), json.dumps(row(1)).encode().replace(b"yellow", b"yell\xffow")),
-                  ["line 2", "not UTF-8", "0xff"]),
-    "bad JSON": (lines(row(0), row(1), '{"video_id": "v2", '), ["line 3", "not valid JSON"]),
+    "no file": (None, ["(the predictions file) does not exist"]),
+    "not UTF-8": (LATIN, [f"(the predictions file) is not UTF-8 text: byte {AT} (line 2, column {AT - LINE_2 + 1}) "
+                          "is 0xff"]),
+    "bad JSON": (lines(row(0), row(1), '{"video_id": "v2", '),
+                 ["(the predictions file): line 3 is not valid JSON: Expecting property name enclosed in double quotes "
+                  "at column 20"]),
     "not an object": (lines(row(0), "[1, 2]"), ["line 2", "JSON array, expected an object"]),
     "no reference": (lines(row(0), row(1, ref_emotion=None)), ["line 2", "'v1'", "lacks ['ref_emotion']"]),
     "no video_id": (lines(row(0, video_id=None)), ["line 1", "lacks ['video_id']"]),
@@ -83,7 +87,8 @@ def test_score_names_the_file_and_line_of_a_bad_predictions_file(fault, tmp_path
 def test_score_of_a_folder_or_into_a_file(tmp_path):
     path = tmp_path / "predictions.jsonl"
     path.write_bytes(lines(row(0)))
-    assert_clean_error(xmei("score", tmp_path, "--out", tmp_path / "scored"), tmp_path, "a folder")
+    assert_clean_error(xmei("score", tmp_path, "--out", tmp_path / "scored"),
+                       f"{tmp_path} (the predictions file) is a folder, not a file")
     before = snapshot(tmp_path)
     assert_clean_error(xmei("score", path, "--out", path), f"--out {path}", "is a file, not a folder")
     assert_kept(before)

@@ -289,7 +289,8 @@ def test_a_folder_without_results_or_predictions_is_a_clear_error(rows, tmp_path
     with pytest.raises(ReportError, match="results.json does not exist"):
         build_report(tmp_path)
     (folder / "results.json").write_text("{not json")
-    with pytest.raises(ReportError, match="results.json is not valid JSON"):
+    with pytest.raises(ReportError, match=r"results.json \(the results file\) is not valid JSON: Expecting property "
+                                          "name enclosed in double quotes at line 1, column 2$"):
         build_report(folder)
 
 
@@ -340,7 +341,8 @@ def test_cards_carry_the_clip_scores_of_the_evaluation(rows, tmp_path):
     with pytest.raises(ReportError, match=r"clip_scores.jsonl has no scores for 1 clips"):
         build_report(folder)
     (folder / "clip_scores.jsonl").write_text('{"video_id": "clip_00000", "bleu4": "x"}\n')
-    with pytest.raises(ReportError, match=r"clip_scores.jsonl: line 1 is not a clip's scores"):
+    with pytest.raises(ReportError, match=r"clip_scores.jsonl \(the clip scores file\): line 1 is not a clip's "
+                                          "scores; rescore with xmei score$"):
         build_report(folder)
 
 
@@ -352,6 +354,9 @@ def test_a_damaged_results_file_is_named(rows, tmp_path):
     with pytest.raises(ReportError, match=r"results.json lacks a field the report shows \(.*joint"):
         build_report(folder)
     (folder / "results.json").write_text("[]")
+    with pytest.raises(ReportError, match=r"results.json \(the results file\) holds a JSON array, expected an object$"):
+        build_report(folder)
+    (folder / "results.json").write_text("{}")
     with pytest.raises(ReportError, match="lacks the emotion / intent label lists"):
         build_report(folder)
 

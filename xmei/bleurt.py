@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xmei.errors import UserError
+from xmei.errors import UserError, read_json
 
 __all__ = ["BleurtCheckpointError", "BleurtScorer", "write_tiny_checkpoint"]
 
@@ -86,10 +86,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise BleurtCheckpointError(f"{folder}: no config.json (not a converted BLEURT checkpoint)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BleurtCheckpointError(f"{path}: not valid JSON: {err}") from None
+    config = read_json(path, "the BLEURT checkpoint's config", BleurtCheckpointError)
     if config.get("model_type") != "bleurt":
         raise BleurtCheckpointError(f"{path}: model_type is {config.get('model_type')!r}, expected 'bleurt'")
     missing = [key for key in REQUIRED_FIELDS if not isinstance(config.get(key), int)]
@@ -144,10 +141,10 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             continue
         if name.endswith(".index.json"):
-            try:
-                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as err:
-                raise BleurtCheckpointError(f"{path}: not a weight index ({err})") from None
+            index = read_json(path, "the BLEURT checkpoint's weight index", BleurtCheckpointError)
+            if not isinstance(index.get("weight_map"), dict):
+                raise BleurtCheckpointError(f"{path}: not a weight index (no weight_map object)")
+            shards = sorted(set(index["weight_map"].values()))
             weights: dict[str, torch.Tensor] = {}
             for shard in shards:
                 if not (folder / shard).is_file():
@@ -217,10 +214,7 @@ def load_tokenizer(folder: str | Path):
         hf_logging.set_verbosity(verbosity)
     settings = {}
     if (folder / "tokenizer_config.json").is_file():
-        try:
-            settings = json.loads((folder / "tokenizer_config.json").read_text())
-        except json.JSONDecodeError:
-            settings = {}
+        settings = read_json(folder / "tokenizer_config.json", "the tokenizer's settings", BleurtCheckpointError)
     specials = {key: settings.get(key, default) for key, default in (
         ("cls_token", "[CLS]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"), ("unk_token", "[UNK]"),
         ("mask_token", "[MASK]"))}

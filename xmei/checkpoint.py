@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from xmei import errors
 from xmei.config import Config
 from xmei.errors import UserError
 
@@ -83,15 +84,15 @@ def check_files(folder: Path, llm_part: str | None, config: bool = True) -> None
     check_safetensors(folder / CHECKPOINT_FILES["trainable"])
     if llm_part == "adapter":
         adapter = _folder(folder / CHECKPOINT_FILES["adapter"], "the LoRA adapter")
-        read_json(adapter / ADAPTER_FILES["config"])
+        read_json(adapter / ADAPTER_FILES["config"], "the LoRA adapter's config")
         check_safetensors(adapter / ADAPTER_FILES["weights"])
     elif llm_part == "llm":
         llm = _folder(folder / CHECKPOINT_FILES["llm"], "the trained LLM")
         for path in sorted(llm.glob("*.json")):  # config, tokenizer, generation config, shard index
-            read_json(path)
+            read_json(path, "a file of the trained LLM")
         index = llm / "model.safetensors.index.json"
         shards = ["model.safetensors"] if not index.is_file() else \
-            sorted(set(read_json(index).get("weight_map", {}).values()))
+            sorted(set(read_json(index, "the trained LLM's weight index").get("weight_map", {}).values()))
         for shard in shards:
             check_safetensors(llm / shard)
     saved = folder / CHECKPOINT_FILES["config"]
@@ -105,30 +106,16 @@ def _folder(path: Path, what: str) -> Path:
     return path
 
 
-def _text(path: Path) -> str:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: not UTF-8 text ({DAMAGED})") from None
-
-
-def read_json(path: Path) -> dict:
-    """The JSON object in ``path``; missing, not JSON or not an object is an error naming it."""
-    try:
-        data = json.loads(_text(path))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({DAMAGED}): {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: a JSON {type(data).__name__} where an object was expected ({DAMAGED})")
-    return data
+def read_json(path: Path, what: str = "a checkpoint file") -> dict:
+    """The JSON object in ``path`` (``what`` it holds); missing, not JSON or not an object is a
+    CheckpointError naming it (:func:`xmei.errors.read_json`)."""
+    return errors.read_json(path, what, CheckpointError)
 
 
 def _check_config(path: Path) -> None:
     """config.yaml parses to a mapping with every section xmei writes (a cut-off file lacks the last)."""
     try:
-        raw = yaml.safe_load(_text(path))
+        raw = yaml.safe_load(errors.read_text(path, "the run's config", CheckpointError))
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path}: not valid YAML ({DAMAGED}): {' '.join(str(e).split())}") from None
     sections = list(Config.model_fields)

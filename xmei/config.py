@@ -364,7 +364,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
 
 def _read_yaml(path: Path) -> Any:
     """The YAML document of a config file, or a ConfigError naming the file and the line."""
-    text = read_text(path, "config file", ConfigError)
+    text = read_text(path, "the config file", ConfigError)
     try:
         return yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as err:

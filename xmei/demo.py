@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from xmei.config import load_config
+from xmei.errors import read_json
 
 __all__ = ["DEFAULT_CONFIG", "DemoSettings", "MODELS", "run_demo"]
 
@@ -88,8 +89,8 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
 
     _step(say, f"synthetic corpus of {settings.clips} clips")
     manifest = data / "synth.json"
-    fresh = not manifest.is_file() or {k: json.loads(manifest.read_text())[k] for k in ("n", "seed")} != \
-        {"n": settings.clips, "seed": settings.seed}
+    made = read_json(manifest, "the synthetic corpus's manifest") if manifest.is_file() else {}
+    fresh = (made.get("n"), made.get("seed")) != (settings.clips, settings.seed)
     if fresh:  # a new corpus: what the demo made from an older one is stale
         for stale in (stores, out / "runs", out / "eval"):
             shutil.rmtree(stale, ignore_errors=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 from stores.store import PARTIAL, remove_dead_partials  # the stores' partial folders: one convention
 from xmei.classification import classification_report, joint_report, plot_confusion
-from xmei.errors import UserError
+from xmei.errors import JSON_TYPES, UserError, json_lines, json_type
 from xmei.text_metrics import explanation_metrics
 
 __all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "check_store_labels", "read_predictions", "score", "score_file",
@@ -41,8 +41,6 @@ REFERENCES = ("video_id", "ref_emotion", "ref_intent", "ref_explanation")  # mis
 ANSWERS = ("emotion", "intent", "explanation")  # missing: an invalid answer (null)
 CLIP_SCORES = "clip_scores.jsonl"  # beside results.json: {"video_id", "bleu4", ..., "bleurt"} a clip
 STAGING = ".outputs"  # OUT/.outputs.partial-<pid>: the outputs process <pid> is writing
-JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
-              type(None): "null"}  # the names a message gives Python's types
 TITLES = {"bleu4": "BLEU-4", "rouge_l": "ROUGE-L", "meteor": "METEOR", "bertscore": "BERTScore", "bleurt": "BLEURT",
           "cider_d": "CIDEr-D"}
 DECODING = {True: "emotion and intent constrained to the labels", False: "decoded freely"}  # results["constrained"]
@@ -64,28 +62,11 @@ def read_predictions(path: Path, emotions, intents) -> list[dict]:
     Raises :class:`EvaluationError` naming the file, line and field of what cannot be scored
     (a reference must be a label or synonym of ``emotions`` / ``intents``)."""
     path = Path(path)
-    if path.is_dir():
-        raise EvaluationError(f"{path} is a folder, not a predictions file")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise EvaluationError(f"{path}: cannot read the predictions file ({err.strerror or err})") from None
     rows, lines, seen = [], [], {}  # seen: video_id -> line
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):  # not splitlines(): U+2028 may sit in a string
+    for lineno, row in json_lines(path, "the predictions file", EvaluationError):
         where = f"{path}: line {lineno}"
-        try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as err:
-            raise EvaluationError(f"{where} is not UTF-8 text (byte {raw[err.start]:#04x} at column "
-                                  f"{err.start + 1})") from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvaluationError(f"{where} is not valid JSON: {err.msg} (column {err.colno})") from None
         if not isinstance(row, dict):
-            raise EvaluationError(f"{where} is a JSON {_json_type(row)}, expected an object with {list(REFERENCES)} "
+            raise EvaluationError(f"{where} is a JSON {json_type(row)}, expected an object with {list(REFERENCES)} "
                                   f"and {list(ANSWERS)}")
         row = _checked_row(row, f"{where} ({row.get('video_id')!r})", emotions, intents)
         if row["video_id"] in seen:
@@ -116,7 +97,7 @@ def _checked_row(row: dict, where: str, emotions, intents) -> dict:
     row = {**row, **_answers(row, where)}
     if "free" in row:
         if not isinstance(row["free"], dict):
-            raise EvaluationError(f"{where}: free is a JSON {_json_type(row['free'])}, expected an object")
+            raise EvaluationError(f"{where}: free is a JSON {json_type(row['free'])}, expected an object")
         row["free"] = {**row["free"], **_answers(row["free"], f"{where} free")}
     return row
 
@@ -134,11 +115,7 @@ def _answers(row: dict, where: str) -> dict:
 def _expect(row: dict, where: str, field: str, kind: type) -> None:
     """A field that is present has the JSON type of ``kind``."""
     if field in row and not isinstance(row[field], kind):
-        raise EvaluationError(f"{where}: {field} is a JSON {_json_type(row[field])}, expected a {JSON_TYPES[kind]}")
-
-
-def _json_type(value) -> str:
-    return JSON_TYPES.get(type(value), type(value).__name__)
+        raise EvaluationError(f"{where}: {field} is a JSON {json_type(row[field])}, expected a {JSON_TYPES[kind]}")
 
 
 def check_store_labels(store, path: Path, emotions, intents, config: str) -> None:

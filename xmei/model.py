@@ -167,7 +167,7 @@ def verify_checkpoint(folder: str | Path, config: bool = True) -> XMEISettings:
     CheckpointError naming it. The tensors are not read."""
     folder = checkpoint_folder(folder)
     file = folder / CHECKPOINT_FILES["settings"]
-    settings = XMEISettings.from_json(read_json(file), file)
+    settings = XMEISettings.from_json(read_json(file, "the checkpoint's settings"), file)
     check_files(folder, settings.llm_part, config)
     return settings
 

@@ -31,7 +31,6 @@ The HTML comes from ``templates/report.html.j2`` with autoescaping: a clip's tex
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.decode import SAMPLE_RATE
 from xmei.classification import INVALID
-from xmei.errors import UserError, read_text
+from xmei.errors import UserError, json_lines, read_json
 from xmei.evaluate import CLIP_SCORES, PUBLISHED_ORDER, TITLES, read_predictions
 from xmei.labels import DEFAULT_SYNONYMS, LabelSet
 
@@ -63,6 +62,7 @@ SCORES_NOTE = {  # the page's note on the clips' scores, with clip_scores.jsonl 
           "METEOR, ROUGE-L, CIDEr-D (with the corpus's idf), BERTScore F1, BLEURT, where available",
     False: "Score: the clip's ROUGE-L (pycocoevalcap, F with beta 1.2, simple tokenization) of its explanation "
            "against its reference; this evaluation has no clip_scores.jsonl (an older xmei)"}
+RESCORE = "rescore with xmei score"  # rewrites clip_scores.jsonl beside the predictions
 OUTCOMES = {"correct": "correct", "emotion": "emotion wrong (intent right)", "intent": "intent wrong (emotion right)",
             "both": "both wrong"}
 
@@ -152,12 +152,7 @@ def _evaluation(folder: Path, synonyms) -> tuple[dict, list[dict], dict[str, Lab
     if not results_path.is_file():
         raise ReportError(f"{results_path} does not exist: {folder} is not an evaluation folder (xmei eval --out "
                           "or xmei score --out writes it)")
-    try:
-        results = json.loads(read_text(results_path, "results file", ReportError))
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{results_path} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") \
-            from None
-    results = results if isinstance(results, dict) else {}
+    results = read_json(results_path, "the results file", ReportError)
     names = {kind: results[kind].get("labels") if isinstance(results.get(kind), dict) else None
              for kind in ("emotion", "intent")}
     if not (all(isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in names.values())
@@ -184,17 +179,16 @@ def _clip_scores(folder: Path, rows: list[dict]) -> dict[str, dict[str, float]]:
     if not path.is_file():
         return {}
     out = {}
-    for lineno, line in enumerate(read_text(path, "clip scores file", ReportError).splitlines(), start=1):
+    for lineno, row in json_lines(path, "the clip scores file", ReportError, hint=RESCORE):
         try:
-            row = json.loads(line)
             out[row.pop("video_id")] = {m: float(row[m]) for m in PUBLISHED_ORDER if m in row}
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-            raise ReportError(f"{path}: line {lineno} is not a clip's scores (damaged? rescore with xmei score)") \
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise ReportError(f"{path} (the clip scores file): line {lineno} is not a clip's scores; {RESCORE}") \
                 from None
     lacking = [r["video_id"] for r in rows if r["video_id"] not in out]
     if lacking:
         raise ReportError(f"{path} has no scores for {len(lacking)} clips of the predictions (first: {lacking[0]!r}):"
-                          " not this evaluation's (rescore with xmei score)")
+                          f" not this evaluation's; {RESCORE}")
     return out
 
 

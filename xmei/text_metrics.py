@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import shutil
 import tempfile
 import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from xmei.errors import UserError, read_json
 
 __all__ = ["METRICS", "explanation_metrics", "simple_tokenize"]
 
@@ -180,9 +181,9 @@ def bertscore_metric(references: list[str], candidates: list[str], eval_cfg) -> 
     if not (folder / "config.json").is_file():
         return {"unavailable": f"eval.bertscore_model {given} has no config.json (not a model folder)"}
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        return {"unavailable": f"eval.bertscore_model {given}: config.json is not valid JSON: {err}"}
+        config = read_json(folder / "config.json", "the BERTScore model's config")
+    except UserError as err:
+        return {"unavailable": f"eval.bertscore_model {given}: {err}"}
     layer = eval_cfg.bertscore_layer
     layers = next((config[k] for k in ("num_hidden_layers", "n_layers", "num_layers") if isinstance(config.get(k), int)),
                   None)
