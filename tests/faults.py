@@ -1,28 +1,93 @@
-"""The fault-injection suite's harness (tests/test_faults_*.py): run `xmei` as a user would, on a
-bad input or after a fault, and check how it ends.
+"""The harness of the tests that run `xmei` as a user would (tests/test_faults_*.py and others):
+run it on a bad input or after a fault, and check how it ends.
 
 Every fault test asserts that the command ends with the expected exit status, that its message
 names the culprit (file, record, field, array, shard, key), that no traceback is printed, and that
 nothing already written is lost (``snapshot`` before, ``assert_kept`` after).
+
+``xmei`` runs the command in this process by default: ``cli.main`` -- the entry point of the
+installed script, with its boundary that turns a user's mistake into "error: ..." and status 1 --
+with ``sys.argv``, the environment, the working folder, stdout and stderr its own, and an exception
+that escapes printed as the interpreter prints it (a traceback, status 1). Starting an interpreter
+that imports torch, transformers and peft took most of a fault test's time and proves nothing more.
+``process=True`` starts the installed script instead: for signals, kills, launchers and the few
+tests that check the real script's exit status and stderr.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import subprocess
 import sys
+import traceback
+import warnings
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 XMEI = Path(sys.executable).parent / "xmei"
 
 
-def xmei(*args, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`xmei ARGS` in a fresh process, offline, without --debug (even when the suite runs with it)."""
-    environment = {k: v for k, v in os.environ.items() if k != "XMEI_DEBUG"}
-    environment.update({"HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})})
-    return subprocess.run([str(XMEI), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=environment, cwd=cwd)
+def xmei(*args, env: dict | None = None, timeout: float = 600, cwd: Path | None = None,
+         process: bool = False) -> subprocess.CompletedProcess:
+    """`xmei ARGS`, offline, without --debug (even when the suite runs with it): in this process,
+    or with ``process`` in a fresh one (``timeout`` applies to that one only)."""
+    changes = {"HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    if process:
+        environment = {k: v for k, v in os.environ.items() if k != "XMEI_DEBUG"}
+        return subprocess.run([str(XMEI), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              env={**environment, **changes}, cwd=cwd)
+    from cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with _as_a_process(["xmei", *map(str, args)], changes, cwd), redirect_stdout(out), redirect_stderr(err):
+        try:
+            main()
+            status = 0
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - what the interpreter does with an exception that escapes
+            traceback.print_exc()
+            status = 1
+    return subprocess.CompletedProcess(["xmei", *map(str, args)], status, out.getvalue(), err.getvalue())
+
+
+@contextmanager
+def _as_a_process(argv: list[str], changes: dict[str, str], cwd: Path | None):
+    """What a fresh process would have, put back after: argv, environment (without XMEI_DEBUG),
+    working folder, the interpreter's default warning filters printing to stderr, no process group."""
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    os.environ.pop("XMEI_DEBUG", None)
+    os.environ.update(changes)
+    sys.argv = argv
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = _print_warning
+            yield
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        if "torch" in sys.modules:
+            import torch.distributed as tdist
+
+            if tdist.is_available() and tdist.is_initialized():  # left by a command that failed
+                tdist.destroy_process_group()
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def flat(text: str) -> str:

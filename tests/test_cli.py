@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -128,3 +129,26 @@ def test_stores_commands_read_no_config(tmp_path, monkeypatch):
         assert "--config" not in run("stores", command, "--help").output
     refused = run("stores", "info", tmp_path / "store", "--config", tmp_path / "x.yaml")
     assert refused.exit_code == 2 and "No such option" in refused.output
+
+
+def test_the_in_process_harness_ends_as_the_installed_script(tmp_path, monkeypatch):
+    """tests/faults.py's `xmei` runs the command in this process: the same status and stderr as the
+    script for a user's mistake, a traceback and status 1 for a bug, and the environment put back."""
+    from faults import xmei
+
+    missing = tmp_path / "nowhere.json"
+    before = dict(os.environ)
+    inside, script = xmei("validate", missing, env={"XMEI_TEST_MARK": "1"}), xmei("validate", missing, process=True)
+    assert (inside.returncode, inside.stderr, inside.stdout) == (script.returncode, script.stderr, script.stdout)
+    assert inside.returncode == 1 and str(missing) in flat(inside.stderr) and "Traceback" not in inside.stderr
+    assert dict(os.environ) == before
+
+    import pipeline.annotations
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug, not a mistake of the user")
+
+    monkeypatch.setattr(pipeline.annotations, "check_annotations", bug)
+    crashed = xmei("validate", missing)
+    assert crashed.returncode == 1 and "Traceback" in crashed.stderr and crashed.stderr.rstrip().endswith(
+        "RuntimeError: a bug, not a mistake of the user")

@@ -117,7 +117,8 @@ def test_eval_names_the_damaged_file(case, run, patch_store, tmp_path):
 def test_predict_and_attention_name_the_damaged_file(run, patch_store, corpus, tmp_path):
     cut(run / LAST / "trainable.safetensors")
     kept = snapshot(run)
-    result = xmei("predict", corpus / "videos" / "synth_00000.mp4", "--subtitle", "Hi.", "--checkpoint", run / LAST)
+    result = xmei("predict", corpus / "videos" / "synth_00000.mp4", "--subtitle", "Hi.", "--checkpoint", run / LAST,
+                  process=True)
     assert_clean_error(result, run / LAST / "trainable.safetensors")
     # the second checkpoint is checked as it loads
     result = xmei("attention", "--checkpoint", run / EARLIER, "--checkpoint", run / LAST, "--store", patch_store,

@@ -156,7 +156,7 @@ def test_validate_lists_every_problem_at_once(rows, corpus, tmp_path):
     bad[1]["video_path"] = "videos/nowhere.mp4"
     path = tmp_path / "a.json"
     path.write_text(json.dumps(bad))
-    said = assert_clean_error(xmei("validate", path, "--media-root", corpus), path, "3 problem(s)",
+    said = assert_clean_error(xmei("validate", path, "--media-root", corpus, process=True), path, "3 problem(s)",
                               f"{where(bad, 0, 'subtitle')}: expected a string, got NoneType None",
                               f"{where(bad, 0, 'emotion')}: unknown label 'ecstatic'",
                               f"{where(bad, 1, 'video_path')}: missing media file {corpus / 'videos/nowhere.mp4'}")
@@ -327,7 +327,7 @@ def test_model_folder_that_is_not_a_model_is_named_by_train(tiny_models, store, 
     (empty / "config.json").write_text("{}")  # half a checkpoint: no tokenizer
     result = xmei("train", "--store", store, "--output-dir", tmp_path / "run",
                   "--set", f"model.llama_model_path={empty}",
-                  "--set", f"model.caption_tokenizer_path={tiny_models / 'caption_tokenizer'}")
+                  "--set", f"model.caption_tokenizer_path={tiny_models / 'caption_tokenizer'}", process=True)
     assert_clean_error(result, f"model.llama_model_path: {empty} is not a model folder",
                        "no tokenizer_config.json or tokenizer.json", status=2)
     assert not (tmp_path / "run").exists()
