@@ -1,4 +1,8 @@
-"""Shared fixtures: real files at small scale."""
+"""Shared fixtures: real files at small scale, each built once per test session.
+
+They are handed out to every test that asks, so a test only reads them: one that damages, extends
+or resumes an artefact works on its own copy (``shutil.copytree`` into its ``tmp_path``).
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +13,11 @@ import pytest
 from xmei.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# a brief run of the tiny model: one epoch of the 24 clips in 6 steps of 4, a checkpoint every 3
+TRAIN = ("run.batch_size_train=4", "run.batch_size_eval=8", "run.num_workers=0", "run.warmup_steps=2",
+         "run.init_lr=2e-3", "run.min_lr=1e-4", "run.warmup_lr=1e-5", "run.max_epoch=1", "eval.max_new_tokens=48")
+KEEP_EVERY_3 = ("run.save_every_steps=3", "run.keep_checkpoints=10")
+LAST, EARLIER = "checkpoints/step_0000006", "checkpoints/step_0000003"
 
 
 def config(tiny_models: Path, *sets: str):
@@ -74,3 +83,46 @@ def store_in_dtype(source: Path, out: Path, dtype: str | None) -> Path:
         meta["attributes"]["compute_dtype"] = dtype
     (out / "zarr.json").write_text(json.dumps(meta))
     return out
+
+
+def train_run(tiny_models: Path, store: Path, out: Path, *sets: str) -> Path:
+    """``out`` after a brief run (TRAIN, then ``sets``) on ``store``."""
+    from xmei.train import Trainer
+
+    trainer = Trainer(config(tiny_models, *TRAIN, *sets), [store], None, out)
+    trainer.setup()
+    trainer.train()
+    trainer.cleanup()
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_models, patch_store, tmp_path_factory) -> Path:
+    """A brief run on the patch store with its checkpoints step_0000003 (EARLIER) and step_0000006
+    (LAST): the trained checkpoint of the eval, predict, attention and fault tests."""
+    return train_run(tiny_models, patch_store, tmp_path_factory.mktemp("trained") / "run", *KEEP_EVERY_3)
+
+
+@pytest.fixture(scope="session")
+def untrained(tiny_models, patch_store, tmp_path_factory) -> Path:
+    """A checkpoint saved before any step, whose answers differ between clips (some end early)."""
+    import torch
+
+    from xmei.train import Trainer
+
+    trainer = Trainer(config(tiny_models, *TRAIN), [patch_store], None, tmp_path_factory.mktemp("untrained"))
+    trainer.setup()
+    # PyTorch's default init instead of BLIP-2's N(0, 0.02): untrained modality tokens then differ
+    # enough between clips for these tests' answers to differ (and some to end early)
+    for module in trainer.model.trainable_modules().values():
+        for part in module.modules():
+            if isinstance(part, (torch.nn.Linear, torch.nn.Embedding)):
+                part.reset_parameters()
+    eos = trainer.model.tokenizer.eos_token_id
+    with torch.no_grad():  # and an end-of-turn a random LLM rarely picks made likelier: some answers end early
+        for name, weight in trainer.model.llm.named_parameters():
+            if name.endswith("lm_head.modules_to_save.default.weight"):
+                weight[eos] *= 6
+    folder = trainer.save_checkpoint()
+    trainer.cleanup()
+    return folder

@@ -17,7 +17,6 @@ import torch
 from transformers import AutoTokenizer
 
 from test_eval import XMEI, xmei
-from test_generation import untrained  # noqa: F401 (a fixture: the untrained checkpoint)
 from test_train import free_port, sets_args
 from xmei.config import Config
 from xmei.constrain import LabelConstraint, answer_head

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,26 +10,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import config, store_in_dtype
-from xmei.train import Trainer
+import faults
+from conftest import LAST, config, store_in_dtype, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 XMEI = Path(sys.executable).parent / "xmei"
-TRAIN = ("run.batch_size_train=4", "run.batch_size_eval=8", "run.num_workers=0", "run.warmup_steps=2",
-         "run.init_lr=2e-3", "run.min_lr=1e-4", "run.warmup_lr=1e-5", "run.max_epoch=1", "eval.max_new_tokens=48")
 
 
 def train_checkpoint(tiny_models: Path, store: Path, out: Path, *sets: str) -> Path:
-    trainer = Trainer(config(tiny_models, *TRAIN, *sets), [store], None, out)
-    trainer.setup()
-    trainer.train()
-    trainer.cleanup()
-    return sorted((out / "checkpoints").iterdir())[-1]
+    """The last checkpoint of a brief run (conftest.TRAIN, then ``sets``)."""
+    return sorted((train_run(tiny_models, store, out, *sets) / "checkpoints").iterdir())[-1]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_models, patch_store, tmp_path_factory) -> Path:
-    return train_checkpoint(tiny_models, patch_store, tmp_path_factory.mktemp("run") / "language")
+@pytest.fixture
+def checkpoint(trained_run) -> Path:
+    return trained_run / LAST
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +41,8 @@ def metric_models(tmp_path_factory) -> list[str]:
 
 
 def xmei(*args, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(XMEI), *map(str, args)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    """`xmei ARGS` in this process (tests/faults.py); with ``check`` it must succeed."""
+    result = faults.xmei(*args)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result

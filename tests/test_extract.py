@@ -18,6 +18,7 @@ from pipeline.farm import PRECISIONS, auto_dtype, local_device
 from pipeline.synth import write_camera_mp4
 from stores import FAILED, OK, PENDING, FeatureStore, StoreError, export_hdf5, import_hdf5, verify_store
 from conftest import config
+from faults import xmei
 
 ROOT = Path(__file__).resolve().parents[1]
 XMEI = Path(sys.executable).parent / "xmei"
@@ -378,23 +379,22 @@ def test_verify_catches_a_corrupted_store(patch_store, tmp_path):
     assert "status: clip 5" in text and "failed but holds feature data" in text
     assert f"audio: clip {silent}" in text and "flagged without audio" in text
     assert "failures log" in text and "synth_00005" in text
-    result = subprocess.run([str(XMEI), "stores", "verify", str(bad)], capture_output=True, text=True)
+    result = xmei("stores", "verify", bad)
     assert result.returncode == 1 and "problem(s)" in result.stderr
-    result = subprocess.run([str(XMEI), "stores", "verify", str(patch_store)], capture_output=True, text=True)
+    result = xmei("stores", "verify", patch_store)
     assert result.returncode == 0, result.stderr
 
 
 def test_stores_cli_info_export_import(patch_store, tmp_path):
-    result = subprocess.run([str(XMEI), "stores", "info", str(patch_store), "--json"], capture_output=True, text=True)
+    result = xmei("stores", "info", patch_store, "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["clips"] == 24 and info["status"] == {"pending": 0, "ok": 24, "failed": 0}
     assert info["compute_dtype"] == auto_dtype(local_device("auto"))  # extract.precision auto: float32 on the CPU
     assert info["arrays"]["visual"]["shape"] == [24, 8, 257, 64] and info["arrays"]["visual"]["bytes"] > 0
     h5 = tmp_path / "s.h5"
-    assert subprocess.run([str(XMEI), "stores", "export", str(patch_store), str(h5)]).returncode == 0
-    result = subprocess.run([str(XMEI), "stores", "import", str(h5), str(tmp_path / "in")], capture_output=True,
-                            text=True)
+    assert xmei("stores", "export", patch_store, h5).returncode == 0
+    result = xmei("stores", "import", h5, tmp_path / "in")
     assert result.returncode == 0 and "verify: no problem(s)" in result.stdout
 
 

@@ -13,25 +13,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, config
+from conftest import EARLIER, KEEP_EVERY_3, LAST, ROOT, TRAIN
 from faults import assert_clean_error, assert_kept, snapshot, xmei
-from xmei.train import Trainer
 
-TRAIN = ("run.batch_size_train=4", "run.batch_size_eval=8", "run.num_workers=0", "run.warmup_steps=2",
-         "run.init_lr=2e-3", "run.min_lr=1e-4", "run.warmup_lr=1e-5", "run.max_epoch=1", "run.save_every_steps=3",
-         "run.keep_checkpoints=10", "eval.max_new_tokens=8")
-LAST, EARLIER = "checkpoints/step_0000006", "checkpoints/step_0000003"
+RESUME = (*TRAIN, *KEEP_EVERY_3)  # the options of the trained run, for its resume
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_models, patch_store, tmp_path_factory) -> Path:
-    """One tiny run of one epoch (6 steps): checkpoints step_0000003 and step_0000006. Tests copy it."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    trainer = Trainer(config(tiny_models, *TRAIN), [patch_store], None, out)
-    trainer.setup()
-    trainer.train()
-    trainer.cleanup()
-    return out
+@pytest.fixture
+def trained(trained_run) -> Path:
+    """A brief run with checkpoints step_0000003 and step_0000006 (conftest): tests copy it."""
+    return trained_run
 
 
 @pytest.fixture
@@ -201,7 +192,7 @@ def test_a_base_llm_that_moved_is_named_with_how_to_point_at_it(run, tiny_models
 # ----------------------------------------------------------------------------- train --resume
 
 def resume(tiny_models: Path, store: Path, out: Path, *extra: str):
-    sets = [a for s in (*TRAIN, "run.max_epoch=2") for a in ("--set", s)]
+    sets = [a for s in (*RESUME, "run.max_epoch=2") for a in ("--set", s)]
     return xmei("train", "--config", ROOT / "configs" / "tiny.yaml", "--models", tiny_models, "--store", store,
                 "--output-dir", out, *sets, "--resume", *extra)
 
@@ -243,7 +234,7 @@ def test_resume_with_deepspeed_needs_the_deepspeed_states(run, tiny_models, patc
     env = {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
            "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     result = xmei("train", "--config", ROOT / "configs" / "tiny.yaml", "--models", tiny_models, "--store", patch_store,
-                  "--output-dir", run, *[a for s in TRAIN for a in ("--set", s)], "--resume", "--engine", "deepspeed",
+                  "--output-dir", run, *[a for s in RESUME for a in ("--set", s)], "--resume", "--engine", "deepspeed",
                   env=env)
     assert_clean_error(result, run / LAST / "deepspeed" / "state", "--engine torch")
     assert_kept(kept)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, config
+from conftest import LAST, ROOT
 from faults import assert_clean_error, assert_kept, snapshot, xmei
 from stores import ClipReader, FeatureSpec, FeatureStore, StoreError, create_store
 from xmei.data import StoreSamples
@@ -76,18 +76,10 @@ def zstd_store(patch_store, tmp_path_factory) -> Path:
     return zstd_copy(patch_store, tmp_path_factory.mktemp("zstd") / "store")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_models, patch_store, tmp_path_factory) -> Path:
-    """A checkpoint of one training step on the sound patch store."""
-    from xmei.train import Trainer
-
-    out = tmp_path_factory.mktemp("run") / "run"
-    trainer = Trainer(config(tiny_models, "run.batch_size_train=4", "run.num_workers=0", "run.max_epoch=1",
-                             "run.iters_per_epoch=1", "run.warmup_steps=0"), [patch_store], None, out)
-    trainer.setup()
-    trainer.train()
-    trainer.cleanup()
-    return sorted((out / "checkpoints").iterdir())[-1]
+@pytest.fixture
+def checkpoint(trained_run) -> Path:
+    """A trained checkpoint (conftest), only read."""
+    return trained_run / LAST
 
 
 def train(tiny_models, store: Path, out: Path, *sets: str):

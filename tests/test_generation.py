@@ -16,34 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import config
-from test_eval import TRAIN, XMEI, xmei
+from test_eval import XMEI, xmei
 from test_train import free_port, sets_args
-from xmei.train import Trainer
 
 # 24 clips: 6 batches; decoded freely, as 8 tokens cannot hold the answer head that the label constraint
 # writes (test_constrain.py evaluates under it)
 EVAL = ("run.batch_size_eval=4", "eval.max_new_tokens=8", "eval.constrained=false", "run.device=cpu")
-
-
-@pytest.fixture(scope="module")
-def untrained(tiny_models, patch_store, tmp_path_factory) -> Path:
-    trainer = Trainer(config(tiny_models, *TRAIN), [patch_store], None, tmp_path_factory.mktemp("untrained"))
-    trainer.setup()
-    # PyTorch's default init instead of BLIP-2's N(0, 0.02): untrained modality tokens then differ
-    # enough between clips for these tests' answers to differ (and some to end early)
-    for module in trainer.model.trainable_modules().values():
-        for part in module.modules():
-            if isinstance(part, (torch.nn.Linear, torch.nn.Embedding)):
-                part.reset_parameters()
-    eos = trainer.model.tokenizer.eos_token_id
-    with torch.no_grad():  # and an end-of-turn a random LLM rarely picks made likelier: some answers end early
-        for name, weight in trainer.model.llm.named_parameters():
-            if name.endswith("lm_head.modules_to_save.default.weight"):
-                weight[eos] *= 6
-    folder = trainer.save_checkpoint()
-    trainer.cleanup()
-    return folder
 
 
 @pytest.fixture(scope="module")

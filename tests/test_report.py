@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from faults import xmei
 from stores import create_store
 from test_reader import SPECS
 from xmei.classification import classification_report, joint_report
@@ -292,12 +292,6 @@ def test_a_folder_without_results_or_predictions_is_a_clear_error(rows, tmp_path
     with pytest.raises(ReportError, match=r"results.json \(the results file\) is not valid JSON: Expecting property "
                                           "name enclosed in double quotes at line 1, column 2$"):
         build_report(folder)
-
-
-def xmei(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_cli_report_writes_the_page_and_a_missing_file_ends_cleanly(rows, tmp_path):
