@@ -30,8 +30,8 @@ from xmei.config import Config
 from xmei.errors import UserError
 
 __all__ = ["ADAPTER_FILES", "CHECKPOINT_FILES", "CheckpointError", "check_deepspeed", "check_files",
-           "check_safetensors", "check_tensors", "check_torch_file", "checkpoint_folder", "checkpoints", "loading",
-           "read_json"]
+           "check_safetensors", "check_tensors", "check_torch_file", "checkpoint_folder", "checkpoints", "llm_shards",
+           "loading", "read_json"]
 
 CHECKPOINT_FILES = {"settings": "xmei_model.json", "trainable": "trainable.safetensors", "adapter": "adapter",
                     "llm": "llm", "config": "config.yaml"}
@@ -90,14 +90,20 @@ def check_files(folder: Path, llm_part: str | None, config: bool = True) -> None
         llm = _folder(folder / CHECKPOINT_FILES["llm"], "the trained LLM")
         for path in sorted(llm.glob("*.json")):  # config, tokenizer, generation config, shard index
             read_json(path, "a file of the trained LLM")
-        index = llm / "model.safetensors.index.json"
-        shards = ["model.safetensors"] if not index.is_file() else \
-            sorted(set(read_json(index, "the trained LLM's weight index").get("weight_map", {}).values()))
-        for shard in shards:
-            check_safetensors(llm / shard)
+        for shard in llm_shards(llm):
+            check_safetensors(shard)
     saved = folder / CHECKPOINT_FILES["config"]
     if config and saved.exists():
         _check_config(saved)
+
+
+def llm_shards(llm: Path) -> list[Path]:
+    """The weight files of a whole LLM that ``save_pretrained`` wrote into ``llm``: the shards its
+    index names, else the one model.safetensors."""
+    index = llm / "model.safetensors.index.json"
+    if not index.is_file():
+        return [llm / "model.safetensors"]
+    return [llm / name for name in sorted(set(read_json(index, "the trained LLM's weight index").get("weight_map", {}).values()))]
 
 
 def _folder(path: Path, what: str) -> Path:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from xmei.checkpoint import (ADAPTER_FILES, CHECKPOINT_FILES, CheckpointError, check_files, check_safetensors,
-                             check_tensors, checkpoint_folder, loading, read_json)
+                             check_tensors, checkpoint_folder, llm_shards, loading, read_json)
 from xmei.config import ModelConfig
 from xmei.lqformer import LQFormer, LQFormerConfig
 from xmei.prompt import AUDIO_TOKEN, PLACEHOLDER_TOKENS, VIDEO_TOKEN, PromptBuilder
@@ -409,3 +409,26 @@ class XMEIQwen(nn.Module):
         check_tensors(file, check_safetensors(file), self.adapter_shapes())
         with loading(file):
             set_peft_model_state_dict(self.llm, load_file(file))
+
+    def load_llm(self, folder: str | Path) -> None:
+        """Load a checkpoint folder's whole trained LLM (``llm/``, as :meth:`save_checkpoint` wrote
+        it) into this model's LLM in place, a tensor at a time: an optimizer already holding its
+        parameters keeps them, and no second copy of the weights is made. The names and shapes are
+        checked first; a weight tied to another (an lm_head that is the embedding table) is saved
+        once and loads with it."""
+        from safetensors import safe_open
+
+        llm = Path(folder) / CHECKPOINT_FILES["llm"]
+        shards = {shard: check_safetensors(shard) for shard in llm_shards(llm)}
+        found = {name: shape for shapes in shards.values() for name, shape in shapes.items()}
+        state = self.llm.state_dict()
+        tied: dict[int, list[str]] = {}  # storage -> the names of the weights that share it
+        for name, tensor in state.items():
+            tied.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
+        expected = {name: tuple(state[name].shape) for names in tied.values()
+                    for name in [n for n in names if n in found] or names}
+        check_tensors(llm, found, expected)
+        for shard, shapes in shards.items():
+            with loading(shard), safe_open(str(shard), "pt") as weights, torch.no_grad():
+                for name in shapes:
+                    state[name].copy_(weights.get_tensor(name))

@@ -24,11 +24,12 @@ ranks), and so does the validation's. ``strict``: a sample that cannot be made s
 instead, naming the clip. A max_length too short for the labels of any (emotion, intent) pair is
 refused at start-up.
 
-A checkpoint holds the model checkpoint (safetensors + adapter + config) and the trainer state
-(optimizer, scheduler, each rank's RNG, the data position in samples, and the run's shape:
-processes x batch x accumulation), so ``resume`` continues exactly: the same per-step losses as an
-uninterrupted run. A resume with another shape is refused, naming what changed, unless
-``rebatch``: then it goes on from the same sample with the schedule recomputed from the samples seen.
+A checkpoint holds the model checkpoint (safetensors + the adapter, or the whole LLM where it
+trains whole, + config) and the trainer state (optimizer, scheduler, each rank's RNG, the data
+position in samples, and the run's shape: processes x batch x accumulation), so ``resume``
+continues exactly: the same per-step losses as an uninterrupted run. A resume with another shape
+is refused, naming what changed, unless ``rebatch``: then it goes on from the same sample with the
+schedule recomputed from the samples seen.
 """
 from __future__ import annotations
 
@@ -497,7 +498,7 @@ class Trainer:
     def _restore(self, folder: Path) -> None:
         """Every file checked first (present, whole), then the weights, optimizer, schedule, position, RNG."""
         state_file, deepspeed_dir = folder / STATE_FILE, folder / DEEPSPEED_DIR
-        verify_checkpoint(folder)  # settings, config, trainable weights, adapter
+        verify_checkpoint(folder)  # settings, config, trainable weights, adapter or whole LLM
         check_torch_file(state_file)
         if self.engine:
             check_deepspeed(deepspeed_dir / "state", self.rank)
@@ -516,7 +517,7 @@ class Trainer:
         if saved != self.shape:
             self._check_rebatch(folder, saved)
         self.model.load_trainable(folder)
-        if self.engine:
+        if self.engine:  # its states hold every trainable weight: the adapter's, or the whole LLM's
             with loading(deepspeed_dir):
                 loaded, _ = self.engine.load_checkpoint(str(deepspeed_dir), tag="state", load_module_strict=False)
             if loaded is None:  # DeepSpeed only warns
@@ -524,6 +525,8 @@ class Trainer:
         else:
             if self.model.settings.llm_part == "adapter":
                 self.model.load_adapter(folder)
+            elif self.model.settings.llm_part == "llm":
+                self.model.load_llm(folder)
             with loading(state_file):
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])
