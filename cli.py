@@ -8,6 +8,9 @@ config and take none of them.
 
 A mistake the user can fix ends the command with "error: <message>" on stderr: a library's
 ``UserError`` with status 1 at ``main``'s boundary, a bad config or option with status 2 (``_fail``).
+Cheap checks first: a command that reads a checkpoint checks every file of it (``_load_checkpoint``)
+and the stores it reads (xmei.settings.open_stores) before it imports torch, transformers or peft,
+so a damaged input is named in seconds, not after a model has loaded.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 import yaml
@@ -29,6 +32,9 @@ from rich.text import Text
 
 from xmei.config import Config, ConfigError, load_config
 from xmei.errors import DEBUG_VARIABLE, UserError, debugging, message_of
+
+if TYPE_CHECKING:
+    from xmei.settings import XMEISettings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="xmei: joint multimodal emotion-intent classification and explanation (JX4MEI).")
@@ -59,18 +65,10 @@ def _options(debug: Annotated[bool, typer.Option(
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
 
-def _load(config: Path | None, sets: list[str] | None, models: Path | None, *, checkpoint: Path | None = None,
+def _load(config: Path | None, sets: list[str] | None, models: Path | None, *,
           require: tuple[str, ...] = ()) -> Config:
-    """The command's config: --config, else (given ``checkpoint``) the config saved with the
-    checkpoint, else the defaults; then --set and --models. With ``checkpoint``, every file of it is
-    checked first: a damaged one is an error naming it (status 1). Warnings go to stderr; a config
-    error, or a path of ``require`` that does not exist, ends the command with status 2."""
-    if checkpoint is not None:
-        from xmei.model import verify_checkpoint
-
-        verify_checkpoint(checkpoint, config=config is None)
-        if config is None and (checkpoint / "config.yaml").is_file():
-            config = checkpoint / "config.yaml"
+    """The command's config: --config, else the defaults; then --set and --models. Warnings go to
+    stderr; a config error, or a path of ``require`` that does not exist, ends the command with status 2."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -85,6 +83,19 @@ def _load(config: Path | None, sets: list[str] | None, models: Path | None, *, c
         except ConfigError as e:
             _fail(e)
     return cfg
+
+
+def _load_checkpoint(checkpoint: Path, config: Path | None, sets: list[str] | None,
+                     models: Path | None) -> tuple[Config, XMEISettings]:
+    """The command's config as ``_load`` reads it, but defaulting to the config saved with the
+    checkpoint, and the checkpoint's settings. Every file of the checkpoint is checked first, before
+    torch is imported: a damaged one is an error naming it (status 1)."""
+    from xmei.checkpoint import verify_checkpoint
+
+    settings = verify_checkpoint(checkpoint, config=config is None)
+    if config is None and (checkpoint / "config.yaml").is_file():
+        config = checkpoint / "config.yaml"
+    return _load(config, sets, models), settings
 
 
 def _fail(message: str | BaseException, code: int = 2) -> None:
@@ -404,22 +415,25 @@ def eval_cmd(
     """
     from dataclasses import replace
 
-    from stores import FeatureStore
+    from xmei.evaluate import check_out, write_evaluation
+    from xmei.settings import check_store_labels, open_stores
+
+    cfg, settings = _load_checkpoint(checkpoint, config, sets, models)
+    constrained = cfg.eval.constrained if constrained is None else constrained
+    if compare_free and not constrained:
+        _fail("--compare-free compares constrained answers with free ones: drop --free (or eval.constrained=false)")
+    # a wrong path, a damaged store or one of other labels: an error naming it, before torch and the model load
+    check_out(out)
+    opened, = open_stores([store], settings.modalities)
+    check_store_labels(opened, cfg.emotions, cfg.intents,
+                       f"--config {config}" if config else f"the config of {checkpoint}")
+    root = _store_media_root(cfg, media_root, store) if html else None  # a bad root: an error before generating
     from xmei.data import dtype_warning
     from xmei.distributed import Distributed, resolve_precision
-    from xmei.evaluate import check_out, check_store_labels, write_evaluation
     from xmei.generate import GenerationError, GenerationSettings, generate_store, generation_config, label_constraint
     from xmei.model import XMEIQwen
 
-    cfg = _load(config, sets, models, checkpoint=checkpoint)
-    generation = GenerationSettings.from_config(cfg)
-    generation = generation if constrained is None else replace(generation, constrained=constrained)
-    if compare_free and not generation.constrained:
-        _fail("--compare-free compares constrained answers with free ones: drop --free (or eval.constrained=false)")
-    check_out(out)  # a wrong path or store: an error naming it, before the model loads
-    check_store_labels(FeatureStore(store), store, cfg.emotions, cfg.intents,
-                       f"--config {config}" if config else f"the config of {checkpoint}")
-    root = _store_media_root(cfg, media_root, store) if html else None  # a bad root: an error before generating
+    generation = replace(GenerationSettings.from_config(cfg), constrained=constrained)
     dist = Distributed.start(cfg.run.device)
     model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device,
                                      dtype=resolve_precision(cfg.run, dist.device))
@@ -470,14 +484,18 @@ def report_cmd(
     vs predicted), filterable and sortable in the browser, no server. The filters are kept in the
     URL's fragment: report.html#outcome=intent shows the intent errors."""
     cfg = _load(config, sets, models)
+    if checkpoint is not None and store is None:
+        _fail("--checkpoint draws the attention over a store's clips: give --store too")
     root = _store_media_root(cfg, media_root, store) if store is not None else None
     model = None
     if checkpoint is not None:
+        from xmei.checkpoint import verify_checkpoint
+        from xmei.settings import open_stores
+
+        open_stores([store], verify_checkpoint(checkpoint, config=False).modalities)  # before torch loads
         from xmei.distributed import Distributed
         from xmei.model import LQFormers
 
-        if store is None:
-            _fail("--checkpoint draws the attention over a store's clips: give --store too")
         model = LQFormers.from_checkpoint(checkpoint, Distributed.start(cfg.run.device).device)
     _write_page(cfg, eval_dir, store, root, compare, model)
 
@@ -539,11 +557,11 @@ def predict(
     config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Emotion, intent and explanation of one raw clip: stage 1's own decoding and encoders, then the model."""
+    cfg, _ = _load_checkpoint(checkpoint, config, sets, models)
     from pipeline.decode import MediaError
     from xmei.distributed import Distributed
     from xmei.predict import predict_clip
 
-    cfg = _load(config, sets, models, checkpoint=checkpoint)
     device = Distributed.start(cfg.run.device).device
     try:  # a GenerationError (eval.max_new_tokens shorter than the constrained answer head) ends at main's boundary
         result = predict_clip(cfg, checkpoint, video, audio, subtitle, video_description, audio_description, device)
@@ -579,14 +597,20 @@ def attention(
 ):
     """Heatmaps of the LQ-Formers' cross-attention: the visual one over each sampled frame's patch
     grid, the audio one over the audio windows on the waveform (each for the models that use it)."""
-    from xmei.attention import draw_attention
-    from xmei.distributed import Distributed
+    from xmei.checkpoint import verify_checkpoint
+    from xmei.settings import open_stores
 
-    cfg = _load(config, sets, models, checkpoint=checkpoint[0])
-    device = Distributed.start(cfg.run.device).device
+    cfg, settings = _load_checkpoint(checkpoint[0], config, sets, models)
+    modalities = {m for s in [settings, *(verify_checkpoint(c, config=False) for c in checkpoint[1:])]
+                  for m in s.modalities}
+    open_stores([store], modalities)  # every checkpoint's files and the store's, before torch loads
     root = _store_media_root(cfg, media_root, store)
     if root is None:
         _fail("no media root: give --media-root")
+    from xmei.attention import draw_attention
+    from xmei.distributed import Distributed
+
+    device = Distributed.start(cfg.run.device).device
     for video_id in clip:
         try:
             paths, notes = draw_attention(checkpoint, store, video_id, root, out, device)

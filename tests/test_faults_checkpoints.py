@@ -1,34 +1,32 @@
 """Fault suite: damaged checkpoints. `xmei eval`, `predict`, `attention` and `train --resume` on a
 checkpoint with a missing, cut, overwritten or foreign file, a folder that is not a checkpoint,
 a base LLM that moved: each ends with exit status 1 and an error naming the file, no traceback,
-and every file of the run kept as it was."""
+and every file of the run kept as it was. eval, predict, attention and report say so before they
+import torch."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import EARLIER, KEEP_EVERY_3, LAST, ROOT, TRAIN
-from faults import assert_clean_error, assert_kept, snapshot, xmei
+from faults import assert_clean_error, assert_kept, flat, snapshot, xmei
 
 RESUME = (*TRAIN, *KEEP_EVERY_3)  # the options of the trained run, for its resume
 
 
 @pytest.fixture
-def trained(trained_run) -> Path:
-    """A brief run with checkpoints step_0000003 and step_0000006 (conftest): tests copy it."""
-    return trained_run
-
-
-@pytest.fixture
-def run(trained, tmp_path) -> Path:
-    """A copy of the trained run, to damage."""
-    return Path(shutil.copytree(trained, tmp_path / "run"))
+def run(trained_run, tmp_path) -> Path:
+    """A copy of the trained run (conftest: checkpoints step_0000003 and step_0000006), to damage."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
 # ----------------------------------------------------------------------------- damages
@@ -105,30 +103,71 @@ def test_eval_names_the_damaged_file(case, run, patch_store, tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
-def test_predict_and_attention_name_the_damaged_file(run, patch_store, corpus, tmp_path):
-    cut(run / LAST / "trainable.safetensors")
-    kept = snapshot(run)
-    result = xmei("predict", corpus / "videos" / "synth_00000.mp4", "--subtitle", "Hi.", "--checkpoint", run / LAST,
-                  process=True)
-    assert_clean_error(result, run / LAST / "trainable.safetensors")
-    # the second checkpoint is checked as it loads
-    result = xmei("attention", "--checkpoint", run / EARLIER, "--checkpoint", run / LAST, "--store", patch_store,
-                  "--clip", "synth_00004", "--out", tmp_path / "maps", "--media-root", corpus)
-    assert_clean_error(result, run / LAST / "trainable.safetensors")
+# Runs `xmei ARGS` for each ARGS in argv[1] (JSON) in one fresh interpreter, as main does, and
+# prints for each: its exit status, its stderr and which of torch, transformers, peft were imported.
+CHECKS_FIRST = """
+import contextlib, io, json, sys
+import cli
+ran = []
+for args in json.loads(sys.argv[1]):
+    sys.argv, err, status = ["xmei", *args], io.StringIO(), 0
+    with contextlib.redirect_stderr(err):
+        try:
+            cli.main()
+        except SystemExit as e:
+            status = e.code
+    ran.append({"status": status, "stderr": err.getvalue(),
+                "heavy": [m for m in ("torch", "transformers", "peft") if m in sys.modules]})
+print(json.dumps(ran))
+"""
+
+
+def test_checkpoints_and_stores_are_checked_before_torch_loads(run, patch_store, corpus, tmp_path):
+    """eval, predict, attention and report name a damaged checkpoint file, or a store's missing
+    shard file, before they import torch, transformers or peft (seconds, not a 7B model's load)."""
+    damaged = run / LAST / "trainable.safetensors"
+    cut(damaged)
+    store = Path(shutil.copytree(patch_store, tmp_path / "store"))
+    shard = store / "visual" / "c" / "1" / "0" / "0" / "0"
+    shard.unlink()
+    kept = snapshot(run, store)
+    video, maps = corpus / "videos" / "synth_00000.mp4", ("--clip", "synth_00004", "--out", tmp_path / "maps")
+    cases = [  # (args, the file its error names)
+        (eval_args(run / LAST, patch_store, tmp_path / "eval"), damaged),
+        (("predict", video, "--subtitle", "Hi.", "--checkpoint", run / LAST), damaged),
+        (("attention", "--checkpoint", run / EARLIER, "--checkpoint", run / LAST, "--store", patch_store, *maps,
+          "--media-root", corpus), damaged),
+        (("report", tmp_path / "eval", "--store", patch_store, "--checkpoint", run / LAST, "--media-root", corpus),
+         damaged),
+        (eval_args(run / EARLIER, store, tmp_path / "eval"), shard),
+        (("attention", "--checkpoint", run / EARLIER, "--store", store, *maps, "--media-root", corpus), shard),
+        (("report", tmp_path / "eval", "--store", store, "--checkpoint", run / EARLIER, "--media-root", corpus), shard),
+    ]
+    env = {**{k: v for k, v in os.environ.items() if k != "XMEI_DEBUG"}, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    argv = json.dumps([[str(a) for a in args] for args, _ in cases])
+    proc = subprocess.run([sys.executable, "-c", CHECKS_FIRST, argv], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (args, culprit), ran in zip(cases, json.loads(proc.stdout.splitlines()[-1])):
+        said = flat(ran["stderr"])
+        assert ran["status"] == 1 and "error:" in said and str(culprit) in said, (args[0], said[-2000:])
+        assert "Traceback" not in said, said[-2000:]
+        assert not ran["heavy"], f"{args[0]} imported {ran['heavy']} before it named {culprit}"
     assert_kept(kept)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "maps").exists()
 
 
 @pytest.fixture(scope="module")
-def full_llm(trained, tmp_path_factory) -> Path:
+def full_llm(trained_run, tmp_path_factory) -> Path:
     """A checkpoint of a run that trained the whole LLM (model.use_lora false): its own llm/ folder."""
     import yaml
 
     from xmei.model import XMEIQwen, XMEISettings
 
-    source = trained / LAST
+    source = trained_run / LAST
     data = json.loads((source / "xmei_model.json").read_text())
     data["model"]["use_lora"] = False
-    model = XMEIQwen(XMEISettings.from_json(data, source))
+    model = XMEIQwen(XMEISettings.from_json(data))
     folder = tmp_path_factory.mktemp("full") / "step_0000001"
     model.save_checkpoint(folder, config=yaml.safe_load((source / "config.yaml").read_text()))
     restored = XMEIQwen.from_checkpoint(folder)  # whole, it loads

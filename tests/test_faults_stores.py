@@ -190,12 +190,27 @@ def test_both_read_paths_name_the_damaged_shard(store, zstd_store, tmp_path, lay
     assert shard_named(said, store / VISUAL_1[0], VISUAL_1[1]) and "xmei stores verify" in said
 
 
-def test_training_stops_at_start_up_on_a_missing_shard_file(store, tiny_models, tmp_path):
+def test_training_stops_at_start_up_on_a_missing_shard_file(store, patch_store, tiny_models, tmp_path, monkeypatch):
+    """Before the model is built (a minute at 7B): here building it fails the test. The training
+    store is checked, and so is the validation store."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from xmei.model import XMEIQwen
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before every store was checked")
+
+    monkeypatch.setattr(XMEIQwen, "__init__", built)
     damage(store / VISUAL_1[0], "deleted")
     before = snapshot(store)
-    said = assert_clean_error(train(tiny_models, store, tmp_path / "run"), store / VISUAL_1[0], VISUAL_1[1],
-                              "is missing, yet 8 of its clips are ok")
-    assert "xmei stores verify" in said
+    for stores in (["--store", store], ["--store", patch_store, "--val-store", store]):
+        args = ["train", "--models", tiny_models, "--config", TINY, *stores, "--output-dir", tmp_path / "run"]
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert isinstance(result.exception, StoreError), result.exception
+        said = str(result.exception)
+        assert shard_named(said, store / VISUAL_1[0], VISUAL_1[1]) and "is missing, yet 8 of its clips are ok" in said
+        assert "xmei stores verify" in said
     assert_kept(before)
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 

@@ -162,13 +162,25 @@ def test_eval_goes_through_the_long_records(trained, long_store, tmp_path):
     assert_kept(before)
 
 
-def test_a_max_length_no_sample_fits_is_refused_at_start_up(tiny_models, long_store, tmp_path):
+def test_a_max_length_no_sample_fits_is_refused_at_start_up(tiny_models, long_store, tmp_path, monkeypatch):
+    """Before the model is built (a minute at 7B): here building it fails the test."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from xmei.model import XMEIQwen
+    from xmei.train import TrainError
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before max_length was checked")
+
+    monkeypatch.setattr(XMEIQwen, "__init__", built)
     before = snapshot(long_store)
-    result = xmei("train", *TRAIN, "--models", tiny_models, "--store", long_store, "--output-dir", tmp_path / "run",
-                  "--set", "model.max_length=140")
-    said = assert_clean_error(result, "model.max_length 140 cannot hold a training sample",
-                              "set model.max_length to at least")
-    assert "done:" not in said and not (tmp_path / "run" / "logs" / "train.jsonl").exists()  # refused before a step
+    result = CliRunner().invoke(app, [str(a) for a in ("train", *TRAIN, "--models", tiny_models, "--store", long_store,
+                                                       "--output-dir", tmp_path / "run", "--set", "model.max_length=140")])
+    assert isinstance(result.exception, TrainError), result.exception
+    said = str(result.exception)
+    assert "model.max_length 140 cannot hold a training sample" in said and "set model.max_length to at least" in said
+    assert not (tmp_path / "run" / "logs" / "train.jsonl").exists()  # refused before a step
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert_kept(before)
 

@@ -12,7 +12,8 @@
 The checks are cheap: the files are there, JSON and YAML parse, each safetensors header parses
 and its file is exactly as long as the header says, each torch file's zip directory reads. They
 run before the loads, and the loads themselves run inside ``loading`` so that whatever is still
-wrong names its file. Every failure is a :class:`CheckpointError`.
+wrong names its file. Every failure is a :class:`CheckpointError`. No torch here: a command
+checks a checkpoint (``verify_checkpoint``) before it imports torch, transformers or peft.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ from pathlib import Path
 import yaml
 
 from xmei import errors
-from xmei.config import Config
+from xmei.config import Config, ModelConfig
 from xmei.errors import UserError
+from xmei.settings import XMEISettings
 
 __all__ = ["ADAPTER_FILES", "CHECKPOINT_FILES", "CheckpointError", "check_deepspeed", "check_files",
            "check_safetensors", "check_tensors", "check_torch_file", "checkpoint_folder", "checkpoints", "llm_shards",
-           "loading", "read_json"]
+           "loading", "read_json", "verify_checkpoint"]
 
 CHECKPOINT_FILES = {"settings": "xmei_model.json", "trainable": "trainable.safetensors", "adapter": "adapter",
                     "llm": "llm", "config": "config.yaml"}
@@ -76,6 +78,32 @@ def checkpoint_folder(folder: str | Path) -> Path:
     if any((folder / CHECKPOINT_FILES[k]).exists() for k in ("trainable", "adapter")):
         raise CheckpointError(f"{settings} is missing (the checkpoint's settings)")
     raise CheckpointError(f"{folder} is not an xmei checkpoint (it has no {CHECKPOINT_FILES['settings']})")
+
+
+def verify_checkpoint(folder: str | Path, config: bool = True) -> XMEISettings:
+    """The settings of a checkpoint folder, after the cheap checks of every file it needs (present,
+    JSON / YAML parse, safetensors headers match their files' sizes; config.yaml when ``config``):
+    a damaged file, a folder that is not a checkpoint, settings of another layout are a
+    CheckpointError naming it. The tensors are not read."""
+    folder = checkpoint_folder(folder)
+    settings = _settings(folder / CHECKPOINT_FILES["settings"])
+    check_files(folder, settings.llm_part, config)
+    return settings
+
+
+def _settings(path: Path) -> XMEISettings:
+    """The model settings in ``path``; a checkpoint of an earlier layout or unknown keys are a CheckpointError."""
+    data = read_json(path, "the checkpoint's settings")
+    if set(data) != {"model", "features"} or not all(isinstance(data[k], dict) for k in data):
+        raise CheckpointError(f"{path}: model settings of an earlier xmei (keys {sorted(data)[:4]}...); "
+                              "retrain with this version")
+    unknown = sorted(set(data["model"]) - set(ModelConfig.model_fields))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown model settings {unknown} (a newer xmei?)")
+    try:
+        return XMEISettings.from_json(data)
+    except (TypeError, ValueError) as e:  # a feature fact missing or unknown, a setting of the wrong type
+        raise CheckpointError(f"{path}: model settings of another xmei: {e}") from None
 
 
 def check_files(folder: Path, llm_part: str | None, config: bool = True) -> None:

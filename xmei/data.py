@@ -30,27 +30,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from stores import OK, ClipReader, FeatureStore, StoreError
+from stores import OK, ClipReader, FeatureStore
 from xmei.errors import UserError
 from xmei.prompt import IGNORE, PromptBuilder
+from xmei.settings import FEATURES, MODALITIES, feature_facts, open_stores
 
 __all__ = ["FLAGS", "EpochSampler", "PackedStrings", "StoreSamples", "dtype_warning", "feature_facts", "loader"]
 
-FEATURES = {"video": "visual", "audio": "audio"}  # modality (batch key) -> store array
 CAPTIONS = ("video_caption_ids", "video_caption_mask", "audio_caption_ids", "audio_caption_mask")
 TEXTS = ("video_id", "subtitle", "emotion", "intent", "explanation")
-MODALITIES = tuple(FEATURES)
 FLAGS = ("position", "truncated", "skipped")  # per training sample; not model inputs: popped before the forward
-
-
-def feature_facts(store: FeatureStore) -> dict[str, int | str | None]:
-    """What the model needs to know about the features, from the store's attributes (0 for a
-    modality the store has no features of; compute_dtype None for a store that does not say)."""
-    feats = store.attrs["features"]
-    visual, audio = (feats.get(name, {"shape": [0, 0]})["shape"] for name in ("visual", "audio"))
-    return {"visual_size": visual[-1], "audio_size": audio[-1], "num_frames": visual[0], "num_audio_clips": audio[0],
-            "caption_tokens": store.attrs["extract"]["caption_tokens"],
-            "compute_dtype": store.attrs.get("compute_dtype")}
 
 
 def dtype_warning(stores: Iterable[str | Path], trained_in: str | None = None) -> str | None:
@@ -101,27 +90,16 @@ class StoreSamples(Dataset):
     """
 
     def __init__(self, paths: list[str | Path], builder: PromptBuilder | None = None,
-                 modalities: Iterable[str] = MODALITIES):
+                 modalities: Iterable[str] = MODALITIES, checked: list[FeatureStore] | None = None):
         """``builder`` turns texts into input_ids / labels; without it samples carry only features
         and texts (for generation). Only the features of ``modalities`` are read (a store may lack
-        the others)."""
+        the others). ``checked``: the stores of ``paths`` as :func:`~xmei.settings.open_stores`
+        returned them (the trainer checks its stores before it builds the model); else they are
+        opened and checked here."""
         self.paths = [str(p) for p in paths]
         self.builder = builder
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
-        stores = [FeatureStore(p) for p in self.paths]
-        for path, store in zip(self.paths, stores):
-            lacking = [FEATURES[m] for m in self.modalities if FEATURES[m] not in store.features]
-            if lacking:
-                raise StoreError(f"{path}: no {' or '.join(lacking)} features, which model.modalities "
-                                 f"{list(self.modalities)} needs")
-            # a missing or damaged shard file: an error now (no clip decoded), not zeros or a stop mid-epoch
-            store.check_files([*(FEATURES[m] for m in self.modalities), "has_audio"])
-        # another compute dtype is no other feature layout: a warning where the stores are opened (dtype_warning)
-        facts = [{k: v for k, v in feature_facts(s).items() if k != "compute_dtype"} for s in stores]
-        for path, store, f in zip(self.paths[1:], stores[1:], facts[1:]):
-            if f != facts[0] or stores[0].attrs["encoders"] != store.attrs["encoders"]:
-                raise StoreError(f"{path}: features {f} from other encoders or settings than {self.paths[0]}")
-        self.facts = facts[0]
+        stores = checked if checked is not None else open_stores(self.paths, self.modalities)
         self.labels = stores[0].attrs["labels"]
         self.shard_size = [s.shard_size for s in stores]
         ok = [np.flatnonzero(s.status() == OK) for s in stores]  # per store: (n_k,) clip indexes

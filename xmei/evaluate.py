@@ -34,7 +34,7 @@ from xmei.classification import classification_report, joint_report, plot_confus
 from xmei.errors import JSON_TYPES, UserError, json_lines, json_type
 from xmei.text_metrics import explanation_metrics
 
-__all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "check_store_labels", "read_predictions", "score", "score_file",
+__all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "read_predictions", "score", "score_file",
            "staged", "write_evaluation", "write_predictions", "write_report"]
 
 REFERENCES = ("video_id", "ref_emotion", "ref_intent", "ref_explanation")  # missing: an error
@@ -116,18 +116,6 @@ def _expect(row: dict, where: str, field: str, kind: type) -> None:
     """A field that is present has the JSON type of ``kind``."""
     if field in row and not isinstance(row[field], kind):
         raise EvaluationError(f"{where}: {field} is a JSON {json_type(row[field])}, expected a {JSON_TYPES[kind]}")
-
-
-def check_store_labels(store, path: Path, emotions, intents, config: str) -> None:
-    """The label sets a store was extracted with (its attributes) are the config's, in any order;
-    an error naming both otherwise. ``config`` names where the config came from."""
-    held = store.attrs.get("labels")
-    if held is None:
-        return
-    for key, labels in (("emotions", emotions), ("intents", intents)):
-        if set(held.get(key, ())) != set(labels.labels):
-            raise EvaluationError(f"{path} was extracted with the {labels.kind} labels {held.get(key)}, but {config} "
-                                  f"has {list(labels.labels)}: evaluate on a store of the checkpoint's label sets")
 
 
 def check_out(out: Path) -> None:

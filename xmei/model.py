@@ -28,100 +28,23 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from xmei.checkpoint import (ADAPTER_FILES, CHECKPOINT_FILES, CheckpointError, check_files, check_safetensors,
-                             check_tensors, checkpoint_folder, llm_shards, loading, read_json)
-from xmei.config import ModelConfig
-from xmei.lqformer import LQFormer, LQFormerConfig
+from xmei.checkpoint import (ADAPTER_FILES, CHECKPOINT_FILES, CheckpointError, check_safetensors, check_tensors,
+                             llm_shards, loading, verify_checkpoint)
+from xmei.lqformer import LQFormer
 from xmei.prompt import AUDIO_TOKEN, PLACEHOLDER_TOKENS, VIDEO_TOKEN, PromptBuilder
+from xmei.settings import MODALITIES, FeatureFacts, XMEISettings
 
-__all__ = ["CHECKPOINT_FILES", "FeatureFacts", "LQFormers", "XMEIQwen", "XMEISettings", "load_weights",
-           "verify_checkpoint"]
+# FeatureFacts, XMEISettings (xmei.settings) and verify_checkpoint (xmei.checkpoint) are torch-free: a
+# command checks its inputs with them before it imports this module; they are named here too
+__all__ = ["CHECKPOINT_FILES", "FeatureFacts", "LQFormers", "XMEIQwen", "XMEISettings", "llm_tokenizer",
+           "load_weights", "verify_checkpoint"]
 
-MODALITIES = ("video", "audio")
 PLACEHOLDERS = dict(zip(MODALITIES, (VIDEO_TOKEN, AUDIO_TOKEN)))
-
-
-@dataclass
-class FeatureFacts:
-    """What stage 1 stored, read from a store's attributes (xmei.data.feature_facts)."""
-
-    visual_size: int  # feature widths
-    audio_size: int
-    num_frames: int  # frames / audio windows per clip
-    num_audio_clips: int
-    caption_vocab_size: int  # the caption tokenizer's vocabulary
-    caption_tokens: int  # caption ids per description
-    compute_dtype: str | None = None  # the encoders' dtype in stage 1 (None: not recorded by an earlier xmei)
-
-
-@dataclass
-class XMEISettings:
-    """What builds an XMEI-Qwen: the run config's ``model`` section itself (no renamed copy: a key
-    added there reaches the model) and the feature facts of stage 1."""
-
-    model: ModelConfig
-    features: FeatureFacts
-
-    @classmethod
-    def from_config(cls, cfg, **features: int) -> "XMEISettings":
-        """``features``: the fields of :class:`FeatureFacts` (from a store, or an encoder's config)."""
-        return cls(copy.deepcopy(cfg.model), FeatureFacts(**features))
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(m for m in MODALITIES if m in self.model.modalities)
-
-    @property
-    def llm_part(self) -> str | None:
-        """What of the LLM a checkpoint holds: "adapter" (LoRA), "llm" (the whole LLM trained) or
-        None (frozen: the base LLM alone)."""
-        m = self.model
-        return None if m.frozen_llm else "adapter" if m.use_lora else "llm"
-
-    def queries(self, modality: str) -> int:
-        """Placeholder tokens (LQ-Former outputs) of a modality; 0 when the model does not use it."""
-        if modality not in self.modalities:
-            return 0
-        return self.model.num_video_query_token if modality == "video" else self.model.num_audio_query_token
-
-    def prompt_builder(self, tokenizer) -> PromptBuilder:
-        m = self.model
-        return PromptBuilder(tokenizer, self.queries("video"), self.queries("audio"), m.prompt_format, m.max_length)
-
-    def lqformer(self, modality: str) -> LQFormerConfig:
-        m, f, video = self.model, self.features, modality == "video"
-        return LQFormerConfig(
-            feature_size=f.visual_size if video else f.audio_size,
-            num_positions=f.num_frames if video else f.num_audio_clips,
-            caption_vocab_size=f.caption_vocab_size, num_caption_tokens=f.caption_tokens,
-            num_queries=self.queries(modality), query_mode=m.query_mode, hidden_size=m.qformer_hidden_size,
-            num_layers=m.qformer_num_layers, num_heads=m.qformer_num_heads,
-            intermediate_size=m.qformer_intermediate_size, dropout=m.qformer_dropout,
-            cross_attention_freq=m.cross_attention_freq)
-
-    def to_json(self) -> dict:
-        plain = {"model": self.model.model_dump(), "features": asdict(self.features)}
-        return json.loads(json.dumps(plain, default=str))
-
-    @classmethod
-    def from_json(cls, data: dict, source: Path) -> "XMEISettings":
-        """Back from ``to_json``; a checkpoint of an earlier layout or unknown keys are a CheckpointError."""
-        if set(data) != {"model", "features"} or not all(isinstance(data[k], dict) for k in data):
-            raise CheckpointError(f"{source}: model settings of an earlier xmei (keys {sorted(data)[:4]}...); "
-                                  "retrain with this version")
-        unknown = sorted(set(data["model"]) - set(ModelConfig.model_fields))
-        if unknown:
-            raise CheckpointError(f"{source}: unknown model settings {unknown} (a newer xmei?)")
-        try:  # ModelConfig makes the paths Paths again
-            return cls(ModelConfig(**data["model"]), FeatureFacts(**data["features"]))
-        except (TypeError, ValueError) as e:  # a feature fact missing or unknown, a setting of the wrong type
-            raise CheckpointError(f"{source}: model settings of another xmei: {e}") from None
 
 
 def load_weights(folder: str | Path, modules: dict[str, nn.Module], partial: bool = False) -> None:
@@ -160,25 +83,28 @@ class LQFormers(nn.Module):
         return model.to(device).eval()
 
 
-def verify_checkpoint(folder: str | Path, config: bool = True) -> XMEISettings:
-    """The settings of a checkpoint folder, after the cheap checks of every file it needs (present,
-    JSON / YAML parse, safetensors headers match their files' sizes; config.yaml when ``config``):
-    a damaged file, a folder that is not a checkpoint, settings of another layout are a
-    CheckpointError naming it. The tensors are not read."""
-    folder = checkpoint_folder(folder)
-    file = folder / CHECKPOINT_FILES["settings"]
-    settings = XMEISettings.from_json(read_json(file, "the checkpoint's settings"), file)
-    check_files(folder, settings.llm_part, config)
-    return settings
+def llm_tokenizer(path: str | Path):
+    """The LLM's tokenizer, with the placeholder tokens: prompts can be built (and checked against
+    model.max_length) with it before the LLM loads."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    _add_placeholder_tokens(tokenizer)
+    return tokenizer
 
 
-def _add_placeholders(llm: nn.Module, tokenizer) -> None:
-    """Give the placeholders token ids (a real Qwen tokenizer lacks them) and, where the embedding
-    table has no row for them, new rows of zeros (input and output): deterministic, so the rows a
-    checkpoint is evaluated with are the rows it trained with."""
+def _add_placeholder_tokens(tokenizer) -> None:
+    """Give the placeholders token ids (a real Qwen tokenizer lacks them)."""
     missing = [t for t in PLACEHOLDER_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+
+
+def _add_placeholders(llm: nn.Module, tokenizer) -> None:
+    """Give the placeholders token ids and, where the embedding table has no row for them, new rows
+    of zeros (input and output): deterministic, so the rows a checkpoint is evaluated with are the
+    rows it trained with."""
+    _add_placeholder_tokens(tokenizer)
     rows = llm.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -198,27 +124,28 @@ def _peft_model(llm: nn.Module, lora) -> nn.Module:
         return get_peft_model(llm, lora)
 
 
-def _load_llm(path: str, device: torch.device, dtype: torch.dtype):
+def _load_llm(path: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The LLM straight onto ``device`` in ``dtype``: the weights are read shard by shard into
     place, so no rank holds a full host copy of a 7B model first."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
-    return llm, AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
 
 
 class XMEIQwen(nn.Module):
     def __init__(self, settings: XMEISettings, llm: nn.Module | None = None, tokenizer=None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        """Wrap ``llm``/``tokenizer`` (loaded from ``model.llama_model_path`` onto ``device`` when not
-        given: in ``dtype`` when it stays frozen or gets an adapter, in fp32 when it trains whole);
-        the LQ-Formers and projections are put on the LLM's device. ``dtype``: what the forward
-        computes in (bf16 or fp32)."""
+        """Wrap ``llm`` and ``tokenizer``, each loaded from ``model.llama_model_path`` when not given
+        (the LLM onto ``device``: in ``dtype`` when it stays frozen or gets an adapter, in fp32 when
+        it trains whole); the LQ-Formers and projections are put on the LLM's device. ``dtype``:
+        what the forward computes in (bf16 or fp32)."""
         super().__init__()
         m = settings.model
-        if llm is None or tokenizer is None:
+        if tokenizer is None:
+            tokenizer = llm_tokenizer(m.llama_model_path)
+        if llm is None:
             whole = not m.frozen_llm and not m.use_lora  # trained whole: fp32 master weights
-            llm, tokenizer = _load_llm(str(m.llama_model_path), torch.device(device), torch.float32 if whole else dtype)
+            llm = _load_llm(str(m.llama_model_path), torch.device(device), torch.float32 if whole else dtype)
         self.settings, self.tokenizer, self.dtype = settings, tokenizer, dtype
         _add_placeholders(llm, tokenizer)
         self.placeholder_ids = {modality: tokenizer.convert_tokens_to_ids(PLACEHOLDERS[modality])
@@ -367,7 +294,8 @@ class XMEIQwen(nn.Module):
                                       "point at it with --set model.llama_model_path=DIR or --models DIR")
         whole = trainable and settings.llm_part == "llm"  # trained on: fp32 master weights
         with loading(source):
-            base, tokenizer = _load_llm(str(source), torch.device(device), torch.float32 if whole else dtype)
+            base = _load_llm(str(source), torch.device(device), torch.float32 if whole else dtype)
+            tokenizer = llm_tokenizer(source)
         bare = copy.deepcopy(settings)  # built without an adapter, which loads next
         bare.model.use_lora, bare.model.frozen_llm, bare.model.caption_embeddings_from = False, True, None
         model = cls(bare, base, tokenizer, dtype=dtype)

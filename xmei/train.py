@@ -48,14 +48,16 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 from stores import FeatureStore
-from xmei.checkpoint import DAMAGED, CheckpointError, check_deepspeed, check_torch_file, checkpoints, loading
-from xmei.data import FLAGS, EpochSampler, StoreSamples, dtype_warning, feature_facts, loader
+from xmei.checkpoint import (DAMAGED, CheckpointError, check_deepspeed, check_torch_file, checkpoints, loading,
+                             verify_checkpoint)
+from xmei.data import FLAGS, EpochSampler, StoreSamples, dtype_warning, loader
 from xmei.distributed import (Distributed, frozen_names, resolve_precision, single_process_env, unbroadcast_frozen,
                               weights_checksum)
 from xmei.errors import UserError
-from xmei.model import XMEIQwen, XMEISettings, verify_checkpoint
+from xmei.model import XMEIQwen, llm_tokenizer
 from xmei.prompt import IGNORE, collate
 from xmei.schedule import linear_warmup_cosine_lr, resolve_warmup
+from xmei.settings import XMEISettings, check_store_labels, feature_facts, open_stores
 
 __all__ = ["TrainError", "TrainWarning", "Trainer", "checkpoints"]
 
@@ -106,12 +108,12 @@ def target_tokens(labels: torch.Tensor) -> int:
 class Trainer:
     def __init__(self, cfg, stores: list[Path], val_store: Path | None, output_dir: Path, engine: str = "torch",
                  resume: bool = False, rebatch: bool = False, progress=None, strict: bool = False):
-        """Check the inputs; nothing heavy happens before :meth:`setup`."""
+        """Check the inputs; nothing heavy happens before :meth:`setup`. Every store it will read is
+        checked here, before a model is built (:meth:`_check_stores`)."""
         if engine not in ("torch", "deepspeed"):
             raise TrainError(f"--engine must be 'torch' or 'deepspeed', got {engine!r}")
-        for path in [*stores, *([val_store] if val_store else [])]:
-            FeatureStore(path)  # raises StoreError naming the path
         self.cfg, self.stores, self.val_store = cfg, [Path(p) for p in stores], val_store
+        self.checked_stores = self._check_stores()
         self.output_dir, self.engine_name, self.resume, self.rebatch = Path(output_dir), engine, resume, rebatch
         self.progress = progress  # callable(step, total, record) or None
         self.strict = strict  # a sample that cannot be made is an error, not skipped
@@ -128,10 +130,21 @@ class Trainer:
                 raise TrainError("run.use_wandb is true but wandb is not installed: "
                                  "pip install wandb, or set --set run.use_wandb=false") from None
 
+    def _check_stores(self) -> dict[str, list[FeatureStore]]:
+        """The training and validation stores, opened and checked ("train", "val": [] without one):
+        the features model.modalities needs, their shard files, the same encoders in every one, and
+        the config's label sets (a model learns and is scored in them). A StoreError naming the store."""
+        cfg, val = self.cfg, [self.val_store] if self.val_store else []
+        stores = open_stores([*self.stores, *val], cfg.model.modalities)
+        for store in stores:
+            check_store_labels(store, cfg.emotions, cfg.intents, "the run's config")
+        return {"train": stores[:len(self.stores)], "val": stores[len(self.stores):]}
+
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        """Build, in dependency order: distributed state, data, model, optimizer, engine, logs."""
+        """Build, in dependency order: distributed state, data, model, optimizer, engine, logs. The
+        data, and every check of it, come before the model (a minute's load at 7B)."""
         cfg, run = self.cfg, self.cfg.run
         if self.engine_name == "deepspeed":
             single_process_env()  # no launcher: rank 0 of 1 (DeepSpeed would look for MPI)
@@ -141,47 +154,19 @@ class Trainer:
         self._check_shared_output()
         torch.manual_seed(run.seed)  # the same initial weights on every rank
 
-        facts = feature_facts(FeatureStore(self.stores[0]))
+        facts = feature_facts(self.checked_stores["train"][0])
         if self.rank == 0 and (mixed := dtype_warning([*self.stores, *filter(None, [self.val_store])])):
             warnings.warn(mixed, TrainWarning, stacklevel=2)
         from transformers import AutoTokenizer
 
         caption_vocab = len(AutoTokenizer.from_pretrained(str(cfg.model.caption_tokenizer_path)))
         settings = XMEISettings.from_config(cfg, caption_vocab_size=caption_vocab, **facts)
-        self.model = XMEIQwen(settings, device=self.device, dtype=self.dtype)
+        builder = settings.prompt_builder(llm_tokenizer(cfg.model.llama_model_path))
+        self._setup_data(settings, builder)
+        self.model = XMEIQwen(settings, tokenizer=builder.tokenizer, device=self.device, dtype=self.dtype)
         self._check_same_frozen_weights()
         if self.rank:  # each rank its own dropout
             torch.manual_seed(run.seed + self.rank)
-        builder = self.model.prompt_builder()
-        self.train_data = StoreSamples(self.stores, builder, settings.modalities)
-        labels = self.train_data.labels
-        need, emotion, intent = max((builder.required_length(e, i), e, i)
-                                    for e in labels["emotions"] for i in labels["intents"])
-        if need > builder.max_length:
-            raise TrainError(f"model.max_length {builder.max_length} cannot hold a training sample with the labels "
-                             f"{emotion!r} / {intent!r}: the prompt without its subtitle, the answer up to its "
-                             f"explanation and the end token take {need} tokens; set model.max_length to at least {need}")
-        # samples cut to max_length and samples that could not be made, over all ranks, in this process's run
-        self.faults = {"truncated": 0, "skipped": 0, "val_truncated": 0, "val_skipped": 0}
-        self.skipped_clips: list[dict] = []  # rank 0: {"clip", "reason", "where"} of each skipped sample
-        self.train_data.hide_captions(cfg.model.caption_dropout, run.seed)
-        if len(self.train_data) == 0:
-            raise TrainError(f"no ok clip in {[str(p) for p in self.stores]}")
-        self.shape = Shape(self.world, run.batch_size_train, run.gradient_accumulation_steps)
-        per_step = self.shape.samples_per_step
-        self.steps_per_epoch = run.iters_per_epoch or len(self.train_data) // per_step
-        if self.steps_per_epoch < 1:
-            raise TrainError(f"{len(self.train_data)} clips cannot fill one step of {per_step} samples "
-                             f"({self.world} process(es) x batch {run.batch_size_train} x accumulation "
-                             f"{run.gradient_accumulation_steps})")
-        self.epoch_samples = self.steps_per_epoch * per_step
-        self.total_steps = run.max_epoch * self.steps_per_epoch
-        self.warmup_steps, warning = resolve_warmup(run.warmup_steps, self.total_steps)
-        if warning and self.rank == 0:
-            warnings.warn(warning, TrainWarning, stacklevel=2)
-        self.sampler = EpochSampler(self.train_data, run.seed, run.shuffle_shards, self.epoch_samples,
-                                    rank=self.rank, world=self.world)
-        self.val_data = StoreSamples([self.val_store], builder, settings.modalities) if self.val_store else None
         if not self.resume:  # a resumed run restores them with the weights
             self._set_feature_statistics()
 
@@ -217,6 +202,42 @@ class Trainer:
                 import wandb
 
                 self.wandb = wandb.init(project="xmei", config=cfg.to_dict(), dir=str(self.logs))
+
+    def _setup_data(self, settings: XMEISettings, builder) -> None:
+        """The training and validation samples (of the stores checked in ``__init__``), the epoch's
+        length and sampler; a max_length too short for some pair of labels, no ok clip or too few
+        clips for one step are errors."""
+        run = self.cfg.run
+        self.train_data = StoreSamples(self.stores, builder, settings.modalities, self.checked_stores["train"])
+        labels = self.train_data.labels
+        need, emotion, intent = max((builder.required_length(e, i), e, i)
+                                    for e in labels["emotions"] for i in labels["intents"])
+        if need > builder.max_length:
+            raise TrainError(f"model.max_length {builder.max_length} cannot hold a training sample with the labels "
+                             f"{emotion!r} / {intent!r}: the prompt without its subtitle, the answer up to its "
+                             f"explanation and the end token take {need} tokens; set model.max_length to at least {need}")
+        # samples cut to max_length and samples that could not be made, over all ranks, in this process's run
+        self.faults = {"truncated": 0, "skipped": 0, "val_truncated": 0, "val_skipped": 0}
+        self.skipped_clips: list[dict] = []  # rank 0: {"clip", "reason", "where"} of each skipped sample
+        self.train_data.hide_captions(settings.model.caption_dropout, run.seed)
+        if len(self.train_data) == 0:
+            raise TrainError(f"no ok clip in {[str(p) for p in self.stores]}")
+        self.shape = Shape(self.world, run.batch_size_train, run.gradient_accumulation_steps)
+        per_step = self.shape.samples_per_step
+        self.steps_per_epoch = run.iters_per_epoch or len(self.train_data) // per_step
+        if self.steps_per_epoch < 1:
+            raise TrainError(f"{len(self.train_data)} clips cannot fill one step of {per_step} samples "
+                             f"({self.world} process(es) x batch {run.batch_size_train} x accumulation "
+                             f"{run.gradient_accumulation_steps})")
+        self.epoch_samples = self.steps_per_epoch * per_step
+        self.total_steps = run.max_epoch * self.steps_per_epoch
+        self.warmup_steps, warning = resolve_warmup(run.warmup_steps, self.total_steps)
+        if warning and self.rank == 0:
+            warnings.warn(warning, TrainWarning, stacklevel=3)
+        self.sampler = EpochSampler(self.train_data, run.seed, run.shuffle_shards, self.epoch_samples,
+                                    rank=self.rank, world=self.world)
+        self.val_data = StoreSamples([self.val_store], builder, settings.modalities, self.checked_stores["val"]) \
+            if self.val_store else None
 
     def _check_shared_output(self) -> None:
         """Several nodes write one checkpoint folder (each rank its ZeRO share, rank 0 the rest, then
