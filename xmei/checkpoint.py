@@ -131,7 +131,8 @@ def llm_shards(llm: Path) -> list[Path]:
     index = llm / "model.safetensors.index.json"
     if not index.is_file():
         return [llm / "model.safetensors"]
-    return [llm / name for name in sorted(set(read_json(index, "the trained LLM's weight index").get("weight_map", {}).values()))]
+    names = read_json(index, "the trained LLM's weight index").get("weight_map", {}).values()
+    return [llm / name for name in sorted(set(names))]
 
 
 def _folder(path: Path, what: str) -> Path:
