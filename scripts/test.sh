@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: set up .venv when needed, then run the whole suite on 2 pytest-xdist workers
-# (a test file to a worker, the longest first) and list its 15 slowest tests. Extra args go to pytest
+# (a test file to a worker) and list its 15 slowest tests. Extra args go to pytest
 # (`-n 0`: one process).
 # One OpenMP thread per process: two workers (and the processes their tests start) share the 2 cores,
 # and torch's OpenMP threads spin while they wait for a core they do not get (a training test took

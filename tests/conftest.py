@@ -26,15 +26,6 @@ def config(tiny_models: Path, *sets: str):
                        models_dir=tiny_models)
 
 
-FIRST = ("test_demo.py", "test_recipe.py")  # the longest files, a few minutes each
-
-
-def pytest_collection_modifyitems(items) -> None:
-    """The longest test files first: scripts/test.sh runs the suite on 2 pytest-xdist workers, a
-    file to a worker, and the other worker gets through the rest beside them."""
-    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: otherwise in collection order
-
-
 @pytest.fixture(scope="session")
 def cfg() -> Config:
     return Config()
