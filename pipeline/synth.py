@@ -338,15 +338,23 @@ def render_audio(plan: ClipPlan) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- files
 
+# MB-tree off: with it, x264 (the one in PyAV's wheel, core 165) reads memory it never wrote
+# (valgrind: an uninitialised value from its lookahead's stack used as a table index in the MB-tree
+# quantizer offsets), so a clip's bytes depended on what its process had done before: 2 workers
+# and 1 gave different corpora now and then. tests/test_synth.py checks the bytes against dirtied memory.
+X264_OPTIONS = {"crf": "26", "preset": "veryfast", "mbtree": "0"}
+
+
 def write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None) -> None:
-    """H.264 video (+ AAC 16 kHz mono when ``audio`` is given), bit-exact for equal inputs."""
+    """H.264 video (+ AAC 16 kHz mono when ``audio`` is given), bit-exact for equal inputs,
+    whatever the process did before (see X264_OPTIONS)."""
     import av
 
     with av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"}) as out:
         video = out.add_stream("libx264", rate=fps)
         video.width, video.height = frames.shape[2], frames.shape[1]
         video.pix_fmt = "yuv420p"
-        video.options = {"crf": "26", "preset": "veryfast"}
+        video.options = X264_OPTIONS
         video.codec_context.thread_count = 1  # one process per core renders clips
         # every stream must exist before the first packet is muxed (the header is written then)
         track = out.add_stream("aac", rate=SAMPLE_RATE, layout="mono") if audio is not None else None
@@ -365,8 +373,9 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None
 def _yuv420p(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) RGB -> (3H/2, W) planar YUV 4:2:0, BT.601 limited range, in integer arithmetic.
 
-    Done here rather than by swscale, whose output was seen to vary now and then between runs
-    (1 clip in ~100, in forked workers), which broke byte-identical corpora for a seed.
+    Exact integer arithmetic, so the encoder's input is a function of the frame alone. (It was
+    moved here from swscale when corpora differed now and then; swscale was not the cause, x264
+    was: see X264_OPTIONS.)
     """
     h, w, _ = rgb.shape
     r, g, b = (rgb[..., k].astype(np.int32) for k in range(3))
