@@ -1,8 +1,10 @@
 """The synthetic corpus: real decodable media whose content carries the labels."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import soundfile
 
 from pipeline.annotations import read_annotations
 from pipeline.synth import (AUDIO_MODES, ClipPlan, FRAME_RATES, LOOKS, SAMPLE_RATE, SIZES, SOUNDS, plan_corpus,
-                            render_audio, render_frames, synth_corpus)
+                            render_audio, render_frames, synth_corpus, write_mp4)
 
 
 def plans_by_id(corpus: Path) -> dict[str, dict]:
@@ -145,6 +147,31 @@ def test_same_seed_same_bytes(tmp_path, cfg):
     a, b, c = digest(tmp_path / "a"), digest(tmp_path / "b"), digest(tmp_path / "c")
     assert a == b and len(a) >= 8 + 3
     assert a["annotations/train.json"] != c["annotations/train.json"]
+
+
+def test_clip_bytes_do_not_depend_on_what_the_memory_held(tmp_path):
+    """The cause of test_same_seed_same_bytes's flake (issue 22): x264 with MB-tree read memory it
+    never wrote, so a clip's bytes depended on what its process had done before, and 2 workers gave
+    other bytes than 1 now and then. glibc's M_PERTURB fills each allocation with ~byte and each
+    freed block with byte: that test's clips, encoded after the heap was dirtied in different ways,
+    must come out the same (with MB-tree on, 4 of these 8 clips did not)."""
+    libc = ctypes.CDLL(None)
+    m_perturb, usual = -6, int(os.environ.get("MALLOC_PERTURB_", 0))  # M_PERTURB of glibc's malloc.h
+    if not hasattr(libc, "mallopt") or not libc.mallopt(m_perturb, usual):
+        pytest.skip("unavailable: no glibc mallopt(M_PERTURB) to dirty the heap with")
+    seen = {}
+    for plan in plan_corpus(8, 11):
+        frames = render_frames(plan)[:12]  # (12, H, W, 3): enough for MB-tree's lookahead
+        audio = render_audio(plan)[:SAMPLE_RATE * 12 // plan.fps] if "track" in plan.audio_mode else None
+        for byte in (0, 1, 254, 0):  # 0: off; the last run reuses blocks freed as 0xfe by the one before
+            libc.mallopt(m_perturb, byte)
+            try:
+                write_mp4(tmp_path / "clip.mp4", frames, plan.fps, audio)
+            finally:
+                libc.mallopt(m_perturb, usual)
+            seen.setdefault(plan.video_id, set()).add(digest(tmp_path)["clip.mp4"])
+    varied = [video_id for video_id, digests in seen.items() if len(digests) > 1]
+    assert not varied, f"bytes changed with what the memory held: {varied}"
 
 
 def test_refuses_to_overwrite_data_it_did_not_write(tmp_path, cfg):
