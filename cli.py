@@ -15,6 +15,7 @@ so a damaged input is named in seconds, not after a model has loaded.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -346,8 +347,12 @@ def train(
             for w in caught:
                 bar.console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
             last = trainer.train()
+            if trainer.stopped:  # said before cleanup(), where every rank waits for it
+                _print_stopped(trainer.stopped, rank0)
         finally:
             trainer.cleanup()
+    if trainer.stopped:
+        raise typer.Exit(trainer.stopped.status)
     if rank0:
         _print_training(trainer, last, output_dir)
 
@@ -374,9 +379,21 @@ def _training_progress(bar: Progress):
     return advanced
 
 
+def _print_stopped(stopped, rank0: bool) -> None:
+    """A run that SIGTERM or SIGINT stopped (xmei.train): rank 0 gives the command that resumes it,
+    each other rank a line. `xmei train` then exits with 128 + the signal's number (143, 130)."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher's
+    resume = shlex.join(["xmei", *args, *([] if "--resume" in args else ["--resume"])])
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        resume += " (under the same launcher, with as many processes)"
+    rank = "" if rank0 else f"rank {os.environ.get('RANK')}: "
+    err.print(f"{rank}{escape(stopped.message(resume if rank0 else None))}", highlight=False, soft_wrap=True)
+
+
 def _print_training(trainer, last: dict, output_dir: Path) -> None:
     """The run's end: steps, last loss and where its files are; samples cut or skipped, and which clips."""
-    console.print(f"done: {trainer.position.step} steps, last loss {last.get('loss', float('nan')):.4f}; "
+    loss = f", last loss {last['loss']:.4f}" if "loss" in last else ""  # none when resumed at the end of an epoch
+    console.print(f"done: {trainer.position.step} steps{loss}; "
                   f"checkpoints in {output_dir / 'checkpoints'}, log {output_dir / 'logs' / 'train.jsonl'}")
     f = trainer.faults
     console.print(f"samples cut to model.max_length: {f['truncated']} in training, {f['val_truncated']} in "

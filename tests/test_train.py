@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -237,12 +239,13 @@ def sets_args(*sets: str) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def torchrun(nproc: int, program: list[str], timeout: int = 600):
+def torchrun(nproc: int, program: list[str], timeout: int = 600, env: dict | None = None):
     """(finished process, wall seconds) of ``program`` on ``nproc`` gloo processes."""
     args = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
             str(free_port()), *program]
     start = time.monotonic()
-    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **DS_ENV}, timeout=timeout)
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **DS_ENV, **(env or {})},
+                          timeout=timeout)
     return proc, time.monotonic() - start
 
 
@@ -254,16 +257,46 @@ def trained_weights(out: Path) -> dict[str, torch.Tensor]:
     return {**load_file(last / "trainable.safetensors"), **load_file(last / "adapter" / "adapter_model.safetensors")}
 
 
+TWO_PROCESSES = ("run.max_epoch=1", "run.save_every_steps=100", "run.warmup_steps=1", *NO_DROPOUT)
+
+
+def two_process_program(tiny_models: Path, store: Path, out: Path, engine: str, *extra: str) -> list[str]:
+    """The run of the two-process tests: 3 steps of 2 x 4 clips, validation on ``store``."""
+    return train_program(tiny_models, store, out, "--engine", engine, "--val-store", str(store),
+                         *sets_args(*TWO_PROCESSES), *extra)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_models, patch_store, tmp_path_factory):
+    """engine -> the folder of an uninterrupted two-process run, made on first use."""
+    made = {}
+
+    def run(engine: str) -> Path:
+        if engine not in made:
+            out = tmp_path_factory.mktemp(f"two_{engine}") / "run"
+            proc, _ = torchrun(2, two_process_program(tiny_models, patch_store, out, engine))
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            made[engine] = out
+        return made[engine]
+
+    return run
+
+
+def assert_same_weights(a: Path, b: Path, where: str) -> None:
+    """The last checkpoints of runs ``a`` and ``b`` hold the same trainable weights, bit for bit."""
+    wa, wb = trained_weights(a), trained_weights(b)
+    assert wa.keys() == wb.keys(), where
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=f"{where}: {key}")
+
+
 @pytest.mark.parametrize("engine", ["torch", "deepspeed"])
-def test_two_processes_train_exactly_as_one_with_twice_the_batch(engine, tiny_models, patch_store, tmp_path):
-    sets = ("run.max_epoch=1", "run.save_every_steps=100", "run.warmup_steps=1", *NO_DROPOUT)
+def test_two_processes_train_exactly_as_one_with_twice_the_batch(engine, tiny_models, patch_store, two_processes,
+                                                                 tmp_path):
     # one process, no launcher (DeepSpeed included: it sets the rank variables itself), batch 8
-    one, two = tmp_path / "one", tmp_path / "two"
-    val = ("--val-store", str(patch_store))
-    finish(cli_train(tiny_models, patch_store, one, "--engine", engine, *val,
-                     *sets_args(*sets, "run.batch_size_train=8"), env={"DS_ACCELERATOR": "cpu"}))
-    proc, _ = torchrun(2, train_program(tiny_models, patch_store, two, "--engine", engine, *val, *sets_args(*sets)))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = tmp_path / "one", two_processes(engine)
+    finish(cli_train(tiny_models, patch_store, one, "--engine", engine, "--val-store", str(patch_store),
+                     *sets_args(*TWO_PROCESSES, "run.batch_size_train=8"), env={"DS_ACCELERATOR": "cpu"}))
     a, b = [r for r in read_log(one) if "loss" in r], [r for r in read_log(two) if "loss" in r]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]  # 24 clips / 8 a step
     for key in ("loss", "grad_norm"):  # AdamW hides a gradient's scale; its norm does not
@@ -280,6 +313,36 @@ def test_two_processes_train_exactly_as_one_with_twice_the_batch(engine, tiny_mo
     assert len(state["rng"]) == 2  # each rank's RNG
     if engine == "deepspeed":  # each rank wrote its share of the ZeRO-2 optimizer state
         assert len(list((two / "checkpoints" / "step_0000003" / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_exactly(tiny_models, patch_store, two_processes,
+                                                                        tmp_path):
+    """Rank 1 alone gets SIGTERM (the trainer's test hook, xmei.preempt) after a step drawn from a
+    seeded generator; rank 0 stops at the same step (after step 3, before the validation). The
+    command rank 0 prints, under torchrun again, then gives the uninterrupted run's losses,
+    validation loss and weights."""
+    step = int(np.random.default_rng([23, 4]).integers(1, 4))
+    where = f"SIGTERM to rank 1 after step {step} of 3"
+    out = tmp_path / "run"
+    proc, _ = torchrun(2, two_process_program(tiny_models, patch_store, out, "torch"),
+                       env={"XMEI_TEST_SIGNAL": f"SIGTERM:{step}:1"})
+    said = re.sub(r"\s+", " ", proc.stdout + proc.stderr)
+    assert proc.returncode != 0 and "exitcode : 143" in said, f"{where}: {said[-3000:]}"
+    assert not re.search(r"\[rank\d\]: Traceback", said), f"{where}: {said[-3000:]}"  # torchrun's is its report
+    checkpoint = out / "checkpoints" / f"step_{step:07d}"
+    assert (f"stopped by SIGTERM (sent to 1 of 2 ranks) after step {step} (epoch 0); the checkpoint {checkpoint} "
+            "is whole") in said, f"{where}: {said[-3000:]}"
+    assert f"rank 1: stopped by SIGTERM after step {step}" in said, f"{where}: {said[-3000:]}"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [checkpoint.name], where
+    resume = shlex.split(re.search(r"To resume from it: (.*) \(under the same launcher", said).group(1))
+    assert resume[0] == "xmei" and resume[-1] == "--resume", f"{where}: {resume}"
+    proc, _ = torchrun(2, [str(XMEI), *resume[1:]])
+    assert proc.returncode == 0, f"{where}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    whole = two_processes("torch")
+    assert losses_by_step(out) == losses_by_step(whole), where
+    validation = [[r["val_loss"] for r in read_log(run) if "val_loss" in r] for run in (whole, out)]
+    assert len(validation[0]) == 1 and validation[1] == validation[0], where  # none before the stop
+    assert_same_weights(out, whole, where)
 
 
 def test_micro_batches_weigh_each_target_token_as_one_batch_does(tiny_models, patch_store, tmp_path):

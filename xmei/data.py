@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stores import OK, ClipReader, FeatureStore
 from xmei.errors import UserError
+from xmei.preempt import held, quiet_worker
 from xmei.prompt import IGNORE, PromptBuilder
 from xmei.settings import FEATURES, MODALITIES, feature_facts, open_stores
 
@@ -242,6 +243,16 @@ def loader(data: Dataset, batch_sampler, collate_fn, num_workers: int = 0, pin_m
     """The one DataLoader of training (and of the reader benchmark): whole batches of positions
     go to ``data.__getitems__``; its own generator, so making an iterator does not draw from the
     global RNG (exact resume). Workers are forked (the default): the store reader holds no threads
-    and no open files, and the per-clip arrays are shared, not copied."""
-    return DataLoader(data, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
+    and no open files, and the per-clip arrays are shared, not copied. Workers ignore SIGTERM and
+    SIGINT (a terminal's Ctrl-C reaches them too): the main process decides (xmei.preempt)."""
+    return _QuietLoader(data, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed),
+                        worker_init_fn=quiet_worker)
+
+
+class _QuietLoader(DataLoader):
+    """A DataLoader whose workers start with SIGTERM and SIGINT blocked, then ignore them."""
+
+    def __iter__(self):
+        with held():  # the workers start (fork) in here
+            return super().__iter__()

@@ -11,7 +11,8 @@ its own forward and keeps its trainable weights fp32, so neither engine's mixed 
 At start the ranks check that they share the output folder and read the same frozen weights,
 which are therefore not broadcast.
 
-A step: fetch the step's micro-batches -> count their target tokens over all ranks -> forward and
+A step: fetch the step's micro-batches -> count their target tokens over all ranks (and the ranks
+that got a stop signal: see below) -> forward and
 backward each, its loss the sum over its target tokens divided by that count (so every token of
 the step weighs the same, whatever micro-batch or rank it is in) -> agree on the loss (a
 non-finite loss on any rank stops every rank) -> clip -> optimizer step -> log -> checkpoint.
@@ -30,16 +31,33 @@ position in samples, and the run's shape: processes x batch x accumulation), so 
 continues exactly: the same per-step losses as an uninterrupted run. A resume with another shape
 is refused, naming what changed, unless ``rebatch``: then it goes on from the same sample with the
 schedule recomputed from the samples seen.
+
+Signals (xmei.preempt), while :meth:`Trainer.train` runs: SIGTERM (what SLURM, Kubernetes and spot
+instances send before a kill; ``torchrun`` forwards it to every worker) and SIGINT (Ctrl-C) stop a
+run without losing its steps. Each step's first all-reduce also counts the ranks that got one, so
+every rank stops at the same step even when one rank alone got it: the step in progress finishes,
+the next one (whose data may be fetched) is not begun, and the run writes a checkpoint as a
+scheduled one is written (``.partial``, renamed whole; none when no step was done since the last)
+and ends with :attr:`Trainer.stopped` set; the CLI prints the ``--resume`` command and exits with
+status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT). At an epoch's end the ranks
+agree once more, before the validation, so a stop never waits for it (a checkpoint written there
+resumes into the validation). From the signal (or from the agreement, on a rank that got none)
+``run.preempt_grace_s`` bounds it all: past it, or on a second signal, the process exits at once
+with that status, naming the last whole checkpoint (a ``.partial`` one is never taken for whole).
+A signal after the last epoch's agreement ends nothing: the run finishes as done. Before
+:meth:`Trainer.train` (set-up, no step done) the signals keep their defaults. DataLoader workers
+ignore both.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -55,11 +73,12 @@ from xmei.distributed import (Distributed, frozen_names, resolve_precision, sing
                               weights_checksum)
 from xmei.errors import UserError
 from xmei.model import XMEIQwen, llm_tokenizer
+from xmei.preempt import StopSignals
 from xmei.prompt import IGNORE, collate
 from xmei.schedule import linear_warmup_cosine_lr, resolve_warmup
 from xmei.settings import XMEISettings, check_store_labels, feature_facts, open_stores
 
-__all__ = ["TrainError", "TrainWarning", "Trainer", "checkpoints"]
+__all__ = ["Stopped", "TrainError", "TrainWarning", "Trainer", "checkpoints"]
 
 STATE_FILE = "trainer_state.pt"  # torch.save of tensors and plain values; loaded with weights_only=True
 DEEPSPEED_DIR = "deepspeed"
@@ -100,6 +119,31 @@ class Shape:
         return ", ".join(f"{k} {a} -> {b}" for (k, a), b in zip(asdict(self).items(), asdict(other).values()) if a != b)
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """How a signal ended a run: every rank stopped after ``step``; ``checkpoint`` is the last whole
+    one, to resume from (None: there is none, no step was done)."""
+
+    signal: int
+    status: int  # the exit status: 128 + the signal's number
+    ranks: int  # the ranks that had got it when they agreed to stop
+    world: int
+    step: int
+    epoch: int
+    checkpoint: Path | None
+
+    def message(self, resume: str | None) -> str:
+        """What the run's end says: with ``resume`` (rank 0) the command to resume, else a line."""
+        name = signal.Signals(self.signal).name
+        if resume is None:
+            return f"stopped by {name} after step {self.step}"
+        told = f" (sent to {self.ranks} of {self.world} ranks)" if self.world > 1 else ""
+        if self.checkpoint is None:
+            return f"stopped by {name}{told} before its first step: no checkpoint to resume from; start it again"
+        return (f"stopped by {name}{told} after step {self.step} (epoch {self.epoch}); the checkpoint "
+                f"{self.checkpoint} is whole. To resume from it: {resume}")
+
+
 def target_tokens(labels: torch.Tensor) -> int:
     """Tokens the loss is taken over: labels are shifted one left, so the first never counts."""
     return int((labels[:, 1:] != IGNORE).sum())
@@ -117,6 +161,7 @@ class Trainer:
         self.output_dir, self.engine_name, self.resume, self.rebatch = Path(output_dir), engine, resume, rebatch
         self.progress = progress  # callable(step, total, record) or None
         self.strict = strict  # a sample that cannot be made is an error, not skipped
+        self.stopped: Stopped | None = None  # set when a signal stopped train()
         done = checkpoints(self.output_dir)
         if done and not resume:
             raise TrainError(f"{self.output_dir} holds checkpoints already: pass --resume to continue, "
@@ -190,6 +235,9 @@ class Trainer:
         self._check_master_weights()
 
         self.position = Position()
+        self.saved_at: Position | None = None  # the position of the last checkpoint written or resumed from
+        prefix = f"rank {self.rank}: " if self.world > 1 else ""
+        self.signals = StopSignals(run.preempt_grace_s, self._last_whole, prefix)  # entered while train() runs
         if self.resume:
             self._load_state(checkpoints(self.output_dir)[-1])
         self.logs, self.tensorboard, self.wandb = self.output_dir / "logs", None, None
@@ -336,28 +384,55 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def train(self) -> dict:
-        """Run to max_epoch; returns the last step's record."""
+        """Run to max_epoch, or until a SIGTERM or SIGINT stops every rank with a checkpoint
+        (:attr:`stopped` then says where); returns the last step's record."""
         run, per_step = self.cfg.run, self.shape.samples_per_step
         model = self.engine or self.ddp or self.model
         record: dict = {}
-        while self.position.epoch < run.max_epoch:
-            self.sampler.set_epoch(self.position.epoch, self.position.samples_in_epoch)
-            self.train_data.epoch = self.position.epoch  # which captions are hidden (caption dropout)
-            batches = iter(self.loader(self.train_data, self.sampler, run.batch_size_train))
-            model.train()
-            while self.position.samples_in_epoch + per_step <= self.epoch_samples:
-                record = self._step(model, batches)
-                more_in_epoch = self.position.samples_in_epoch + per_step <= self.epoch_samples
-                if self.position.step % run.save_every_steps == 0 and more_in_epoch:
-                    self.save_checkpoint()
-            val = self.validate() if self.val_data else {"val_loss": None}
-            record["val_loss"] = val["val_loss"]
-            self._log({"epoch": self.position.epoch, "step": self.position.step, **val})
-            self.position.epoch, self.position.samples_in_epoch = self.position.epoch + 1, 0
-            self.save_checkpoint()
+        with self.signals:
+            while self.position.epoch < run.max_epoch:
+                self.sampler.set_epoch(self.position.epoch, self.position.samples_in_epoch)
+                self.train_data.epoch = self.position.epoch  # which captions are hidden (caption dropout)
+                batches = iter(self.loader(self.train_data, self.sampler, run.batch_size_train))
+                model.train()
+                while self.position.samples_in_epoch + per_step <= self.epoch_samples:
+                    step = self._step(model, batches)
+                    if step is None:  # a signal: every rank stops before this step
+                        return self._stop(record)
+                    record = step
+                    self.signals.after_step(self.position.step, self.rank)  # the test hook; nothing without it
+                    more_in_epoch = self.position.samples_in_epoch + per_step <= self.epoch_samples
+                    if self.position.step % run.save_every_steps == 0 and more_in_epoch:
+                        self.save_checkpoint()
+                if self.signals.agreed(self.dist.all_sum(torch.tensor(self.signals.flags()))):  # before validating
+                    return self._stop(record)
+                val = self.validate() if self.val_data else {"val_loss": None}
+                record["val_loss"] = val["val_loss"]
+                self._log({"epoch": self.position.epoch, "step": self.position.step, **val})
+                self.position.epoch, self.position.samples_in_epoch = self.position.epoch + 1, 0
+                self.save_checkpoint()
         return record
 
-    def _step(self, model, batches) -> dict:
+    def _stop(self, record: dict) -> dict:
+        """Every rank, once they agreed on a signal: a checkpoint of the steps done since the last
+        one (none when there are none), then :attr:`stopped`."""
+        if self.position != (self.saved_at or Position()):
+            self.save_checkpoint()
+        done = checkpoints(self.output_dir)
+        s = self.signals
+        self.stopped = Stopped(s.stop_signal, s.status, s.ranks_signalled, self.world, self.position.step,
+                               self.position.epoch, done[-1] if done else None)
+        return record
+
+    def _last_whole(self) -> str:
+        """What a hard exit (xmei.preempt) says of the checkpoints it leaves."""
+        done = checkpoints(self.output_dir)
+        return (f"the last whole checkpoint is {done[-1]} (resume from it with --resume)" if done else
+                f"no whole checkpoint in {self.output_dir}: start the run again")
+
+    def _step(self, model, batches) -> dict | None:
+        """One optimizer step and its record; None, on every rank, when a rank got a stop signal
+        (the step is then not begun)."""
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate of this step
         micro = [next(batches) for _ in range(self.shape.gradient_accumulation_steps)]
@@ -367,7 +442,9 @@ class Trainer:
         skipped = [p for f in flags for p in f["position"][f["skipped"]].tolist()]
         clips, tokens = sum(len(b["input_ids"]) for b in micro), sum(int(b["attention_mask"].sum()) for b in micro)
         counts = self.dist.all_sum(torch.tensor([sum(target_tokens(b["labels"]) for b in micro), clips, tokens, waited,
-                                                 truncated, len(skipped)]))
+                                                 truncated, len(skipped), *self.signals.flags()]))
+        if self.signals.agreed(counts[6:]):
+            return None
         where = f"step {self.position.step + 1} (epoch {self.position.epoch})"
         skipped_clips = self._skipped(self.train_data, skipped, where) if counts[5] else []
         self.faults["truncated"] += int(counts[4])
@@ -496,12 +573,16 @@ class Trainer:
             torch.save(state, partial_folder / STATE_FILE)
         self.dist.barrier()
         if self.rank == 0:
-            if folder.exists():
-                shutil.rmtree(folder)
+            replaced = folder.with_name(folder.name + ".replaced")  # this step's earlier checkpoint, if any
+            shutil.rmtree(replaced, ignore_errors=True)  # left by a kill between the two renames
+            if folder.exists():  # written again: a run resumed from a stop at an epoch's end
+                folder.rename(replaced)
             partial_folder.rename(folder)  # a checkpoint exists whole or not at all
+            shutil.rmtree(replaced, ignore_errors=True)
             for old in checkpoints(self.output_dir)[:-self.cfg.run.keep_checkpoints]:
                 shutil.rmtree(old)
         self.dist.barrier()
+        self.saved_at = replace(self.position)
         return folder
 
     def _load_state(self, folder: Path) -> None:
@@ -515,6 +596,7 @@ class Trainer:
                     f"e.g. to {folder.name}.damaged)" if earlier else
                     "no earlier checkpoint is kept: restore the file, or start a new --output-dir")
             raise TrainError(f"{e}. {folder.name} cannot be resumed from; {hint}") from e
+        self.saved_at = replace(self.position)
 
     def _restore(self, folder: Path) -> None:
         """Every file checked first (present, whole), then the weights, optimizer, schedule, position, RNG."""
@@ -580,7 +662,11 @@ class Trainer:
                              "the accumulation")
 
     def cleanup(self) -> None:
-        """Close the logs and leave the process group (also after a failed step)."""
+        """Close the logs and leave the process group (also after a failed step). After a stop, every
+        rank waits here for the others first: a launcher ends the other ranks once one exits, and
+        rank 0 has said where to resume before it comes here."""
+        if getattr(self, "stopped", None) is not None:
+            self.dist.barrier()
         if getattr(self, "tensorboard", None) is not None:
             self.tensorboard.close()
         if getattr(self, "wandb", None) is not None:
