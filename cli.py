@@ -35,6 +35,7 @@ from xmei.config import Config, ConfigError, load_config
 from xmei.errors import DEBUG_VARIABLE, UserError, debugging, message_of
 
 if TYPE_CHECKING:
+    from stores import FeatureStore
     from xmei.settings import XMEISettings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -97,6 +98,39 @@ def _load_checkpoint(checkpoint: Path, config: Path | None, sets: list[str] | No
     if config is None and (checkpoint / "config.yaml").is_file():
         config = checkpoint / "config.yaml"
     return _load(config, sets, models), settings
+
+
+def _open_fitting(store: Path, checkpoints: dict[Path, XMEISettings]) -> FeatureStore:
+    """The store, opened and checked (xmei.settings.open_stores) for the modalities of every
+    checkpoint (folder: its settings), whose features are those each checkpoint was trained on:
+    a damaged store, or one of other features, is an error naming it and the difference (status
+    1), before torch is imported."""
+    from xmei.settings import check_fit, feature_facts, open_stores
+
+    opened, = open_stores([store], {m for settings in checkpoints.values() for m in settings.modalities})
+    for folder, settings in checkpoints.items():
+        check_fit(feature_facts(opened), settings, folder, str(store))
+    return opened
+
+
+def _check_clip_features(cfg: Config, settings: XMEISettings, checkpoint: Path, source: str) -> None:
+    """The features that `xmei predict` extracts from a clip with ``cfg`` (from ``source``) are
+    those the checkpoint was trained on: an error naming the difference, before a clip is decoded
+    or a model loads (the encoders' configs are read, no weights)."""
+    from pipeline.encoders import EncoderSettings, encoder_identity, feature_specs
+    from pipeline.extract import MODEL_KEYS
+    from xmei.settings import check_fit, feature_facts
+
+    try:
+        cfg.require_paths(MODEL_KEYS)
+    except ConfigError as e:
+        _fail(e)
+    encoders = EncoderSettings.from_config(cfg)
+    extracted = {"features": {k: {"shape": list(v.shape)} for k, v in feature_specs(encoders).items()},
+                 "extract": cfg.extract.model_dump(),
+                 "encoders": encoder_identity(encoders, str(cfg.model.caption_tokenizer_path))}  # as a store records
+    check_fit(feature_facts(extracted), settings, checkpoint, f"a clip extracted with {source}",
+              "predict with the checkpoint's own extract settings and encoders (its config.yaml, the default)")
 
 
 def _fail(message: str | BaseException, code: int = 2) -> None:
@@ -433,15 +467,15 @@ def eval_cmd(
     from dataclasses import replace
 
     from xmei.evaluate import check_out, write_evaluation
-    from xmei.settings import check_store_labels, open_stores
+    from xmei.settings import check_store_labels
 
     cfg, settings = _load_checkpoint(checkpoint, config, sets, models)
     constrained = cfg.eval.constrained if constrained is None else constrained
     if compare_free and not constrained:
         _fail("--compare-free compares constrained answers with free ones: drop --free (or eval.constrained=false)")
-    # a wrong path, a damaged store or one of other labels: an error naming it, before torch and the model load
+    # a wrong path, a damaged store, one of other features or labels: an error naming it, before torch and the model load
     check_out(out)
-    opened, = open_stores([store], settings.modalities)
+    opened = _open_fitting(store, {checkpoint: settings})
     check_store_labels(opened, cfg.emotions, cfg.intents,
                        f"--config {config}" if config else f"the config of {checkpoint}")
     root = _store_media_root(cfg, media_root, store) if html else None  # a bad root: an error before generating
@@ -507,9 +541,8 @@ def report_cmd(
     model = None
     if checkpoint is not None:
         from xmei.checkpoint import verify_checkpoint
-        from xmei.settings import open_stores
 
-        open_stores([store], verify_checkpoint(checkpoint, config=False).modalities)  # before torch loads
+        _open_fitting(store, {checkpoint: verify_checkpoint(checkpoint, config=False)})  # before torch loads
         from xmei.distributed import Distributed
         from xmei.model import LQFormers
 
@@ -574,7 +607,10 @@ def predict(
     config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
     """Emotion, intent and explanation of one raw clip: stage 1's own decoding and encoders, then the model."""
-    cfg, _ = _load_checkpoint(checkpoint, config, sets, models)
+    cfg, settings = _load_checkpoint(checkpoint, config, sets, models)
+    changed = " and ".join(flag for flag, given in (("--set", sets), ("--models", models)) if given)
+    _check_clip_features(cfg, settings, checkpoint, (f"--config {config}" if config else "the checkpoint's config")
+                         + (f" with {changed}" if changed else ""))
     from pipeline.decode import MediaError
     from xmei.distributed import Distributed
     from xmei.predict import predict_clip
@@ -615,12 +651,10 @@ def attention(
     """Heatmaps of the LQ-Formers' cross-attention: the visual one over each sampled frame's patch
     grid, the audio one over the audio windows on the waveform (each for the models that use it)."""
     from xmei.checkpoint import verify_checkpoint
-    from xmei.settings import open_stores
 
     cfg, settings = _load_checkpoint(checkpoint[0], config, sets, models)
-    modalities = {m for s in [settings, *(verify_checkpoint(c, config=False) for c in checkpoint[1:])]
-                  for m in s.modalities}
-    open_stores([store], modalities)  # every checkpoint's files and the store's, before torch loads
+    others = {c: verify_checkpoint(c, config=False) for c in checkpoint[1:]}
+    _open_fitting(store, {checkpoint[0]: settings, **others})  # every checkpoint's files and the store's, before torch loads
     root = _store_media_root(cfg, media_root, store)
     if root is None:
         _fail("no media root: give --media-root")

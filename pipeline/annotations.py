@@ -2,7 +2,9 @@
 
 A JSON list (or JSONL, one object a line) of records with the 11 published fields. Media
 paths are relative to a media root; an empty ``audio_path`` means "use the video's own audio
-track". Labels are normalized against the configured label sets.
+track". Labels are normalized against the configured label sets. Every text is kept by the store
+byte for byte (NUL and control characters too); one that no UTF-8 text can hold (a lone UTF-16
+surrogate, which a JSON "\\ud800" escape makes) is a problem of its record and field.
 
 A media path stays inside the media root: one that climbs out of it (``../../etc/passwd``,
 ``videos/../../x.mp4``) is a problem of its record and field. The check is lexical (the path is
@@ -23,6 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from stores import unstorable
 from xmei.errors import UserError, parse_json, read_text
 from xmei.labels import LabelSet
 
@@ -217,6 +220,11 @@ def _check_fields(index: int, video_id: str | None, item: dict, labeled: bool,
             problems.append(Problem(index, video_id, name,
                                     f"expected a string, got {type(value).__name__} {value!r}"))
             continue
+        unkept = unstorable(value)
+        if unkept:  # a store would change it: refused before anything is extracted
+            problems.append(Problem(index, video_id, name, f"{unkept} (a JSON \\ud800-style escape without its "
+                                                           "pair?): no store can keep this text as it is"))
+            continue
         if not value.strip() and name not in _MAY_BE_EMPTY and (labeled or name not in ("emotion", "intent")):
             problems.append(Problem(index, video_id, name, "empty"))
             continue
@@ -241,7 +249,10 @@ def _outside_root(index: int, video_id: str | None, values: dict[str, str], allo
         value = values.get(name, "")
         if not value:
             continue
-        if os.path.isabs(value):
+        if "\x00" in value:
+            problems.append(Problem(index, video_id, name, f"character {value.index(chr(0))} (counting from 0) is NUL, "
+                                                           "which no file path can hold"))
+        elif os.path.isabs(value):
             if not allow_absolute:
                 problems.append(Problem(index, video_id, name, f"{value!r} is an absolute path; media paths are "
                                         "relative to the media root (allow absolute ones with --allow-absolute-paths "

@@ -1,5 +1,7 @@
 """HDF5 export / import of a feature store, same arrays and attributes, so that features made
-elsewhere (another cluster, another tool) can come in and be verified like our own.
+elsewhere (another cluster, another tool) can come in and be verified like our own. Texts go
+out as vlen UTF-8 strings, but a text array holding a NUL (which HDF5 strings end at) goes out as
+each text's UTF-8 bytes: every text comes back byte for byte.
 
 Both write beside their target (``OUT.partial-<pid>``) and rename into place when whole: a failed
 export leaves no half-written file (an existing one is replaced only when asked, and only by a
@@ -21,6 +23,7 @@ __all__ = ["export_hdf5", "import_hdf5"]
 
 ATTRS_KEY = "xmei_attrs"  # the store's attributes, as one JSON string
 FAILURES_KEY = "xmei_failures"
+ENCODING_KEY, UTF8_BYTES = "xmei_encoding", "utf-8 bytes"  # a text dataset of each text's UTF-8 bytes (see _write_texts)
 
 
 def export_hdf5(store: FeatureStore, out: Path, overwrite: bool = False) -> None:
@@ -42,7 +45,6 @@ def export_hdf5(store: FeatureStore, out: Path, overwrite: bool = False) -> None
 
 
 def _write_hdf5(store: FeatureStore, out: Path) -> None:
-    strings = h5py.string_dtype("utf-8")
     with h5py.File(out, "w") as h5:
         h5.attrs[ATTRS_KEY] = json.dumps(store.attrs)
         h5.attrs[FAILURES_KEY] = json.dumps(store.failures())
@@ -54,9 +56,36 @@ def _write_hdf5(store: FeatureStore, out: Path) -> None:
                 rows = store.shard_range(shard)
                 dst[rows.start:rows.stop] = src.read(np.arange(rows.start, rows.stop))
         for name in store.texts:
-            h5.create_dataset(name, data=np.asarray(store.read_whole(name), dtype=object), dtype=strings)
+            _write_texts(h5, name, store.read_whole(name).tolist())
         for name in store.ints:
             h5.create_dataset(name, data=store.read_whole(name))
+
+
+def _write_texts(h5: h5py.File, name: str, texts: list[str]) -> None:
+    """The text dataset ``name``: vlen UTF-8 strings, which every HDF5 reader takes, unless a text
+    holds NUL, which HDF5 strings cannot (they end at the first); then each text's UTF-8 bytes
+    (vlen uint8), the dataset's ENCODING_KEY attribute saying so."""
+    if not any("\x00" in text for text in texts):
+        h5.create_dataset(name, data=np.array(texts, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        return
+    data = np.empty(len(texts), dtype=object)  # (N,) of uint8 arrays
+    data[:] = [np.frombuffer(text.encode(), np.uint8) for text in texts]
+    h5.create_dataset(name, data=data, dtype=h5py.vlen_dtype(np.uint8)).attrs[ENCODING_KEY] = UTF8_BYTES
+
+
+def _read_texts(h5: h5py.File, name: str, path: Path) -> list[str]:
+    """The texts of dataset ``name``, as :func:`_write_texts` writes them (or as fixed-width or
+    vlen strings of another tool); a text that is not UTF-8 is a StoreError naming the dataset and row."""
+    dataset = h5[name]
+    as_bytes = dataset.attrs.get(ENCODING_KEY) == UTF8_BYTES
+    texts = []
+    for row, value in enumerate(dataset[:]):
+        try:
+            texts.append(bytes(value).decode() if as_bytes or isinstance(value, bytes) else str(value))
+        except UnicodeDecodeError as err:
+            raise StoreError(f"{path}: dataset {name!r}, row {row}: not UTF-8 text ({err.reason} at byte "
+                             f"{err.start}), damaged") from None
+    return texts
 
 
 def import_hdf5(path: Path, out: Path) -> FeatureStore:
@@ -108,7 +137,7 @@ def _import(h5: h5py.File, path: Path, out: Path) -> None:
     wrong += [f"{k} {h5[k].shape} (expected {n} rows)" for k in attrs["ints"] if h5[k].shape[:1] != (n,)]
     if wrong:
         raise StoreError(f"{path}: datasets of the wrong shape: {', '.join(wrong)}")
-    texts = {k: [s.decode() if isinstance(s, bytes) else str(s) for s in h5[k][:]] for k in attrs["texts"]}
+    texts = {k: _read_texts(h5, k, path) for k in attrs["texts"]}
     ints = {k: h5[k][...] for k in attrs["ints"]}
     store = create_store(out, n, int(attrs["shard_size"]), features, texts, ints, attrs,
                          compression=attrs.get("extract", {}).get("compression", "none"))

@@ -9,6 +9,7 @@ Layout (N clips, S clips per shard):
     STORE/<feature>/c/<k>/0/.../0   shard k's file: its clips' bytes (each checksummed), their index (stores/reader.py)
     STORE/status/                   uint8 (N,): 0 pending, 1 ok, 2 failed; sharded like the features
     STORE/<text>/                   strings (N,), S clips per chunk: ids, subtitles, labels, descriptions, reasons...
+                                    (vlen-utf8: each text byte for byte, NUL and control characters included)
     STORE/<text>/c/<k>              chunk k: the strings of shard k's clips (zstd), so one clip's text is read alone
     STORE/<ints>/                   int32 (N, ...), S clips per chunk, as texts: caption ids and masks, label indexes
     STORE/failures/shard_00003.json the failed clips of a shard (video_id, stage, reason)
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from stores.reader import ClipReader
 
 __all__ = ["FAILED", "OK", "PENDING", "PARTIAL", "SCHEMA_VERSION", "FeatureStore", "StoreError", "create_store",
-           "remove_dead_partials"]
+           "remove_dead_partials", "unstorable"]
 
 SCHEMA_VERSION = 1
 PENDING, OK, FAILED = 0, 1, 2
@@ -145,8 +146,12 @@ def _write_store(path: Path, n: int, shard_size: int, features: dict[str, Featur
     for name, values in texts.items():
         if len(values) != n:
             raise StoreError(f"text array {name!r} has {len(values)} values for {n} clips")
-        group.create_array(name, shape=(n,), dtype=str, chunks=(shard,),
-                           compressors=checked)[:] = np.array(values, dtype=str)
+        array = group.create_array(name, shape=(n,), dtype=str, chunks=(shard,), compressors=checked)
+        try:  # Python strings as they are: numpy's fixed-width '<U' (dtype=str) drops trailing NULs
+            array[:] = np.array(values, dtype=object)
+        except UnicodeEncodeError:
+            clip, problem = next((i, p) for i, p in enumerate(map(unstorable, values)) if p)
+            raise StoreError(f"text array {name!r}, clip {clip}: {problem}") from None
     for name, values in ints.items():
         array = group.create_array(name, shape=values.shape, dtype="int32", chunks=(shard, *values.shape[1:]),
                                    compressors=checked)
@@ -155,6 +160,18 @@ def _write_store(path: Path, n: int, shard_size: int, features: dict[str, Featur
                         "features": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in features.items()},
                         "texts": list(texts), "ints": list(ints)})
     (path / "failures").mkdir()
+
+
+def unstorable(text: str) -> str | None:
+    """Why ``text`` cannot be kept exactly (a store keeps texts as UTF-8, which holds every
+    character but the halves of UTF-16 surrogate pairs: a JSON "\\ud800" escape alone), naming
+    the first such character and its position; None when it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"character {err.start} (counting from 0) is U+{ord(text[err.start]):04X}, a lone UTF-16 surrogate, "
+                "which no UTF-8 text can hold")
+    return None
 
 
 STORE_ATTRIBUTES = {"num_clips": int, "shard_size": int, "features": dict, "texts": list, "ints": list}
@@ -317,6 +334,8 @@ class FeatureStore:
         """Rows of a text or int array through Zarr; a chunk that does not decode is a StoreError
         naming its file(s) and clips."""
         try:
+            if isinstance(rows, int):  # one row alone comes back from Zarr as a numpy str_, which drops trailing NULs
+                return self.array(name)[rows:rows + 1][0]
             return self.array(name)[rows]
         except DECODE_ERRORS as err:
             n, per_chunk = len(self), self.array(name).chunks[0]

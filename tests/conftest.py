@@ -71,6 +71,17 @@ def patch_store(tiny_models, corpus, annotations, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def pooled_store(tiny_models, corpus, annotations, tmp_path_factory) -> Path:
+    """The corpus extracted with pooled visual features (24, 8, 32): a store of other features than
+    the patch store's (and its checkpoints')."""
+    from pipeline.extract import extract
+
+    out = tmp_path_factory.mktemp("stores") / "pooled"
+    extract(config(tiny_models, "extract.visual_tokens=pooled"), annotations, corpus, out, workers=0)
+    return out
+
+
 def store_in_dtype(source: Path, out: Path, dtype: str | None) -> Path:
     """A copy of the store ``source`` whose attributes say its encoders computed in ``dtype``
     (None: no record, as made by an earlier xmei)."""

@@ -68,9 +68,8 @@ def test_patch_features_shapes_dtypes_and_texts(patch_store, corpus, tiny_models
     assert attrs["labels"]["intents"][0] == "questioning" and attrs["schema_version"] == 1
 
 
-def test_pooled_features_and_determinism(patch_store, tiny_models, corpus, annotations, tmp_path):
-    extract(config(tiny_models, "extract.visual_tokens=pooled"), annotations, corpus, tmp_path / "pooled", workers=0)
-    pooled = FeatureStore(tmp_path / "pooled")
+def test_pooled_features_and_determinism(patch_store, pooled_store, tiny_models, corpus, annotations, tmp_path):
+    pooled = FeatureStore(pooled_store)
     assert pooled.array("visual").shape == (24, 8, 32)  # get_image_features: the projection width
     assert verify_store(pooled) == []
     extract(config(tiny_models), annotations, corpus, tmp_path / "again", workers=0)

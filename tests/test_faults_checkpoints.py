@@ -21,6 +21,7 @@ from conftest import EARLIER, KEEP_EVERY_3, LAST, ROOT, TRAIN
 from faults import assert_clean_error, assert_kept, flat, snapshot, xmei
 
 RESUME = (*TRAIN, *KEEP_EVERY_3)  # the options of the trained run, for its resume
+TINY = ROOT / "configs" / "tiny.yaml"
 
 
 @pytest.fixture
@@ -122,6 +123,24 @@ print(json.dumps(ran))
 """
 
 
+def assert_named_first(cases: list[tuple[tuple, object]]) -> None:
+    """Each case (the args of `xmei`, what its error names: one or a list) ends with status 1 and an
+    error naming it, no traceback, before torch, transformers or peft are imported (all run in one
+    fresh interpreter: CHECKS_FIRST)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "XMEI_DEBUG"}, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    argv = json.dumps([[str(a) for a in args] for args, _ in cases])
+    proc = subprocess.run([sys.executable, "-c", CHECKS_FIRST, argv], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (args, culprits), ran in zip(cases, json.loads(proc.stdout.splitlines()[-1]), strict=True):
+        said = flat(ran["stderr"])
+        assert ran["status"] == 1 and "error:" in said, (args[0], said[-2000:])
+        for culprit in culprits if isinstance(culprits, list) else [culprits]:
+            assert flat(str(culprit)) in said, (args[0], culprit, said[-2000:])
+        assert "Traceback" not in said, said[-2000:]
+        assert not ran["heavy"], f"{args[0]} imported {ran['heavy']} before it named {culprits}"
+
+
 def test_checkpoints_and_stores_are_checked_before_torch_loads(run, patch_store, corpus, tmp_path):
     """eval, predict, attention and report name a damaged checkpoint file, or a store's missing
     shard file, before they import torch, transformers or peft (seconds, not a 7B model's load)."""
@@ -143,16 +162,7 @@ def test_checkpoints_and_stores_are_checked_before_torch_loads(run, patch_store,
         (("attention", "--checkpoint", run / EARLIER, "--store", store, *maps, "--media-root", corpus), shard),
         (("report", tmp_path / "eval", "--store", store, "--checkpoint", run / EARLIER, "--media-root", corpus), shard),
     ]
-    env = {**{k: v for k, v in os.environ.items() if k != "XMEI_DEBUG"}, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    argv = json.dumps([[str(a) for a in args] for args, _ in cases])
-    proc = subprocess.run([sys.executable, "-c", CHECKS_FIRST, argv], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for (args, culprit), ran in zip(cases, json.loads(proc.stdout.splitlines()[-1])):
-        said = flat(ran["stderr"])
-        assert ran["status"] == 1 and "error:" in said and str(culprit) in said, (args[0], said[-2000:])
-        assert "Traceback" not in said, said[-2000:]
-        assert not ran["heavy"], f"{args[0]} imported {ran['heavy']} before it named {culprit}"
+    assert_named_first(cases)
     assert_kept(kept)
     assert not (tmp_path / "eval").exists() and not (tmp_path / "maps").exists()
 
@@ -294,3 +304,165 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_last_whole_one
 
     for step in (9, 12):  # written whole this time
         verify_checkpoint(run / "checkpoints" / f"step_{step:07d}")
+
+
+# ----------------------------------------------------------------------------- stores of other features
+
+PATCH, POOLED = "patch visual features (8, 257, 64)", "pooled visual features (8, 32)"
+
+
+def trained_on(checkpoint: Path, what: str) -> str:
+    return f"; the checkpoint {checkpoint} was trained on {what}"
+
+
+def earlier_facts(checkpoint: Path, out: Path) -> Path:
+    """A copy of ``checkpoint`` whose settings hold only the feature facts an earlier xmei kept
+    (widths, frames, windows, captions, dtype: no shapes, audio settings or encoders)."""
+    shutil.copytree(checkpoint, out)
+    data = json.loads((out / "xmei_model.json").read_text())
+    kept = ("visual_size", "audio_size", "num_frames", "num_audio_clips", "caption_vocab_size", "caption_tokens",
+            "compute_dtype")
+    data["features"] = {k: data["features"][k] for k in kept}
+    (out / "xmei_model.json").write_text(json.dumps(data))
+    return out
+
+
+def test_a_store_of_other_features_is_refused_before_torch_loads(trained_run, pooled_store, corpus, tmp_path):
+    """Issue 23: eval, report and attention on a store of pooled visual features, against checkpoints
+    trained on patch features, name both before they import torch (not a shape error in the
+    LQ-Former's forward once the LLM has loaded); a checkpoint of an earlier xmei, which kept only
+    widths and frames, too."""
+    last, earlier = trained_run / LAST, earlier_facts(trained_run / LAST, tmp_path / "earlier" / "step_0000006")
+    maps = ("--clip", "synth_00004", "--out", tmp_path / "maps", "--media-root", corpus)
+    refused = [str(pooled_store), f"{pooled_store} has {POOLED}", trained_on(last, PATCH)]
+    assert_named_first([
+        (eval_args(last, pooled_store, tmp_path / "eval"), refused),
+        (("report", tmp_path / "eval", "--store", pooled_store, "--checkpoint", last, "--media-root", corpus), refused),
+        (("attention", "--checkpoint", trained_run / EARLIER, "--checkpoint", last, "--store", pooled_store, *maps),
+         [f"{pooled_store} has {POOLED}", trained_on(trained_run / EARLIER, PATCH)]),
+        (eval_args(earlier, pooled_store, tmp_path / "eval"),
+         [f"{pooled_store} has {POOLED}", trained_on(earlier, "visual features of 8 frames, width 64")]),
+    ])
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "maps").exists()
+
+
+def test_a_store_of_other_encoders_and_audio_settings_is_refused_before_the_model_loads(trained_run, patch_store,
+                                                                                        tmp_path, monkeypatch):
+    from xmei.model import XMEIQwen
+
+    store = Path(shutil.copytree(patch_store, tmp_path / "store"))
+    meta = json.loads((store / "zarr.json").read_text())  # the same shapes, from another HuBERT, 2 layers a window
+    hubert = meta["attributes"]["encoders"]["audio"]["config_sha256"]
+    meta["attributes"]["encoders"]["audio"]["config_sha256"] = "0123456789abcdef"
+    meta["attributes"]["extract"]["audio_layers"] = 2
+    (store / "zarr.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(XMEIQwen, "from_checkpoint", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = xmei(*eval_args(trained_run / LAST, store, tmp_path / "eval"))
+    encoder = "audio features of the encoder tiny-hubert whose config files hash to"
+    assert_clean_error(result, f"{store} has audio features averaged over HuBERT's last 2 layers and {encoder} "
+                               "0123456789abcdef",
+                       trained_on(trained_run / LAST, f"audio features averaged over HuBERT's last 4 layers and "
+                                                      f"{encoder} {hubert}"))
+    assert not (tmp_path / "eval").exists()
+
+
+def test_resume_on_a_store_of_other_features_is_refused_before_the_model_is_built(run, tiny_models, pooled_store,
+                                                                                 monkeypatch):
+    monkeypatch.setattr("xmei.train.XMEIQwen", lambda *a, **k: pytest.fail("the model was built"))
+    kept = snapshot(run)
+    assert_clean_error(resume(tiny_models, pooled_store, run), f"{pooled_store} has {POOLED}",
+                       trained_on(run / LAST, PATCH), "resume on stores of the features it was trained on")
+    assert_kept(kept)
+
+
+def models_with_another_clip(tiny_models: Path, out: Path) -> Path:
+    """``tiny_models`` (linked) but for a visual encoder whose config.json is another (a key more)."""
+    out.mkdir()
+    for folder in tiny_models.iterdir():
+        (out / folder.name).symlink_to(folder)
+    (out / "visual_encoder").unlink()
+    shutil.copytree(tiny_models / "visual_encoder", out / "visual_encoder")
+    config = json.loads((out / "visual_encoder" / "config.json").read_text())
+    (out / "visual_encoder" / "config.json").write_text(json.dumps({**config, "note": "another CLIP"}))
+    return out
+
+
+def test_predict_extracting_other_features_is_refused_before_a_clip_is_read(trained_run, tiny_models, corpus,
+                                                                           tmp_path, monkeypatch):
+    """`xmei predict` extracts the clip with the command's config: one whose extract settings or
+    encoders give other features than the checkpoint's is refused before the clip is decoded or a
+    model loads (the encoders' configs are read, no weights)."""
+    monkeypatch.setattr("xmei.predict.predict_clip", lambda *a, **k: pytest.fail("the clip was read"))
+    last, video = trained_run / LAST, corpus / "videos" / "synth_00000.mp4"
+    sets = ["extract.visual_tokens=pooled", "extract.num_audio_clips=4", "extract.audio_clip_seconds=1",
+            "extract.caption_tokens=8"]
+    result = xmei("predict", video, "--subtitle", "Hi.", "--checkpoint", last, *[a for s in sets for a in ("--set", s)])
+    assert_clean_error(result, f"a clip extracted with the checkpoint's config with --set has {POOLED} and "
+                               "audio features of 4 windows, width 64 (4, 64) and audio windows of 1 s and captions of "
+                               "8 tokens",
+                       trained_on(last, f"{PATCH} and audio features of 8 windows, width 64 (8, 64) and audio windows "
+                                        "of 2 s and captions of 16 tokens"),
+                       "predict with the checkpoint's own extract settings and encoders")
+    assert result.stdout == ""
+    models = models_with_another_clip(tiny_models, tmp_path / "models")
+    result = xmei("predict", video, "--subtitle", "Hi.", "--checkpoint", last, "--config", TINY, "--models", models)
+    assert_clean_error(result, f"a clip extracted with --config {TINY} with --models has visual features of "
+                               "the encoder tiny-clip-vit-14 whose config files hash to",
+                       trained_on(last, "visual features of the encoder tiny-clip-vit-14 whose config files hash to "))
+
+
+# what a store of other settings would record (the patch store's facts, changed), and the two sides named
+OTHER_FEATURES = {
+    "pooled": ({"visual_shape": [8, 32]}, POOLED, PATCH),
+    "frames": ({"visual_shape": [4, 257, 64]}, "patch visual features (4, 257, 64)", PATCH),
+    "patches": ({"visual_shape": [8, 577, 64]}, "patch visual features (8, 577, 64)", PATCH),
+    "visual-width": ({"visual_shape": [8, 257, 1024]}, "patch visual features (8, 257, 1024)", PATCH),
+    "audio-windows": ({"audio_shape": [16, 64]}, "audio features of 16 windows, width 64 (16, 64)",
+                      "audio features of 8 windows, width 64 (8, 64)"),
+    "audio-width": ({"audio_shape": [8, 1024]}, "audio features of 8 windows, width 1024 (8, 1024)",
+                    "audio features of 8 windows, width 64 (8, 64)"),
+    "audio-seconds": ({"audio_clip_seconds": 0.5}, "audio windows of 0.5 s", "audio windows of 2 s"),
+    "audio-layers": ({"audio_layers": 1}, "audio features averaged over HuBERT's last 1 layer",
+                     "audio features averaged over HuBERT's last 4 layers"),
+    "caption-tokens": ({"caption_tokens": 32}, "captions of 32 tokens", "captions of 16 tokens"),
+    "caption-tokenizer": ({"encoders": {"caption_tokenizer": {"config_sha256": "f" * 16}}},
+                          f"captions of the caption tokenizer whose config files hash to {'f' * 16}",
+                          "captions of the caption tokenizer whose config files hash to "),
+    "visual-encoder": ({"encoders": {"visual": {"name": "clip-b", "config_sha256": "f" * 16}}},
+                       f"visual features of the encoder clip-b whose config files hash to {'f' * 16}",
+                       "visual features of the encoder tiny-clip-vit-14 whose config files hash to "),
+}
+
+
+@pytest.mark.parametrize("kind", OTHER_FEATURES)
+def test_every_kind_of_other_features_is_named(kind, patch_store, trained_run):
+    """Each fact of the features a store can differ in is named on both sides; the encoders by
+    their config files' hash (a renamed encoder of the same files is the same), and only what the
+    checkpoint's modalities read."""
+    from stores import FeatureStore
+    from xmei.checkpoint import verify_checkpoint
+    from xmei.settings import feature_facts, fit_problems
+
+    settings = verify_checkpoint(trained_run / LAST)
+    facts = feature_facts(FeatureStore(patch_store))
+    assert fit_problems(facts, settings.features, settings.modalities) == []
+    change, found, trained = OTHER_FEATURES[kind]
+    other = {**facts, **change, "encoders": {k: {**v, **change.get("encoders", {}).get(k, {})}
+                                             for k, v in facts["encoders"].items()}}
+    [(said_found, said_trained)] = fit_problems(other, settings.features, settings.modalities)
+    assert said_found == found and said_trained.startswith(trained)
+    modality = "audio" if kind.startswith("audio") else "video" if kind.startswith(("visual", "pooled", "frames",
+                                                                                    "patches")) else None
+    if modality:  # a model without that modality does not read those features
+        assert fit_problems(other, settings.features, [m for m in ("video", "audio") if m != modality]) == []
+
+
+def test_an_encoder_of_another_name_but_the_same_files_fits(patch_store, trained_run):
+    from stores import FeatureStore
+    from xmei.checkpoint import verify_checkpoint
+    from xmei.settings import feature_facts, fit_problems
+
+    settings = verify_checkpoint(trained_run / LAST)
+    facts = feature_facts(FeatureStore(patch_store))
+    facts["encoders"]["visual"]["name"] = "openai/clip-vit-large-patch14"
+    assert fit_problems(facts, settings.features, settings.modalities) == []

@@ -132,6 +132,16 @@ ANNOTATION_FAULTS = {
                                        "duplicate: record 0 has the same video_id"),
     "empty-id": write("a.json", lambda rows: changed(rows, 0, video_id=""),
                       "record 0, video_id '', field 'video_id': empty"),
+    # a JSON "\ud800" escape without its pair: a text no UTF-8 store can keep (json.dumps writes the escape)
+    "lone-surrogate-in-a-text": write("a.json", lambda rows: changed(rows, 1, explanation="So \ud83d. Then"),
+                                      lambda rows: f"{where(rows, 1, 'explanation')}: character 3 (counting from 0) "
+                                                   "is U+D83D, a lone UTF-16 surrogate"),
+    "lone-surrogate-in-an-id": write("a.json", lambda rows: changed(rows, 0, video_id="clip\udc00"),
+                                     "record 0, video_id 'clip\\udc00', field 'video_id': character 4 (counting "
+                                     "from 0) is U+DC00"),
+    "nul-in-a-media-path": write("a.json", lambda rows: changed(rows, 1, audio_path="audio/a\x00.wav"),
+                                 lambda rows: f"{where(rows, 1, 'audio_path')}: character 7 (counting from 0) is NUL, "
+                                              "which no file path can hold"),
     "empty-file": write("a.json", "", "the file is empty"),
     "blank-jsonl": write("a.jsonl", "\n  \n", "the file is empty"),
     "no-such-file": lambda rows, folder: (folder / "absent.json",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from stores import FeatureStore, create_store
+from stores import FeatureStore, StoreError, create_store
 from test_reader import SPECS
 
 N, SHARD = 10, 4
@@ -108,3 +108,74 @@ def test_a_whole_read_of_another_layout_goes_through_zarr(tmp_path):
     assert (tmp_path / "store" / "video_id" / "c.1").is_file()  # not the c/<k> files read directly
     assert FeatureStore(tmp_path / "store").read_whole("video_id").tolist() == TEXTS["video_id"]
     np.testing.assert_array_equal(store.read_whole("visual"), store.array("visual")[...])  # sharded
+
+
+# every class of character a text may hold (issue 23), one clip each: each reads back byte for byte
+EVERY_CLASS = {
+    "nul-at-both-ends": "\x00begins and ends with NUL\x00",
+    "nul-inside": "mid\x00dle",
+    "nuls-only": "\x00\x00\x00",
+    "c0-controls": "".join(map(chr, range(1, 32))),
+    "del-and-c1-controls": "\x7f" + "".join(map(chr, range(0x80, 0xA0))),
+    "combining-marks": "e\u0301 a\u0308\u0323 \u1e9b\u0323 \u0915\u094d\u0937",
+    "right-to-left": "\u05e9\u05dc\u05d5\u05dd \u0645\u0631\u062d\u0628\u0627 \u202eabc\u202c \u200f.",
+    "astral-plane": "\U0001F600 \U0001F469\u200d\U0001F4BB \U0001D11E \U0010FFFF",
+    "line-breaks-and-tabs": "CR\r LF\n CRLF\r\n tab\t VT\x0b FF\x0c NEL\x85 LS\u2028 PS\u2029",
+    "specials": "\ufeffBOM \ufffe\uffff \ufffd",
+    "20-kB": ("vingt kilo-octets, é \U0001F600 " * 700)[:20000] + "\x00",
+    "empty": "",
+}
+TEXT_CASES = list(EVERY_CLASS.values())
+
+
+def texts_of_every_class(path) -> FeatureStore:
+    """A store of len(EVERY_CLASS) clips in shards of 4, each clip's texts one class; ids of
+    combining marks, right-to-left and astral characters but no NUL."""
+    n = len(TEXT_CASES)
+    texts = {"video_id": [f"clip {i} \u05e9e\u0301\U0001F600\t" for i in range(n)],
+             "subtitle": TEXT_CASES, "explanation": TEXT_CASES[::-1]}
+    create_store(path, n, SHARD, SPECS, texts, {"label": np.arange(n)}, {})
+    return FeatureStore(path)
+
+
+def assert_texts(store: FeatureStore, expected: FeatureStore) -> None:
+    """Every text of ``store`` is the one of ``expected``'s zarr arrays, read every way (a clip, a
+    whole array, a shard), of type str and byte for byte."""
+    for name in expected.texts:
+        written = [str(v) for v in expected.array(name)[...]]
+        assert [store[i][name] for i in range(len(store))] == written, name
+        assert all(type(store[i][name]) is str for i in range(len(store)))
+        assert store.read_whole(name).tolist() == written, name
+        assert [v for _, shard in store.iter_shards(names=[name]) for v in shard[name].tolist()] == written, name
+        assert [v.encode() for v in written] == [v.encode() for v in store.read_whole(name).tolist()]
+
+
+def test_texts_of_every_character_class_read_back_byte_for_byte(tmp_path):
+    """A NUL at either end, controls, combining marks, right-to-left text, astral characters, line
+    breaks, a 20 kB text: as written, through every read and an HDF5 export and import (numpy's
+    fixed-width strings, '<U', drop trailing NULs; HDF5 strings end at the first NUL)."""
+    import h5py
+
+    from stores import export_hdf5, import_hdf5
+
+    store = texts_of_every_class(tmp_path / "store")
+    assert store.array("subtitle")[...].tolist() == TEXT_CASES  # what Zarr holds: the texts themselves
+    assert store.array("explanation")[...].tolist() == TEXT_CASES[::-1]
+    assert_texts(store, store)
+    assert_texts(FeatureStore(tmp_path / "store"), store)  # a fresh reader: nothing kept from the writing
+    export_hdf5(store, tmp_path / "out.h5")
+    with h5py.File(tmp_path / "out.h5") as h5:
+        assert h5["video_id"].dtype.kind == "O" and h5py.check_string_dtype(h5["video_id"].dtype)  # plain strings
+        assert not h5py.check_string_dtype(h5["subtitle"].dtype)  # a NUL inside: UTF-8 bytes
+    back = import_hdf5(tmp_path / "out.h5", tmp_path / "back")
+    for name in store.texts:
+        assert back.read_whole(name).tolist() == store.read_whole(name).tolist(), name
+    assert_texts(back, store)
+
+
+def test_a_text_no_utf8_can_hold_is_refused_naming_array_clip_and_character(tmp_path):
+    texts = {"video_id": [f"v{i}" for i in range(N)], "subtitle": TEXTS["subtitle"][:6] + ["ok\ud800"] + [""] * 3}
+    with pytest.raises(StoreError, match=r"text array 'subtitle', clip 6: character 2 \(counting from 0\) is U\+D800, "
+                                         "a lone UTF-16 surrogate"):
+        create_store(tmp_path / "store", N, SHARD, SPECS, texts, INTS, {})
+    assert list(tmp_path.iterdir()) == []  # no store, no partial folder

@@ -76,7 +76,7 @@ from xmei.model import XMEIQwen, llm_tokenizer
 from xmei.preempt import StopSignals
 from xmei.prompt import IGNORE, collate
 from xmei.schedule import linear_warmup_cosine_lr, resolve_warmup
-from xmei.settings import XMEISettings, check_store_labels, feature_facts, open_stores
+from xmei.settings import XMEISettings, check_fit, check_store_labels, feature_facts, open_stores
 
 __all__ = ["Stopped", "TrainError", "TrainWarning", "Trainer", "checkpoints"]
 
@@ -168,6 +168,8 @@ class Trainer:
                              "or choose another --output-dir")
         if resume and not done:
             raise TrainError(f"--resume: {self.output_dir} holds no checkpoint to resume from")
+        if resume:
+            self._check_resumed_features(done[-1])
         if cfg.run.use_wandb:
             try:
                 import wandb  # noqa: F401
@@ -184,6 +186,18 @@ class Trainer:
         for store in stores:
             check_store_labels(store, cfg.emotions, cfg.intents, "the run's config")
         return {"train": stores[:len(self.stores)], "val": stores[len(self.stores):]}
+
+    def _check_resumed_features(self, folder: Path) -> None:
+        """The stores hold the features the checkpoint to resume from was trained on (a
+        FeatureMismatch naming the difference, before a model is built). A checkpoint whose
+        settings do not read is left to :meth:`_load_state`, which names the earlier one to resume from."""
+        try:
+            settings = verify_checkpoint(folder)
+        except CheckpointError:
+            return
+        for store in self.checked_stores["train"] + self.checked_stores["val"]:
+            check_fit(feature_facts(store), settings, folder, str(store.path),
+                      "resume on stores of the features it was trained on, or train anew into another --output-dir")
 
     # ------------------------------------------------------------------ setup
 
