@@ -248,11 +248,12 @@ def _print_annotations(annotations: Path, summary, valid: int, media_root: Path 
     console.print(Columns(tables, padding=(0, 6)))
     console.print(f"audio: {summary.audio_from_file} from audio files, "
                   f"{summary.audio_from_video_track} from the video's own track (empty audio_path)")
-    if summary.extra_fields:
-        console.print(f"fields beyond the published 11, ignored: {', '.join(summary.extra_fields)}")
+    if summary.extra_fields:  # names as the file has them; a lone surrogate (a JSON "\\ud800") shows as its escape
+        shown = ", ".join(summary.extra_fields).encode("utf-8", "backslashreplace").decode()
+        console.print(f"fields beyond the published 11, ignored: {escape(shown)}", highlight=False)
     if summary.missing_media:
         console.print(f"[red]{len(summary.missing_media)} clip(s) with missing media:[/] "
-                      + ", ".join(summary.missing_media))
+                      + escape(", ".join(summary.missing_media)), highlight=False)
 
 
 def _media_root(cfg: Config, given: Path | None, annotations: Path) -> Path | None:

@@ -161,6 +161,15 @@ def test_bad_annotation_file_ends_cleanly(fault, command, rows, corpus, tiny_mod
     assert_kept(kept)
 
 
+def test_an_extra_field_named_with_a_lone_surrogate_is_shown_escaped(rows, corpus, tmp_path):
+    """Extra fields are ignored, and named: one whose name no UTF-8 can print shows its escape (not a traceback)."""
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{**rows[0], "note\ud800": "x"}, rows[1]]))
+    result = xmei("validate", path, "--media-root", corpus)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "fields beyond the published 11, ignored: note\\ud800" in result.stdout
+
+
 def test_validate_lists_every_problem_at_once(rows, corpus, tmp_path):
     bad = changed(rows, 0, emotion="ecstatic", subtitle=None)
     bad[1]["video_path"] = "videos/nowhere.mp4"
