@@ -323,6 +323,8 @@ def extract(
                 bar.console.print(f"resuming: {summary.shards_skipped} of {summary.shards} shards already done")
             if summary.dashboard:
                 bar.console.print(f"dask dashboard: {summary.dashboard}")
+            if summary.space:
+                bar.console.print(f"[yellow]warning:[/] {escape(summary.space)}", highlight=False)
 
         def advanced(clips: int, failed: int) -> None:
             bar.update(task, advance=clips, failed=bar.tasks[task].fields["failed"] + failed)

@@ -13,7 +13,11 @@ A rerun skips finished shards; a clip whose media are missing or corrupt, or who
 crashes, or that an encoder refuses, is marked failed with its reason, never replaced. An error
 of the machine (a CUDA error, out of memory on one clip, a GPU gone: encoders.machine_fault) is
 no clip's: the task ends with a MachineError before anything of its shard is written, it is tried
-again on another worker (RETRIES), and its clips stay pending for a rerun.
+again on another worker (RETRIES), and its clips stay pending for a rerun. A full disk is no
+clip's either, nor a worker's: the first shard that meets it ends the whole run with a
+DiskFullError (its status unwritten, so its clips stay pending), never retried elsewhere. Before
+any shard runs, the driver checks that the store's filesystem has room for the features still to
+extract (refused when it clearly has not, a warning when it is close).
 """
 from __future__ import annotations
 
@@ -33,10 +37,11 @@ from pipeline.annotations import FIELDS, Record, read_annotations
 from pipeline.decode_pool import Clip, DecodePool, Failure, Prepared, available_cores
 from pipeline.encoders import (EncoderSettings, Encoders, encoder_identity, feature_specs, machine_fault,
                                preparation, tokenize_captions)
-from pipeline.farm import (PRECISIONS, check_farm, compute_dtype, decode_shares, local_device, local_infos,
-                           start_cluster, worker_devices, worker_gpu_info)
+from pipeline.farm import (PRECISIONS, QuietTaskErrors, check_farm, compute_dtype, decode_shares, local_device,
+                           local_infos, start_cluster, worker_devices, worker_gpu_info)
 from stores import FAILED, OK, FeatureStore, StoreError, create_store
-from xmei.errors import UserError
+from stores.store import clip_bytes
+from xmei.errors import DiskFullError, UserError, check_space
 
 __all__ = ["ExtractWarning", "ExtractionError", "ExtractSummary", "MachineError", "extract", "extract_shard"]
 
@@ -81,6 +86,7 @@ class ExtractSummary:
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     dashboard: str | None = None
+    space: str | None = None  # a warning: the store's filesystem has little more room than the shards to do need
 
 
 def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | None = None,
@@ -96,8 +102,8 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
     extract.decode_workers says how many each one starts.
     ``progress(clips, failed)`` is called after each encoder batch and each failed clip;
     ``on_start(summary)`` once the work is known (and the dashboard address, on a cluster).
-    A MachineError ends the run naming the worker and its error; the finished shards are kept
-    and the same call again completes the rest.
+    A MachineError ends the run naming the worker and its error, a DiskFullError naming the
+    filesystem; the finished shards are kept and the same call again completes the rest.
     """
     cfg.require_paths(MODEL_KEYS)
     # workers of a farm need absolute paths (their working folder is not ours)
@@ -122,7 +128,7 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
         shares = {} if x.decode_workers else decode_shares(infos)
         jobs = [ShardJob(str(out), k, [_clip_files(records[i], media_root) for i in store.shard_range(k)], settings,
                          strict, shares) for k in range(store.num_shards) if k not in done]
-        summary = ExtractSummary(out, len(records), store.num_shards, len(done))
+        summary = ExtractSummary(out, len(records), store.num_shards, len(done), space=_check_space(store, jobs))
         start = time.perf_counter()
         try:
             if client is None and workers == 0:
@@ -135,17 +141,31 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
                     from distributed import Client
 
                     client = stack.enter_context(Client(stack.enter_context(start_cluster(devices))))
+                    client.register_plugin(QuietTaskErrors())  # this run reports its tasks' errors
                 _run_on_cluster(client, jobs, summary, progress, on_start)
-        except MachineError as err:
-            raise MachineError(f"{err}\n{len(store.done_shards())} of {store.num_shards} shards are finished and kept; "
-                               "the clips of the others stay pending: run the same command again (on a working "
-                               "machine) to complete them") from err
+        except (MachineError, DiskFullError) as err:
+            raise type(err)(f"{err}\n{len(store.done_shards())} of {store.num_shards} shards are finished and kept; "
+                            f"the clips of the others stay pending: {AGAIN[type(err)]} to complete them") from err
     summary.seconds = time.perf_counter() - start
     store.write_failures_log()
     status = store.status()
     summary.ok = int((status == OK).sum())
     summary.failed = store.failures()
     return summary
+
+
+AGAIN = {MachineError: "run the same command again (on a working machine)",
+         DiskFullError: "free space there (or move the store to a larger disk), then run the same command again"}
+
+
+def _check_space(store: FeatureStore, jobs: list[ShardJob]) -> str | None:
+    """Refuse (DiskFullError) when the store's filesystem has less room than the features of the
+    shards to do take uncompressed; the text of a warning when it has little more."""
+    clips = sum(len(job.clips) for job in jobs)
+    return check_space(store.path, clips * clip_bytes(store.attrs["features"]),
+                       f"the features of the {clips} clips of its {len(jobs)} shards still to extract",
+                       "its clips stay pending: free space (or move the store to a larger disk), then run the "
+                       "same command again")
 
 
 def _gpu_count() -> int:

@@ -26,6 +26,7 @@ that node's workers.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -40,9 +41,9 @@ from xmei.errors import UserError
 if TYPE_CHECKING:
     from distributed import LocalCluster, Worker
 
-__all__ = ["PRECISIONS", "DevicePlugin", "FarmError", "assigned_device", "auto_dtype", "check_dtype", "check_farm",
-           "compute_dtype", "decode_shares", "local_device", "local_infos", "start_cluster", "worker_devices",
-           "worker_gpu_info"]
+__all__ = ["PRECISIONS", "DevicePlugin", "FarmError", "QuietTaskErrors", "assigned_device", "auto_dtype", "check_dtype",
+           "check_farm", "compute_dtype", "decode_shares", "local_device", "local_infos", "start_cluster",
+           "worker_devices", "worker_gpu_info"]
 
 DEVICE_ENV = "XMEI_DEVICE"  # how a farm worker declares its GPU, e.g. XMEI_DEVICE=cuda:3
 PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # extract.precision -> torch dtype name
@@ -121,6 +122,23 @@ class DevicePlugin(WorkerPlugin):
     def teardown(self, worker: Worker) -> None:
         global _assigned
         _assigned = None
+
+
+class QuietTaskErrors(WorkerPlugin):
+    """Keeps the workers of a cluster xmei started from logging the error of an xmei task
+    ("Compute Failed", with its traceback): the driver reports every task's error itself, a
+    user's in one line (a full disk, a machine error, --strict), a bug with its traceback."""
+
+    name = "xmei-quiet-task-errors"
+
+    def setup(self, worker: Worker) -> None:
+        logging.getLogger("distributed.worker").addFilter(_not_an_xmei_task_error)
+
+
+def _not_an_xmei_task_error(record: logging.LogRecord) -> bool:
+    """False for a worker's log of an xmei task that failed (its key begins with "xmei-")."""
+    failed = isinstance(record.msg, str) and record.msg.startswith("Compute Failed")
+    return not (failed and isinstance(record.args, tuple) and str(record.args[0]).startswith("xmei-"))
 
 
 def assigned_device() -> str | None:

@@ -5,19 +5,25 @@ each text's UTF-8 bytes: every text comes back byte for byte.
 
 Both write beside their target (``OUT.partial-<pid>``) and rename into place when whole: a failed
 export leaves no half-written file (an existing one is replaced only when asked, and only by a
-whole export), a failed import no half-filled store."""
+whole export), a failed import no half-filled store. Both refuse to start when the target's
+filesystem has less room than the features take uncompressed, and a disk that fills on the way is
+a DiskFullError naming the filesystem (:func:`xmei.errors.writing`)."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from stores.store import (FAILED, PARTIAL, FeatureSpec, FeatureStore, StoreError, remove_dead_partials,
-                          check_attributes, create_store)
+from stores.store import (FAILED, PARTIAL, FeatureSpec, FeatureStore, StoreError, check_attributes, clip_bytes,
+                          create_store, remove_dead_partials)
+from xmei.errors import check_space, writing
 
 __all__ = ["export_hdf5", "import_hdf5"]
 
@@ -36,15 +42,54 @@ def export_hdf5(store: FeatureStore, out: Path, overwrite: bool = False) -> None
         raise StoreError(f"{out} exists already: choose another file, or pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise StoreError(f"{out.parent} does not exist: no folder to write {out.name} into")
+    kept = f"the earlier {out.name} is as it was" if out.exists() else "nothing of it is kept"
+    what = f"the HDF5 export of {store.path}"
+    check_space(out, len(store) * clip_bytes(store.attrs["features"]), f"{what}, its features", kept)
     partial = out.with_name(f"{out.name}{PARTIAL}{os.getpid()}")
     try:
-        _write_hdf5(store, partial)
+        with writing(partial, f"{what}, renamed to {out.name} once whole", kept):
+            _apart(store.path, partial)
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
 
 
-def _write_hdf5(store: FeatureStore, out: Path) -> None:
+def _apart(store_path: Path, out: Path) -> None:
+    """:func:`_write_hdf5` in a fresh process, its exception raised here. HDF5 that met a full disk
+    cannot close its file, and h5py then crashes the process that holds it (a segfault, at once or
+    when the file's objects are freed): the child sends its error back and exits without freeing
+    them. What it prints (h5py's complaints about the objects it could not close) is not shown."""
+    child = subprocess.run([sys.executable, "-c", "from stores.hdf5 import _child; _child()", str(store_path),
+                            str(out)], capture_output=True)
+    if child.returncode == 0:
+        return
+    try:
+        error = pickle.loads(child.stdout)
+    except Exception:  # noqa: BLE001 - it died before it could say why
+        error = RuntimeError(f"the process writing {out} ended with status {child.returncode}: "
+                             f"{child.stderr.decode(errors='replace')[-2000:]}")
+    raise error
+
+
+def _child() -> None:
+    """The child of :func:`_apart` (argv: STORE OUT): its error goes pickled to its stdout, which
+    nothing else writes to (it is sent to stderr)."""
+    result = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    try:
+        _write_hdf5(Path(sys.argv[1]), Path(sys.argv[2]))
+    except BaseException as err:  # noqa: BLE001 - every error goes to the parent
+        try:
+            result.write(pickle.dumps(err))
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
+            result.write(pickle.dumps(RuntimeError(f"{type(err).__name__}: {err}")))
+        result.flush()
+        os._exit(1)  # nothing freed, closed or flushed: see _apart
+
+
+def _write_hdf5(store_path: Path, out: Path) -> None:
+    """The export of the store at ``store_path`` into the new HDF5 file ``out``."""
+    store = FeatureStore(store_path)
     with h5py.File(out, "w") as h5:
         h5.attrs[ATTRS_KEY] = json.dumps(store.attrs)
         h5.attrs[FAILURES_KEY] = json.dumps(store.failures())
@@ -101,9 +146,10 @@ def import_hdf5(path: Path, out: Path) -> FeatureStore:
     remove_dead_partials(out)
     partial = out.with_name(f"{out.name}{PARTIAL}{os.getpid()}")
     try:
-        with h5py.File(path, "r") as h5:
+        with writing(partial, f"the store imported from {path}, renamed to {out.name} once whole",
+                     "nothing of it is kept"), h5py.File(path, "r") as h5:
             _import(h5, path, partial)
-        FeatureStore(partial, mode="r+").write_failures_log()
+            FeatureStore(partial, mode="r+").write_failures_log()
         os.rename(partial, out)
     except (OSError, RuntimeError, KeyError) as err:  # h5py's errors of a damaged file
         if isinstance(err, OSError) and err.errno is not None:  # the system's (a write that failed)
@@ -139,6 +185,7 @@ def _import(h5: h5py.File, path: Path, out: Path) -> None:
         raise StoreError(f"{path}: datasets of the wrong shape: {', '.join(wrong)}")
     texts = {k: _read_texts(h5, k, path) for k in attrs["texts"]}
     ints = {k: h5[k][...] for k in attrs["ints"]}
+    check_space(out, n * clip_bytes(attrs["features"]), f"the store imported from {path}, its features")
     store = create_store(out, n, int(attrs["shard_size"]), features, texts, ints, attrs,
                          compression=attrs.get("extract", {}).get("compression", "none"))
     for shard in range(store.num_shards):

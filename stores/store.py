@@ -21,6 +21,9 @@ folder left by a killed creation is removed by the next one. Texts and ints are 
 then. Features are written a whole shard at a time by whoever extracts that shard, and its
 ``status`` last: a shard whose status is not all done is redone on the next run, so no lock is
 ever needed and a killed run resumes cleanly (Zarr's local store writes each file atomically).
+A full disk while the store is created or a shard written is a DiskFullError naming the
+filesystem (:func:`xmei.errors.writing`): nothing of a store being created is kept, and a shard
+whose status was not written stays pending.
 
 Texts and ints in chunks of S clips, not one chunk over all N, so that ``store[i]`` in a DataLoader
 worker decodes S strings, not a million (at 1M clips, ~3 ms for a text and an int array, not ~0.7 s).
@@ -42,13 +45,13 @@ import zarr
 from numcodecs import VLenUTF8, Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from xmei.errors import UserError, json_lines, read_json
+from xmei.errors import UserError, json_lines, read_json, write_whole, writing
 
 if TYPE_CHECKING:
     from stores.reader import ClipReader
 
-__all__ = ["FAILED", "OK", "PENDING", "PARTIAL", "SCHEMA_VERSION", "FeatureStore", "StoreError", "create_store",
-           "remove_dead_partials", "unstorable"]
+__all__ = ["FAILED", "OK", "PENDING", "PARTIAL", "SCHEMA_VERSION", "FeatureStore", "StoreError", "clip_bytes",
+           "create_store", "remove_dead_partials", "unstorable"]
 
 SCHEMA_VERSION = 1
 PENDING, OK, FAILED = 0, 1, 2
@@ -78,6 +81,16 @@ class FeatureSpec:
     dtype: str
 
 
+INDEX_BYTES = 16  # a clip's entry in each shard file's index (offset, length)
+
+
+def clip_bytes(features: dict[str, dict[str, Any]]) -> int:
+    """Bytes one clip takes on disk, uncompressed: its features (``features``: the store's attribute,
+    {name: {"shape": [...], "dtype": "float16"}}) and status, each with its index entry."""
+    return sum(int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize + INDEX_BYTES
+               for spec in [*features.values(), {"shape": [], "dtype": "uint8"}])
+
+
 def create_store(path: str | Path, n: int, shard_size: int, features: dict[str, FeatureSpec],
                  texts: dict[str, list[str]], ints: dict[str, np.ndarray], attrs: dict[str, Any],
                  compression: str = "none") -> "FeatureStore":
@@ -92,7 +105,9 @@ def create_store(path: str | Path, n: int, shard_size: int, features: dict[str, 
     remove_dead_partials(path)
     partial = path.with_name(f"{path.name}{PARTIAL}{os.getpid()}")
     try:
-        _write_store(partial, n, shard_size, features, texts, ints, attrs, compression)
+        with writing(partial, f"the store {path}, made whole here before it is renamed into place",
+                     "nothing of it is kept"):
+            _write_store(partial, n, shard_size, features, texts, ints, attrs, compression)
         os.rename(partial, path)  # fails if another process created ``path`` meanwhile
     except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
@@ -483,13 +498,16 @@ class FeatureStore:
         for name, values in features.items():
             if values.shape[0] != expected:
                 raise StoreError(f"shard {shard}: {name} has {values.shape[0]} clips, the shard {expected}")
-            self.array(name)[rows] = values
-            if not self.clip_reader(name).shard_file(shard).exists():
-                # all its clips are zeros (silence an encoder maps to zeros): written all the same, so
-                # a missing shard file always means a lost one (Zarr skips chunks of the fill value)
-                self.array(name).with_config({"write_empty_chunks": True})[rows] = values
-        (self.path / "failures" / f"shard_{shard:05d}.json").write_text(json.dumps(failures, ensure_ascii=False))
-        self.array("status")[rows] = status
+        # Zarr writes each file whole or not at all: a full disk leaves the shard's status unwritten
+        with writing(self.path, f"shard {shard} of the store, clips {rows.start}-{rows.stop - 1}"):
+            for name, values in features.items():
+                self.array(name)[rows] = values
+                if not self.clip_reader(name).shard_file(shard).exists():
+                    # all its clips are zeros (silence an encoder maps to zeros): written all the same, so
+                    # a missing shard file always means a lost one (Zarr skips chunks of the fill value)
+                    self.array(name).with_config({"write_empty_chunks": True})[rows] = values
+            (self.path / "failures" / f"shard_{shard:05d}.json").write_text(json.dumps(failures, ensure_ascii=False))
+            self.array("status")[rows] = status
 
     def failures(self) -> list[dict[str, str]]:
         """Failed clips of the finished shards, in clip order."""
@@ -517,6 +535,7 @@ class FeatureStore:
         return rows
 
     def write_failures_log(self) -> Path:
-        log = self.path / "failures.jsonl"
-        log.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.failures()))
-        return log
+        """failures.jsonl rebuilt from the finished shards' files, whole or not at all."""
+        return write_whole(self.path / "failures.jsonl",
+                           "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.failures()),
+                           "the failures log", "the earlier log is kept; " + REWRITE_LOG)

@@ -23,8 +23,11 @@ import subprocess
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
+
+import pytest
 
 XMEI = Path(sys.executable).parent / "xmei"
 
@@ -122,3 +125,43 @@ def assert_kept(before: dict[str, str]) -> None:
     for path, digest in before.items():
         assert Path(path).is_file(), f"{path} was lost"
         assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest, f"{path} was changed"
+
+
+# ----------------------------------------------------------------------------- full disks
+
+@contextmanager
+def tmpfs(folder: Path, size: int) -> Iterator[Path]:
+    """A disk of ``size`` bytes to fill: a tmpfs mounted on ``folder`` (made), unmounted after.
+    Skips the test, saying why, where it cannot be mounted (mounting needs root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"a full disk is made by mounting a small tmpfs, which failed here (mounting needs root): "
+                    f"{mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a file a worker still holds
+
+
+def resize(folder: Path, size: int) -> None:
+    """The tmpfs on ``folder`` made ``size`` bytes large, its files kept (space freed by the user)."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True, capture_output=True)
+
+
+def leave_free(folder: Path, free: int) -> Path:
+    """A file of zeros in ``folder`` taking all its filesystem's space but ``free`` bytes."""
+    stat = os.statvfs(folder)
+    filler = folder / "filler"
+    filler.write_bytes(bytes(max(stat.f_bavail * stat.f_frsize - free, 0)))
+    return filler
+
+
+def assert_full_disk(result: subprocess.CompletedProcess, mount: Path, *culprits: str) -> str:
+    """The command ended as on a full disk: exit 1, "no space left on" / "not enough space on" the
+    tmpfs at ``mount``, naming ``culprits``, no traceback. Returns the flattened stderr."""
+    said = assert_clean_error(result, *culprits)
+    assert re.search(rf"(no|not enough) space (left )?on {re.escape(str(mount))} \(tmpfs, tmpfs: [\d.]+ [kMG]?B "
+                     r"free of [\d.]+ [kMG]?B\)", said), said[-3000:]
+    return said

@@ -360,6 +360,58 @@ def test_a_failing_gpu_on_a_farm_fails_no_clip(cpu_cluster, tiny_models, corpus,
     assert (store.status() == PENDING).all() and store.failures() == []
 
 
+def _executing(dask_worker) -> int:
+    """On a worker: how many tasks it is running (a cancelled one runs on to its end)."""
+    return len(dask_worker.state.executing)
+
+
+def test_a_full_disk_on_a_farm_ends_the_run_and_the_same_command_resumes(cpu_cluster, tiny_models, corpus, annotations,
+                                                                           tmp_path, monkeypatch):
+    """`xmei extract --scheduler` into a store on a 4 MB disk, in 2 shards: 16 clips (4.2 MB of
+    features, which never fit) and 8 (2.1 MB). Refused before any shard (6.3 MB to write); with
+    that check taken out, the shard that meets the full disk ends the whole run with its message,
+    once (not retried on the other worker), no clip failed, the other shard kept; on a larger disk
+    the same command resumes."""
+    import time
+
+    import pipeline.extract
+    from faults import assert_full_disk, assert_kept, resize, snapshot, tmpfs, xmei
+    from stores import OK, PENDING, FeatureStore, verify_store
+    from test_extract import ROOT
+
+    args = ("extract", "--config", ROOT / "configs" / "tiny.yaml", "--models", tiny_models, "--annotations",
+            annotations, "--media-root", corpus, "--scheduler", cpu_cluster.scheduler_address,
+            "--set", "extract.shard_size=16", "--set", "extract.batch_size=4")
+    with tmpfs(tmp_path / "disk", 4 * 10**6) as disk:
+        store = disk / "store"
+        assert_full_disk(xmei(*args, "--out", store), disk, f"for {store} (the features of the 24 clips of its 2 "
+                         "shards still to extract): it needs about 6.3 MB; its clips stay pending: free space")
+        assert (FeatureStore(store).status() == PENDING).all()
+
+        monkeypatch.setattr(pipeline.extract, "_check_space", lambda store, jobs: None)
+        said = assert_full_disk(xmei(*args, "--out", store), disk, f"while writing {store} (shard 0 of the store, "
+                                "clips 0-15)\n1 of 2 shards are finished and kept; the clips of the others stay "
+                                "pending: free space there (or move the store to a larger disk), then run the same "
+                                "command again to complete them")
+        assert not re.search(r"tried \d+ times", said) and "0 failed" in said  # once, and no clip failed
+        with Client(cpu_cluster) as client:  # no task runs on
+            deadline = time.monotonic() + 60
+            while sum(client.run(_executing).values()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        status = FeatureStore(store).status()
+        assert (status[:16] == PENDING).all() and (status[16:] == OK).all()
+        assert FeatureStore(store).failures() == [] and not (store / "failures.jsonl").exists()
+        kept = snapshot(store / "visual" / "c" / "1")
+
+        resize(disk, 20 * 10**6)
+        monkeypatch.undo()
+        result = xmei(*args, "--out", store)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resuming: 1 of 2 shards already done" in result.stderr and "24 ok, 0 failed" in result.stdout
+        assert_kept(kept)
+        assert verify_store(FeatureStore(store)) == []
+
+
 def test_a_shard_that_meets_a_failing_gpu_is_done_by_another_worker(cpu_cluster, tiny_models, corpus, annotations,
                                                                      tmp_path):
     from conftest import config

@@ -21,6 +21,7 @@ from PIL import Image
 
 from pipeline.decode import SAMPLE_RATE, read_audio, read_frames, window_starts
 from stores import FeatureStore
+from xmei.errors import write_whole
 from xmei.model import LQFormers, XMEIQwen
 
 __all__ = ["attention_maps", "audio_attention", "center_crop", "draw_attention"]
@@ -191,9 +192,12 @@ def _draw_windows(wave: np.ndarray, size: int, rows: list[tuple[str, np.ndarray]
 
 
 def _save(fig, path: Path) -> Path:
+    """The figure as ``path`` (its suffix the format), whole or not at all."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        return write_whole(path, lambda partial: fig.savefig(partial, dpi=100, format=path.suffix[1:]),
+                           "an attention map")
+    finally:
+        plt.close(fig)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from xmei.config import load_config
-from xmei.errors import read_json
+from xmei.errors import read_json, write_whole
 
 __all__ = ["DEFAULT_CONFIG", "DemoSettings", "MODELS", "run_demo"]
 
@@ -155,7 +155,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
                "checkpoints": {k: str(v) for k, v in finished.items()},
                "seconds": time.perf_counter() - began}
     summary["check"] = _modality_check(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_whole(out / "summary.json", json.dumps(summary, indent=1) + "\n", "the demo's summary")
     summary["report"] = str(_write_report(out, summary))
     return summary
 
@@ -224,9 +224,7 @@ def _write_report(out: Path, summary: dict) -> Path:
     lines += [f"- report ({k}): {v}" for k, v in summary["reports"].items()]
     lines += [f"- browsable page (A+V+T beside the Q-Former, every clip): {summary['page']}"]
     lines += [f"- confusion matrix: {p}" for p in summary["confusion"]] + [f"- attention map: {p}" for p in summary["attention"]] + [""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_whole(out / "report.md", "\n".join(lines), "the demo's report")
 
 
 def _ok_ids(path: Path) -> list[str]:

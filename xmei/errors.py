@@ -18,18 +18,34 @@ predictions, store and checkpoint metadata): :func:`read_text`, :func:`read_json
 
 followed by ``; HINT`` where the caller gives one (what to do about it). A byte order mark at the
 start of a file is no content and is dropped.
+
+And the one wording of a full disk, for every writer (stores, checkpoints, logs, eval outputs,
+exports, reports): :func:`writing` turns a write that fails for want of space into a
+:class:`DiskFullError`; :func:`check_space` refuses a long write before it starts:
+
+    no space left on MOUNT (DEVICE, TYPE: FREE free of SIZE) while writing PATH (WHAT)[; HINT]
+    not enough space on MOUNT (DEVICE, TYPE: FREE free of SIZE) for PATH (WHAT): it needs about NEED[; HINT]
+
+A full disk shows in three ways: an OSError ENOSPC or EDQUOT (Python, Zarr, h5py); the system's
+words in another error's message (safetensors and tokenizers, written in Rust); torch's
+serializer, which loses the errno (``[enforce fail at inline_container.cc:N] . unexpected pos``,
+``PytorchStreamWriter failed writing file``): taken for a full disk only when the filesystem has
+less than NEARLY_FULL (or 1% of it) free after it failed.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JSON_TYPES", "UserError", "debugging", "json_lines", "json_type", "message_of", "parse_json", "read_json",
-           "read_text"]
+__all__ = ["JSON_TYPES", "DiskFullError", "UserError", "byte_size", "check_space", "debugging", "disk_full",
+           "filesystem", "json_lines", "json_type", "message_of", "parse_json", "read_json", "read_text", "write_whole",
+           "writing"]
 
 DEBUG_VARIABLE = "XMEI_DEBUG"
 JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
@@ -137,3 +153,151 @@ def json_lines(path: str | Path, what: str, error: type[UserError] = UserError,
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit in a string
         if line.strip():
             yield number, parse_json(line, path, what, error, hint, line=number)
+
+
+# --------------------------------------------------------------------------- full disks
+
+FULL = {errno.ENOSPC: "no space left", errno.EDQUOT: "no space left (disk quota exceeded)"}
+FULL_WORDS = {os.strerror(code): code for code in FULL}  # as Rust's errors and h5py's messages say them
+TORCH_WRITER = ("PytorchStreamWriter failed", "] . unexpected pos")  # torch's serializer, errno lost
+NEARLY_FULL = 16 * 2**20  # bytes free (or 1% of a small disk) under which torch's failed write met a full disk
+CLOSE = 1.2  # check_space warns when less than this many times what is needed is free
+
+
+class DiskFullError(UserError):
+    """A write that found no space (or no quota) on its filesystem, or was refused before it began
+    because too little is free; the message names the filesystem, the path and what it is."""
+
+
+def byte_size(n: float) -> str:
+    """1234567 -> "1.2 MB" (decimal units, as ``df -H``)."""
+    units, k = ("B", "kB", "MB", "GB", "TB"), 0
+    while abs(n) >= 1000 and k < len(units) - 1:
+        n, k = n / 1000, k + 1
+    return f"{n:.0f} B" if k == 0 else f"{n:.1f} {units[k]}"
+
+
+def _existing(path: str | Path) -> Path:
+    """``path`` or its nearest folder that exists (what a write would land on), symlinks resolved."""
+    path = Path(os.path.realpath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _free_bytes(path: str | Path) -> int:
+    """Bytes this user may still write on the filesystem of ``path`` (or of its nearest existing folder)."""
+    stat = os.statvfs(_existing(path))
+    return stat.f_bavail * stat.f_frsize
+
+
+def _nearly_full(path: str | Path) -> bool:
+    """Whether the filesystem of ``path`` has less than NEARLY_FULL free, or 1% on a small one."""
+    stat = os.statvfs(_existing(path))
+    return stat.f_bavail < min(NEARLY_FULL // stat.f_frsize, stat.f_blocks // 100)
+
+
+def _octal(match: re.Match) -> str:
+    """The character of an octal escape of /proc/self/mounts ("\\040" is a space)."""
+    return chr(int(match[1], 8))
+
+
+def _mount(path: Path) -> tuple[str, str, str] | None:
+    """(mount point, device, type) of the filesystem holding ``path``: the longest mount point of
+    /proc/self/mounts above it; None where there is no such file (not Linux)."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        device, point, kind = (re.sub(r"\\([0-7]{3})", _octal, field) for field in fields[:3])
+        if (path == Path(point) or Path(point) in path.parents) and (best is None or len(point) >= len(best[0])):
+            best = (point, device, kind)  # the later of two equal mount points is the one on top
+    return best
+
+
+def filesystem(path: str | Path) -> str:
+    """The filesystem of ``path`` in words: "MOUNT (DEVICE, TYPE: FREE free of SIZE)"."""
+    where = _existing(path)
+    stat = os.statvfs(where)
+    space = f"{byte_size(stat.f_bavail * stat.f_frsize)} free of {byte_size(stat.f_blocks * stat.f_frsize)}"
+    mount = _mount(where)
+    if mount is None:
+        return f"the filesystem of {where} ({space})"
+    point, device, kind = mount
+    return f"{point} ({device}, {kind}: {space})"
+
+
+def disk_full(err: BaseException, path: str | Path) -> int | None:
+    """ENOSPC or EDQUOT when ``err`` (or an error it was raised from) is a write to ``path`` that
+    found its filesystem full; else None. See the module docstring for the three ways it shows."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in FULL:
+            return err.errno
+        text = str(err)
+        for words, code in FULL_WORDS.items():
+            if words in text:
+                return code
+        if isinstance(err, RuntimeError) and any(m in text for m in TORCH_WRITER) and _nearly_full(path):
+            return errno.ENOSPC
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextmanager
+def writing(path: str | Path, what: str, hint: str = "") -> Iterator[None]:
+    """Around the writing of ``path`` (``what`` it is: "checkpoint step_0000006"): an error that is
+    a full disk (:func:`disk_full`) becomes a DiskFullError naming the filesystem, the path and
+    ``what``, followed by ``hint`` (what was kept, how to go on). A DiskFullError from within (a
+    nested ``writing``, which named the file) gets the hint added. Cleaning up is the caller's."""
+    try:
+        yield
+    except DiskFullError as err:
+        if not hint or hint in str(err):
+            raise
+        raise DiskFullError(f"{err}; {hint}") from err
+    except Exception as err:  # noqa: BLE001 - only a full disk is taken; anything else goes on as it was
+        code = disk_full(err, path)
+        if code is None:
+            raise
+        raise DiskFullError(f"{FULL[code]} on {filesystem(path)} while writing {path} ({what})"
+                            + (f"; {hint}" if hint else "")) from err
+
+
+def write_whole(path: str | Path, content: str | Callable[[Path], object], what: str, hint: str = "") -> Path:
+    """Write ``content`` to ``path`` whole or not at all: a text (UTF-8), or a function that writes
+    the file it is given. It goes into ``PATH.partial-<pid>`` beside it, then is renamed over it, so
+    an earlier file stays as it was until the new one is complete. A full disk is a DiskFullError
+    (:func:`writing`), the partial file removed."""
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        with writing(path, what, hint):
+            if isinstance(content, str):
+                partial.write_text(content, encoding="utf-8")
+            else:
+                content(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def check_space(path: str | Path, need: int, what: str, hint: str = "", close: int | None = None) -> str | None:
+    """Before writing about ``need`` bytes at ``path`` (``what`` they are): a DiskFullError when its
+    filesystem has less free; the text of a warning when it has less than ``close`` (default
+    CLOSE times ``need``), which the caller shows; None when there is room."""
+    free = _free_bytes(path)
+    if free < need:
+        raise DiskFullError(f"not enough space on {filesystem(path)} for {path} ({what}): it needs about "
+                            f"{byte_size(need)}" + (f"; {hint}" if hint else ""))
+    close = int(CLOSE * need) if close is None else close
+    if free < close:
+        return f"little space on {filesystem(path)} for {path} ({what}): it will take about {byte_size(close)}"
+    return None

@@ -19,6 +19,8 @@ video_id and the metrics that were available (:mod:`xmei.text_metrics`); `xmei r
 Outputs are written into ``OUT/.outputs.partial-<pid>`` and renamed into ``OUT`` together once
 all are written (:func:`staged`), so a kill leaves the earlier evaluation's files in ``OUT`` whole
 and unchanged, never half a file next to a whole one; the next run removes the dead partial folder.
+A full disk ends the command with a DiskFullError naming the filesystem, ``OUT`` as it was, and
+the partial folder emptied but for the predictions when they were written whole.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import Any
 
 from stores.store import PARTIAL, remove_dead_partials  # the stores' partial folders: one convention
 from xmei.classification import classification_report, joint_report, plot_confusion
-from xmei.errors import JSON_TYPES, UserError, json_lines, json_type
+from xmei.errors import JSON_TYPES, DiskFullError, UserError, json_lines, json_type, write_whole, writing
 from xmei.text_metrics import explanation_metrics
 
 __all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "read_predictions", "score", "score_file",
@@ -53,8 +55,9 @@ class EvaluationError(UserError, ValueError):
 
 
 def write_predictions(rows: list[dict], path: Path) -> None:
+    """The predictions file, whole or not at all (:func:`xmei.errors.write_whole`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_whole(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "the predictions")
 
 
 def read_predictions(path: Path, emotions, intents) -> list[dict]:
@@ -136,21 +139,42 @@ def staged(out: Path) -> Iterator[Path]:
     error its files are renamed into ``OUT``, each replacing its earlier version whole (same
     folder: atomic), and it is removed. On an error ``OUT`` is left as it was and the partial
     folder kept (predictions written before scoring failed are not lost; the error's note names
-    it) until the next run into ``OUT`` removes it, as it removes those of killed runs."""
+    it) until the next run into ``OUT`` removes it, as it removes those of killed runs. A full
+    disk is a DiskFullError (:func:`xmei.errors.writing`) after :func:`_emptied` the partial folder."""
     out = Path(out)
     check_out(out)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_dead_partials(out / STAGING)
     partial = out / f"{STAGING}{PARTIAL}{os.getpid()}"
-    partial.mkdir()
     try:
-        yield partial
+        with writing(partial, f"the outputs of this evaluation, renamed into {out} once all are written"):
+            out.mkdir(parents=True, exist_ok=True)
+            remove_dead_partials(out / STAGING)
+            partial.mkdir()
+            yield partial
+    except DiskFullError as err:
+        raise DiskFullError(f"{err}; {_emptied(partial, out)}") from err
     except BaseException as err:
         err.add_note(f"the outputs written so far are in {partial}")
         raise
     for file in sorted(partial.iterdir(), key=lambda f: f.name == "results.json"):  # results.json last
         os.replace(file, out / file.name)
     partial.rmdir()
+
+
+def _emptied(partial: Path, out: Path) -> str:
+    """After a full disk: every file of the ``partial`` folder removed but the predictions (whole
+    whenever they are there, see :func:`write_predictions`); the folder too when they are not.
+    Says what is kept."""
+    kept = partial / "predictions.jsonl"
+    for file in partial.iterdir() if partial.is_dir() else ():
+        if file != kept:
+            file.unlink()
+    if kept.is_file():
+        return (f"the outputs in {out} are as they were; this run's predictions are whole in {kept}: move them "
+                f"elsewhere (the next evaluation into {out} removes that folder) and score them with xmei score "
+                "once there is space")
+    if partial.is_dir():
+        partial.rmdir()
+    return f"the outputs in {out} are as they were, and nothing of this run is kept"
 
 
 def score(rows: list[dict], emotions, intents, eval_cfg) -> dict[str, Any]:

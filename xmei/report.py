@@ -28,6 +28,9 @@ gets the clip's ROUGE-L only, computed here: pycocoevalcap's (F with beta 1.2) o
 tokenization (:func:`xmei.text_metrics.simple_tokenize`), where eval's is on PTB tokens.
 
 The HTML comes from ``templates/report.html.j2`` with autoescaping: a clip's texts show as text.
+The page and its images are written beside the earlier ones (``.report.html.partial-<pid>``,
+``.report_files.partial-<pid>``) and renamed into place once whole: a kill or a full disk (a
+DiskFullError naming the filesystem) leaves the earlier page as it was.
 """
 from __future__ import annotations
 
@@ -42,8 +45,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.decode import SAMPLE_RATE
+from stores.store import PARTIAL, remove_dead_partials  # the stores' partial folders: one convention
 from xmei.classification import INVALID
-from xmei.errors import UserError, json_lines, read_json
+from xmei.errors import UserError, json_lines, read_json, writing
 from xmei.evaluate import CLIP_SCORES, PUBLISHED_ORDER, TITLES, read_predictions
 from xmei.labels import DEFAULT_SYNONYMS, LabelSet
 
@@ -126,21 +130,37 @@ def build_report(eval_dir: Path, store: Path | None = None, media_root: Path | N
         other = {"name": _name(other_results, Path(compare)), "results": other_results,
                  "only_here": sum(c.other is None for c in cards),
                  "only_there": len({r["video_id"] for r in other_rows} - {c.video_id for c in cards})}
-    assets = eval_dir / ASSETS
-    if assets.is_dir():
-        shutil.rmtree(assets)  # images of an earlier page: this page writes its own
-    media_note = _add_store(cards, Path(store), media_root, assets, model, progress) if store is not None else \
-        "no store given: no subtitles, captions, frames or audio (xmei report EVAL_DIR --store STORE)"
-    html = _render(eval_dir / "results.json", name=_name(results, eval_dir), results=results,
-                   labels={k: list(v.labels) for k, v in labels.items()}, cards=cards, confusion=confusion,
-                   other=other, media_note=media_note,
-                   outcomes=OUTCOMES, invalid=INVALID, titles=TITLES, metric_order=PUBLISHED_ORDER,
-                   counts=_counts(cards), scored=list(cards[0].scores) if cards else [],
-                   scores_note=SCORES_NOTE[bool(scores)])
-    page = eval_dir / PAGE
-    partial = eval_dir / f".{PAGE}.partial-{os.getpid()}"
-    partial.write_text(html, encoding="utf-8")
-    os.replace(partial, page)  # a kill never leaves half a page
+    for name in (ASSETS, PAGE):  # what a killed run was writing
+        remove_dead_partials(eval_dir / f".{name}")
+    assets = eval_dir / f".{ASSETS}{PARTIAL}{os.getpid()}"  # renamed to ASSETS with the page
+    try:
+        with writing(eval_dir, "the report page and its images", f"the earlier page in {eval_dir} is as it was"):
+            media_note = _add_store(cards, Path(store), media_root, assets, model, progress) if store is not None \
+                else "no store given: no subtitles, captions, frames or audio (xmei report EVAL_DIR --store STORE)"
+            html = _render(eval_dir / "results.json", name=_name(results, eval_dir), results=results,
+                           labels={k: list(v.labels) for k, v in labels.items()}, cards=cards, confusion=confusion,
+                           other=other, media_note=media_note,
+                           outcomes=OUTCOMES, invalid=INVALID, titles=TITLES, metric_order=PUBLISHED_ORDER,
+                           counts=_counts(cards), scored=list(cards[0].scores) if cards else [],
+                           scores_note=SCORES_NOTE[bool(scores)])
+            return _publish(eval_dir, html, assets)
+    finally:
+        shutil.rmtree(assets, ignore_errors=True)
+
+
+def _publish(eval_dir: Path, html: str, assets: Path) -> Path:
+    """The page ``html`` written beside the earlier one, then it and its images (the folder
+    ``assets``, where there is one) put in place of the earlier ones: renames, which need no space."""
+    page, partial = eval_dir / PAGE, eval_dir / f".{PAGE}{PARTIAL}{os.getpid()}"
+    try:
+        partial.write_text(html, encoding="utf-8")
+        if (eval_dir / ASSETS).is_dir():
+            shutil.rmtree(eval_dir / ASSETS)  # images of an earlier page: this page has its own
+        if assets.is_dir():
+            assets.rename(eval_dir / ASSETS)
+        os.replace(partial, page)  # a kill or a full disk never leaves half a page
+    finally:
+        partial.unlink(missing_ok=True)
     return page
 
 

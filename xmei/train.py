@@ -47,6 +47,12 @@ with that status, naming the last whole checkpoint (a ``.partial`` one is never 
 A signal after the last epoch's agreement ends nothing: the run finishes as done. Before
 :meth:`Trainer.train` (set-up, no step done) the signals keep their defaults. DataLoader workers
 ignore both.
+
+A full disk ends the run with a DiskFullError naming the filesystem, never a half checkpoint: at
+start-up, when --output-dir cannot hold one checkpoint (the size of the last one there, else the
+trainable weights and their optimizer state), and at each save, before anything is written; and
+when the disk fills while a checkpoint or the log is written, the step_N.partial folder (or the log
+line) removed. The earlier checkpoints are kept as they were, and --resume goes on from the newest.
 """
 from __future__ import annotations
 
@@ -71,7 +77,7 @@ from xmei.checkpoint import (DAMAGED, CheckpointError, check_deepspeed, check_to
 from xmei.data import FLAGS, EpochSampler, StoreSamples, dtype_warning, loader
 from xmei.distributed import (Distributed, frozen_names, resolve_precision, single_process_env, unbroadcast_frozen,
                               weights_checksum)
-from xmei.errors import UserError
+from xmei.errors import DiskFullError, UserError, byte_size, check_space, writing
 from xmei.model import XMEIQwen, llm_tokenizer
 from xmei.preempt import StopSignals
 from xmei.prompt import IGNORE, collate
@@ -82,6 +88,9 @@ __all__ = ["Stopped", "TrainError", "TrainWarning", "Trainer", "checkpoints"]
 
 STATE_FILE = "trainer_state.pt"  # torch.save of tensors and plain values; loaded with weights_only=True
 DEEPSPEED_DIR = "deepspeed"
+# bytes a trainable parameter takes in a checkpoint: its fp32 weight and AdamW's two fp32 moments,
+# and with DeepSpeed also the engine's copy of the weight and ZeRO's fp32 master copy
+CHECKPOINT_BYTES = {"torch": 4 + 8, "deepspeed": 4 + 8 + 4 + 4}
 
 
 class TrainError(UserError, RuntimeError):
@@ -264,6 +273,7 @@ class Trainer:
                 import wandb
 
                 self.wandb = wandb.init(project="xmei", config=cfg.to_dict(), dir=str(self.logs))
+        self._check_checkpoint_space(start=True)
 
     def _setup_data(self, settings: XMEISettings, builder) -> None:
         """The training and validation samples (of the stores checked in ``__init__``), the epoch's
@@ -552,12 +562,12 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if self.rank != 0:
             return
-        with open(self.logs / "train.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                tag = f"val/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}"
-                self.tensorboard.add_scalar(tag, value, record["step"])
+        with writing(self.logs, "the training log: train.jsonl and the TensorBoard events", self._resume_hint()):
+            _append_line(self.logs / "train.jsonl", json.dumps(record) + "\n")
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    tag = f"val/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}"
+                    self.tensorboard.add_scalar(tag, value, record["step"])
         if self.wandb is not None:  # numbers only: the skipped clips are in train.jsonl
             self.wandb.log({k: v for k, v in record.items() if not isinstance(v, list)}, step=record["step"])
         if self.progress:
@@ -566,8 +576,74 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
+        """checkpoints/step_NNNNNNN (:meth:`_write_checkpoint`), once the disk is seen to hold it.
+        Too little free space ends the run before anything is written; a disk that fills while it is
+        written ends it with the step_N.partial folder removed. Either way a DiskFullError names the
+        filesystem, and the earlier checkpoints are kept as they were."""
+        self._check_checkpoint_space()
+        partial_folder = self._checkpoint_path().with_suffix(".partial")
+        try:
+            with writing(partial_folder, f"checkpoint {self._checkpoint_path().name}", self._resume_hint()):
+                return self._write_checkpoint()
+        except DiskFullError:
+            if self.rank == 0:  # nothing of it may stay to be taken for whole, nor hold the space
+                shutil.rmtree(partial_folder, ignore_errors=True)
+            raise
+
+    def _checkpoint_path(self) -> Path:
+        """The folder of the checkpoint of the current step."""
+        return self.output_dir / "checkpoints" / f"step_{self.position.step:07d}"
+
+    def _checkpoint_size(self) -> tuple[int, str]:
+        """(bytes, what they are) of a checkpoint: the last one's size, else at least the trainable
+        weights and their optimizer state (CHECKPOINT_BYTES)."""
+        done = checkpoints(self.output_dir)
+        if done:
+            return sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()), f"the size of {done[-1].name}"
+        count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        per = CHECKPOINT_BYTES[self.engine_name]
+        return count * per, f"at least {count:,} trainable parameters x {per} bytes: weights and optimizer state"
+
+    def _check_checkpoint_space(self, start: bool = False) -> None:
+        """Rank 0 compares the free space of --output-dir with a checkpoint's size, and every rank
+        ends alike: a DiskFullError when one does not fit. At the ``start`` it warns (TrainWarning)
+        when the checkpoints the run holds at once (run.keep_checkpoints, and the next written
+        before the oldest is removed) may not fit."""
+        refusal = warning = None
+        if self.rank == 0:
+            run, kept = self.cfg.run, len(checkpoints(self.output_dir))
+            size, basis = self._checkpoint_size()
+            left = self.total_steps - self.position.step
+            saves = left // run.save_every_steps + run.max_epoch - self.position.epoch  # at most, this run
+            more = max(1, min(run.keep_checkpoints + 1, kept + saves) - kept)  # at once, before one is removed
+            hint = self._resume_hint() if not start else (
+                "free space (or choose another --output-dir), then run again" + (" with --resume" if kept else ""))
+            what = f"a checkpoint of about {byte_size(size)}: {basis}"
+            try:
+                warning = check_space(self.output_dir / "checkpoints", size, what, hint,
+                                      close=more * size if start else size)
+            except DiskFullError as err:
+                refusal = str(err)
+            if warning:
+                warning += (f" (up to {more} checkpoints at once: run.keep_checkpoints={run.keep_checkpoints} kept, "
+                            "and the next one written before the oldest is removed)")
+        refusal = self.dist.broadcast(refusal)
+        if refusal:
+            raise DiskFullError(refusal)
+        if warning:
+            warnings.warn(warning, TrainWarning, stacklevel=3)
+
+    def _resume_hint(self) -> str:
+        """What a run that stops on a full disk keeps, and how to go on."""
+        done = checkpoints(self.output_dir)
+        if not done:
+            return "no checkpoint was written before: free space (or choose another --output-dir), then start again"
+        return (f"the earlier checkpoints are kept as they were (the newest: {done[-1]}); free space (or move "
+                f"{self.output_dir} to a larger disk), then continue with --resume")
+
+    def _write_checkpoint(self) -> Path:
         """checkpoints/step_NNNNNNN: the model checkpoint + trainer state; keeps the last K."""
-        folder = self.output_dir / "checkpoints" / f"step_{self.position.step:07d}"
+        folder = self._checkpoint_path()
         partial_folder = folder.with_name(folder.name + ".partial")
         if self.rank == 0 and partial_folder.exists():  # left by a kill: none of its files may slip in
             shutil.rmtree(partial_folder)
@@ -682,8 +758,22 @@ class Trainer:
         if getattr(self, "stopped", None) is not None:
             self.dist.barrier()
         if getattr(self, "tensorboard", None) is not None:
-            self.tensorboard.close()
+            with writing(self.logs, "the TensorBoard events", self._resume_hint()):  # they are written on closing
+                self.tensorboard.close()
         if getattr(self, "wandb", None) is not None:
             self.wandb.finish()
         if getattr(self, "dist", None) is not None:
             self.dist.close()
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append ``line`` to ``path`` whole or not at all: a write that fails (a full disk) is undone."""
+    with open(path, "ab", buffering=0) as f:
+        start = os.fstat(f.fileno()).st_size
+        data = memoryview(line.encode())
+        try:
+            while data:
+                data = data[f.write(data):]  # a full disk writes short, then fails
+        except OSError:
+            f.truncate(start)
+            raise
