@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EARLIER, KEEP_EVERY_3, ROOT, TRAIN
+from conftest import EARLIER, KEEP_EVERY_3, LAST, ROOT, TRAIN
 from faults import assert_full_disk, assert_kept, leave_free, resize, snapshot, tmpfs, xmei
 from xmei.errors import DiskFullError, check_space, disk_full, writing
 
@@ -116,8 +116,6 @@ def test_a_disk_that_holds_one_checkpoint_but_not_two(trained_run, tiny_models, 
 # ----------------------------------------------------------------------------- eval, score, report
 
 def test_eval_on_a_full_disk_leaves_the_earlier_outputs(trained_run, patch_store, tmp_path):
-    from conftest import LAST
-
     with tmpfs(tmp_path / "disk", 1 * MB) as disk:
         out = disk / "eval"
         out.mkdir()
