@@ -11,6 +11,11 @@ A mistake the user can fix ends the command with "error: <message>" on stderr: a
 Cheap checks first: a command that reads a checkpoint checks every file of it (``_load_checkpoint``)
 and the stores it reads (xmei.settings.open_stores) before it imports torch, transformers or peft,
 so a damaged input is named in seconds, not after a model has loaded.
+
+`train`, `extract` and `eval` hold the lock of the folder they write (``_one_run``, xmei.runlock)
+until they end: a second run into it stops at once, naming the first. `extract` and `eval` stop
+at a shard / batch boundary on SIGTERM or SIGINT (xmei.interrupt) and end with status 128 + the
+signal's number, saying what is kept.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from rich.text import Text
 
 from xmei.config import Config, ConfigError, load_config
 from xmei.errors import DEBUG_VARIABLE, UserError, debugging, message_of
+from xmei.interrupt import Interrupted
 
 if TYPE_CHECKING:
     from stores import FeatureStore
@@ -153,6 +159,24 @@ def _fail_with_problems(what: str, problems: list) -> None:
 def _say_error(message: str | BaseException) -> None:
     text = message_of(message) if isinstance(message, BaseException) else message
     err.print(f"[red]error:[/] {escape(text)}", highlight=False)  # "[video]" in a message is text
+
+
+def _one_run(ctx: typer.Context, lock: Path, folder: Path, option: str, dist=None) -> None:
+    """Hold the lock of the folder the command of ``ctx`` writes (xmei.runlock) until the command
+    ends, however it ends: a second run into it stops here, naming the first, before any model or
+    data loads. With ``dist`` of several ranks rank 0 takes it and every rank learns the outcome;
+    a refusal also leaves the process group."""
+    from xmei.runlock import RunLockError, run_lock
+
+    several = dist is not None and dist.world > 1
+    try:
+        ctx.with_resource(run_lock(
+            lock, folder, option, rank=dist.rank if several else 0, share=dist.broadcast if several else None,
+            say=lambda note: err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)))
+    except RunLockError:
+        if dist is not None:
+            dist.close()
+        raise
 
 
 @app.command("config")
@@ -283,6 +307,7 @@ def _store_media_root(cfg: Config, given: Path | None, store: Path) -> Path | No
 
 @app.command()
 def extract(
+    ctx: typer.Context,
     annotations: Annotated[Path, typer.Option(help="Annotation file of one split (JSON list or JSONL).")],
     out: Annotated[Path, typer.Option(help="The feature store to write (a folder); rerun to resume it.")],
     media_root: Annotated[Optional[Path], typer.Option(
@@ -304,15 +329,20 @@ def extract(
     Each dask task extracts and writes whole shards; a rerun skips finished shards. A clip whose
     media are missing or corrupt is marked failed (reason in STORE/failures.jsonl) and the run goes on.
     Each worker decodes in extract.decode_workers processes (default: its share of the cores).
+    SIGTERM or Ctrl-C stops it at a shard boundary, keeping every finished shard: rerun to resume.
     """
-    from pipeline.extract import ExtractWarning
-    from pipeline.extract import extract as run_extract
+    from xmei.interrupt import stop_on_signals
+    from xmei.runlock import store_lock
 
     cfg = _load(config, sets, models)
     cfg.extract.allow_absolute_paths |= allow_absolute_paths
     root = _media_root(cfg, media_root, annotations)
     if root is None:
         _fail("no media root: give --media-root (or a config dataset media_root)")
+    _one_run(ctx, store_lock(out), out, "--out")  # before torch is imported: a second run ends at once
+    from pipeline.extract import ExtractWarning
+    from pipeline.extract import extract as run_extract
+
     shard_size = cfg.extract.shard_size
     with _progress(TextColumn("{task.fields[failed]} failed")) as bar:
         task = bar.add_task("extracting", total=None, failed=0)
@@ -329,10 +359,10 @@ def extract(
         def advanced(clips: int, failed: int) -> None:
             bar.update(task, advance=clips, failed=bar.tasks[task].fields["failed"] + failed)
 
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, stop_on_signals() as stop:
             warnings.simplefilter("always", ExtractWarning)
             summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,
-                                  strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started)
+                                  strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started, stop=stop)
     for w in caught:
         err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     rate = (summary.clips - summary.shards_skipped * shard_size) / max(summary.seconds, 1e-9)
@@ -346,6 +376,7 @@ def extract(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     store: Annotated[list[Path], typer.Option(help="Feature store(s) to train on (repeatable).")],
     output_dir: Annotated[Path, typer.Option(help="Checkpoints, logs/train.jsonl and TensorBoard events go here.")],
     val_store: Annotated[Optional[Path], typer.Option(help="Store for the validation loss at each epoch end.")] = None,
@@ -366,11 +397,13 @@ def train(
     DistributedDataParallel, --engine deepspeed in ZeRO-2. Each optimizer step averages the loss over
     every target token of all its micro-batches on all ranks.
     """
-    from xmei.distributed import launcher_env
+    from xmei.distributed import Distributed, launcher_env
+    from xmei.runlock import LOCK_NAME
     from xmei.train import Trainer, TrainWarning
 
     cfg = _load(config, sets, models, require=("model.llama_model_path", "model.caption_tokenizer_path"))
     launcher_env()  # a SLURM task without a launcher learns its rank here
+    _one_run(ctx, output_dir / LOCK_NAME, output_dir, "--output-dir", Distributed.start(cfg.run.device))
     rank0 = int(os.environ.get("RANK", 0)) == 0
     fields = TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[clips]:.1f} clips/s  "
                         "data wait {task.fields[wait]:.0%}")
@@ -444,6 +477,7 @@ def _print_training(trainer, last: dict, output_dir: Path) -> None:
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder (DIR/checkpoints/step_N of `xmei train`).")],
     store: Annotated[Path, typer.Option(help="The feature store of the held-out split.")],
     out: Annotated[Path, typer.Option(help="Folder for predictions.jsonl, results.json, report.md, PNGs.")],
@@ -465,7 +499,8 @@ def eval_cmd(
     label is invalid). The config defaults to the one saved with the checkpoint; eval.* keys name
     the local BERTScore / BLEURT models. On run.device; under
     `torchrun --nproc_per_node N $(which xmei) eval ...` the ranks share the batches and rank 0
-    scores and writes (the same predictions as one process).
+    scores and writes (the same predictions as one process). SIGTERM or Ctrl-C stops it at a batch
+    boundary, writing nothing: OUT keeps its earlier files.
     """
     from dataclasses import replace
 
@@ -485,10 +520,14 @@ def eval_cmd(
     from xmei.data import dtype_warning
     from xmei.distributed import Distributed, resolve_precision
     from xmei.generate import GenerationError, GenerationSettings, generate_store, generation_config, label_constraint
+    from xmei.interrupt import stop_on_signals
     from xmei.model import XMEIQwen
+    from xmei.runlock import LOCK_NAME
 
     generation = replace(GenerationSettings.from_config(cfg), constrained=constrained)
     dist = Distributed.start(cfg.run.device)
+    _one_run(ctx, out / LOCK_NAME, out, "--out", dist)
+    stop = ctx.with_resource(stop_on_signals())  # at a batch boundary, nothing written
     model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device,
                                      dtype=resolve_precision(cfg.run, dist.device))
     if dist.main and (mixed := dtype_warning([store], model.settings.features.compute_dtype)):
@@ -499,8 +538,15 @@ def eval_cmd(
         _fail(e)
     with _progress(disable=not dist.main) as bar:
         task = bar.add_task(f"generating ({dist.world} processes)" if dist.world > 1 else "generating", total=None)
-        rows, rate = generate_store(model, store, cfg.emotions, cfg.intents, generation, dist=dist,
-                                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+
+        def advanced(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            if done < total:  # after the last batch the outputs are written (within the grace)
+                stop.check(f"stopped at a batch boundary after {done} of {total} clips"
+                           + (f" of rank {dist.rank}" if dist.world > 1 else "") + f"; nothing was written, {out} "
+                           "holds what it held before: run the same command again")
+
+        rows, rate = generate_store(model, store, cfg.emotions, cfg.intents, generation, dist=dist, progress=advanced,
                                     compare_free=compare_free)
     dist.close()
     if not dist.main:  # rank 0 scores and writes
@@ -840,8 +886,8 @@ def _progress(*extra: ProgressColumn, unit: str = "clips", disable: bool = False
 
 def main() -> None:
     """The boundary of every command: a UserError (a bad file, record, store, checkpoint, config,
-    device ...) ends with its message and exit status 1; any other exception is a bug and keeps
-    its traceback."""
+    device ...) ends with its message and exit status 1; an Interrupted (a signal) with its message
+    and status 128 + the signal's number; any other exception is a bug and keeps its traceback."""
     try:
         app()
     except UserError as e:
@@ -849,6 +895,11 @@ def main() -> None:
             raise
         _say_error(e)
         sys.exit(1)
+    except Interrupted as e:  # a signal stopped a long run (xmei.interrupt): where, and what is kept
+        if debugging():
+            raise
+        _say_error("; ".join([str(e), *getattr(e, "__notes__", [])]))
+        sys.exit(e.exit_status)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ Processes, not threads or forks: decoders hold the GIL in places, native thread 
 in forked children, and a daemonic dask worker may not fork multiprocessing children. When a
 child dies in a decoder (a segfault), its clip fails with the signal as the reason, a new child
 takes its place and the pool goes on. Children exit when their stdin closes: when the pool
-closes, and when the parent dies in any way, so no process outlives the run.
+closes, and when the parent dies in any way, so no process outlives the run (one whose result
+finds the parent gone exits quietly). They ignore SIGTERM and SIGINT (a job's end may signal
+every process of it; a new session keeps Ctrl-C from them): the parent decides when the run
+stops, and a child that died of the signal would fail its clip.
 """
 from __future__ import annotations
 
@@ -250,6 +253,8 @@ class _Child:
 
 def serve() -> None:
     """A decode process: requests from stdin, results to a private copy of stdout, until EOF."""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the parent stops the run (module docstring)
+        signal.signal(sig, signal.SIG_IGN)
     import torch
 
     results = os.fdopen(os.dup(1), "wb")
@@ -263,8 +268,11 @@ def serve() -> None:
             request, clip = pickle.load(requests)
         except EOFError:
             return
-        pickle.dump((request, _attempt(clip)), results, protocol=pickle.HIGHEST_PROTOCOL)
-        results.flush()
+        try:
+            pickle.dump((request, _attempt(clip)), results, protocol=pickle.HIGHEST_PROTOCOL)
+            results.flush()
+        except BrokenPipeError:  # the parent is gone (killed): nobody wants the result, nor a traceback
+            os._exit(0)
 
 
 if __name__ == "__main__":

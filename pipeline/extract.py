@@ -1,9 +1,10 @@
 """Stage 1 driver: annotations + media -> a feature store, shard by shard, on a dask cluster.
 
 A task extracts and writes one whole shard, so no two workers ever write the same files and
-no lock is needed. A worker loads the encoders and starts its decode processes once and keeps
-them (pipeline.decode_pool); when extract.decode_workers is 0, the driver deals each node's
-cores among that node's workers (pipeline.farm.decode_shares). Within a task, the decode
+no lock is needed between them (between two runs into one store: `xmei extract` holds the
+store's lock, xmei.runlock). A worker loads the encoders and starts its decode processes once
+and keeps them (pipeline.decode_pool); when extract.decode_workers is 0, the driver deals each
+node's cores among that node's workers (pipeline.farm.decode_shares). Within a task, the decode
 processes prepare clips a bounded number ahead while the encoders work on the previous batch.
 Task keys and progress events name the store, so extractions into several stores share one
 scheduler. Before any shard runs, the driver resolves extract.precision to one dtype for the
@@ -18,11 +19,20 @@ clip's either, nor a worker's: the first shard that meets it ends the whole run 
 DiskFullError (its status unwritten, so its clips stay pending), never retried elsewhere. Before
 any shard runs, the driver checks that the store's filesystem has room for the features still to
 extract (refused when it clearly has not, a warning when it is close).
+
+A stop request (``stop``: SIGTERM / SIGINT, see xmei.interrupt) ends the run at a shard boundary:
+no shard starts after it (on a cluster a dask Event tells the tasks not yet begun to return at
+once), the shards being extracted finish and are written, and the run ends with Interrupted
+saying how many shards are kept and that the same command resumes. Shards still running when the
+grace runs out (or at a second signal) are abandoned unwritten, so they stay pending: the driver
+stops, and closing its LocalCluster stops their workers (a farm's workers finish them, or not, on
+their own).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import time
 import warnings
@@ -42,6 +52,7 @@ from pipeline.farm import (PRECISIONS, QuietTaskErrors, check_farm, compute_dtyp
 from stores import FAILED, OK, FeatureStore, StoreError, create_store
 from stores.store import clip_bytes
 from xmei.errors import DiskFullError, UserError, check_space
+from xmei.interrupt import Interrupted, StopRequest
 
 __all__ = ["ExtractWarning", "ExtractionError", "ExtractSummary", "MachineError", "extract", "extract_shard"]
 
@@ -92,7 +103,8 @@ class ExtractSummary:
 def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | None = None,
             scheduler: str | None = None, workers: int | None = None, strict: bool = False, unlabeled: bool = False,
             progress: Callable[[int, int], None] | None = None,
-            on_start: Callable[[ExtractSummary], None] | None = None) -> ExtractSummary:
+            on_start: Callable[[ExtractSummary], None] | None = None,
+            stop: StopRequest | None = None) -> ExtractSummary:
     """Extract every clip of ``annotations`` into the store ``out`` (created, or resumed).
 
     ``workers`` = 0 runs in this process without dask; otherwise a LocalCluster on 127.0.0.1 of
@@ -103,7 +115,8 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
     ``progress(clips, failed)`` is called after each encoder batch and each failed clip;
     ``on_start(summary)`` once the work is known (and the dashboard address, on a cluster).
     A MachineError ends the run naming the worker and its error, a DiskFullError naming the
-    filesystem; the finished shards are kept and the same call again completes the rest.
+    filesystem; the finished shards are kept and the same call again completes the rest. So does a
+    ``stop`` request (module docstring), with Interrupted.
     """
     cfg.require_paths(MODEL_KEYS)
     # workers of a farm need absolute paths (their working folder is not ours)
@@ -129,12 +142,14 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
         jobs = [ShardJob(str(out), k, [_clip_files(records[i], media_root) for i in store.shard_range(k)], settings,
                          strict, shares) for k in range(store.num_shards) if k not in done]
         summary = ExtractSummary(out, len(records), store.num_shards, len(done), space=_check_space(store, jobs))
-        start = time.perf_counter()
+        start, abandoned = time.perf_counter(), None
         try:
             if client is None and workers == 0:
                 if on_start:
                     on_start(summary)
                 for job in jobs:
+                    if stop is not None and stop.requested:
+                        break
                     extract_shard(job, progress)
             else:
                 if client is None:
@@ -142,12 +157,17 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
 
                     client = stack.enter_context(Client(stack.enter_context(start_cluster(devices))))
                     client.register_plugin(QuietTaskErrors())  # this run reports its tasks' errors
-                _run_on_cluster(client, jobs, summary, progress, on_start)
+                _run_on_cluster(client, jobs, summary, progress, on_start, stop)
         except (MachineError, DiskFullError) as err:
-            raise type(err)(f"{err}\n{len(store.done_shards())} of {store.num_shards} shards are finished and kept; "
-                            f"the clips of the others stay pending: {AGAIN[type(err)]} to complete them") from err
+            raise type(err)(f"{err}\n{_kept(store)}: {AGAIN[type(err)]} to complete them") from err
+        except Interrupted as err:  # the grace ran out, or a second signal came: the shards in progress stay pending
+            abandoned = err
     summary.seconds = time.perf_counter() - start
     store.write_failures_log()
+    if abandoned or (stop is not None and stop.requested and len(store.done_shards()) < store.num_shards):
+        signum = abandoned.signum if abandoned else stop.signum
+        how = str(abandoned) if abandoned else f"{stop.name}: stopped at a shard boundary"
+        raise Interrupted(signum, f"{how}; {_kept(store)}: run the same command again to resume") from None
     status = store.status()
     summary.ok = int((status == OK).sum())
     summary.failed = store.failures()
@@ -168,49 +188,78 @@ def _check_space(store: FeatureStore, jobs: list[ShardJob]) -> str | None:
                        "same command again")
 
 
+def _kept(store: FeatureStore) -> str:
+    return (f"{len(store.done_shards())} of {store.num_shards} shards are finished and kept in {store.path}, the "
+            "clips of the others stay pending")
+
+
 def _gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _run_on_cluster(client, jobs: list[ShardJob], summary: ExtractSummary, progress, on_start) -> None:
+def _run_on_cluster(client, jobs: list[ShardJob], summary: ExtractSummary, progress, on_start,
+                    stop: StopRequest | None = None) -> None:
     """The shard tasks on the cluster of ``client``. A task that ends with a MachineError is tried
     again, up to RETRIES times, on the workers that have not failed it (any worker once every one
-    has); the first error that remains ends the run (the tasks not done are cancelled)."""
-    from distributed import as_completed
+    has); the first error that remains ends the run (the tasks not done are cancelled). Once
+    ``stop`` is requested, the tasks not yet begun return at once (``halt``), none is tried again,
+    and this returns when the running ones are done."""
+    from distributed import Event, as_completed
 
     summary.dashboard = client.dashboard_link
     if on_start:
         on_start(summary)
     run = _run_name(summary.store)  # keys and events of this store only: other runs may share the scheduler
+    halt = Event(f"{run}-halt-{os.getpid()}-{time.time_ns()}", client=client)  # this driver's tasks only
 
     tries: dict = {}  # future -> (its job, the workers that failed it so far)
 
     def submit(job: ShardJob, failed_on: tuple[str, ...] = ()):
         others = [w for w in client.scheduler_info()["workers"] if w not in failed_on] if failed_on else None
         key = f"{run}-shard-{job.shard}" + (f"-try{len(failed_on) + 1}" if failed_on else "")
-        future = client.submit(extract_shard, job, key=key, pure=False, workers=others or None)
+        future = client.submit(_shard_task, job, halt.name, key=key, pure=False, workers=others or None)
         tries[future] = (job, failed_on)
         return future
 
     if progress:  # workers report each batch as an event (see _report)
         client.subscribe_topic(run, lambda event: progress(*event[1]))
-    pending = as_completed([submit(job) for job in jobs])
+    pending, halted = as_completed([submit(job) for job in jobs]), False
     try:
-        for future in pending:
-            job, failed_on = tries[future]
-            try:
-                future.result()  # raises the first task error (e.g. --strict) as soon as it comes
-            except MachineError as err:
-                failed_on = (*failed_on, err.worker or "")
-                if len(failed_on) > RETRIES:
-                    raise MachineError(f"{err} (tried {len(failed_on)} times, on {', '.join(failed_on)})") from err
-                pending.add(submit(job, failed_on))
+        while not pending.is_empty():
+            if stop is not None and stop.requested and not halted:
+                halt.set()
+                halted = True
+            for future in pending.next_batch(block=False) or _pause():
+                job, failed_on = tries[future]
+                try:
+                    future.result()  # raises the first task error (e.g. --strict) as soon as it comes
+                except MachineError as err:
+                    failed_on = (*failed_on, err.worker or "")
+                    if len(failed_on) > RETRIES:
+                        raise MachineError(f"{err} (tried {len(failed_on)} times, on {', '.join(failed_on)})") from err
+                    if not halted:  # stopping: its clips stay pending
+                        pending.add(submit(job, failed_on))
     finally:
         client.cancel(list(tries))
+        if halted:
+            halt.clear()  # frees it on the scheduler
         if progress:
             client.unsubscribe_topic(run)
+
+
+def _pause() -> list:
+    """No task ended: wait a little before looking again (and at the stop request)."""
+    time.sleep(0.05)
+    return []
+
+
+def _shard_task(job: ShardJob, halt: str) -> dict[str, Any] | None:
+    """extract_shard on a dask worker, unless the driver was asked to stop before it began (None)."""
+    from distributed import Event
+
+    return None if Event(halt).is_set() else extract_shard(job)
 
 
 def _run_name(store: Path) -> str:

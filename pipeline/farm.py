@@ -29,8 +29,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import dask
@@ -305,7 +309,8 @@ def start_cluster(devices: list[str]) -> LocalCluster:
         with start_cluster(devices) as cluster, Client(cluster) as client: ...
 
     One worker per GPU with dask-cuda installed: a LocalCUDACluster on those GPUs. Otherwise
-    (the CPU, several workers per GPU, no dask-cuda): a LocalCluster with DevicePlugin.
+    (the CPU, several workers per GPU, no dask-cuda): a LocalCluster with DevicePlugin. Either
+    way its processes leave Ctrl-C to this one (:func:`_ctrl_c_to_the_driver`).
     """
     if not devices:
         raise FarmError("start_cluster was given no devices: a cluster needs at least 1 worker")
@@ -324,10 +329,30 @@ def start_cluster(devices: list[str]) -> LocalCluster:
             ids = [parent[int(g)] if parent else g for g in gpus]
             # dask-cuda replaces the workers' env= and plugins=; the nanny's config environ survives
             with dask.config.set({"distributed.nanny.environ": {
-                    **dask.config.get("distributed.nanny.environ"), DEVICE_ENV: "cuda:0"}}):
+                    **dask.config.get("distributed.nanny.environ"), DEVICE_ENV: "cuda:0"}}), _ctrl_c_to_the_driver():
                 return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(ids), n_workers=len(ids),
                                         threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0")
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=len(devices), threads_per_worker=1, processes=True, host="127.0.0.1",
-                        dashboard_address="127.0.0.1:0", plugins=(DevicePlugin(devices),))
+    with _ctrl_c_to_the_driver():
+        return LocalCluster(n_workers=len(devices), threads_per_worker=1, processes=True, host="127.0.0.1",
+                            dashboard_address="127.0.0.1:0", plugins=(DevicePlugin(devices),))
+
+
+@contextmanager
+def _ctrl_c_to_the_driver() -> Iterator[None]:
+    """Worker processes started inside ignore SIGINT (an ignored signal stays ignored across exec,
+    and then neither Python nor asyncio installs its KeyboardInterrupt handler). Ctrl-C reaches
+    every process of the terminal's group: the driver alone decides how the run stops
+    (pipeline.extract: at a shard boundary), where a worker would die of it with a traceback and
+    its nanny, taking that for a close, would not restart it. The driver ignores a Ctrl-C while
+    its cluster starts. SIGTERM is left as it is: a worker dies of it silently, its shard stays
+    pending and its nanny starts another; SIGTERM may not be missed, it is how a job is preempted."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)

@@ -17,6 +17,7 @@ from pipeline.extract import ExtractionError, extract
 from pipeline.farm import PRECISIONS, auto_dtype, local_device
 from pipeline.synth import write_camera_mp4
 from stores import FAILED, OK, PENDING, FeatureStore, StoreError, export_hdf5, import_hdf5, verify_store
+from xmei.runlock import store_lock
 from conftest import config
 from faults import xmei
 
@@ -296,10 +297,14 @@ def test_a_failed_creation_removes_its_partial_folder(tmp_path, monkeypatch):
     assert len(store) == 2 and [p.name for p in tmp_path.iterdir()] == ["s"]
 
 
-def cli_extract(tiny_models: Path, annotations: Path, corpus: Path, out: Path, workers: int, **popen):
-    args = [str(XMEI), "extract", "--config", str(ROOT / "configs" / "tiny.yaml"), "--models", str(tiny_models),
+def extract_args(tiny_models: Path, annotations: Path, corpus: Path, out: Path, workers: int) -> list[str]:
+    return ["extract", "--config", str(ROOT / "configs" / "tiny.yaml"), "--models", str(tiny_models),
             "--annotations", str(annotations), "--media-root", str(corpus), "--out", str(out),
             "--workers", str(workers), "--set", "extract.shard_size=2", "--set", "extract.batch_size=2"]
+
+
+def cli_extract(tiny_models: Path, annotations: Path, corpus: Path, out: Path, workers: int, **popen):
+    args = [str(XMEI), *extract_args(tiny_models, annotations, corpus, out, workers)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -341,6 +346,42 @@ def test_a_killed_run_resumes_to_the_same_store(cluster_store, tiny_models, corp
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     assert "resuming:" in output
+    assert f"taking over {store_lock(out)}: the run that held it (`xmei extract " in " ".join(output.split())
+    assert_same(contents(out), contents(cluster_store))
+    assert not store_lock(out).exists()
+
+
+@pytest.mark.parametrize("workers, how", [(0, "SIGTERM to the process"), (1, "SIGINT to its group, as Ctrl-C")])
+def test_a_signal_stops_at_a_shard_boundary_and_the_rerun_resumes_to_the_same_store(
+        workers, how, cluster_store, tiny_models, corpus, annotations, tmp_path):
+    out = tmp_path / "stopped"
+    proc = cli_extract(tiny_models, annotations, corpus, out, workers, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:  # once the first shard is written
+        try:
+            if FeatureStore(out).done_shards():
+                break
+        except (StoreError, FileNotFoundError, KeyError):
+            pass
+        time.sleep(0.05)
+    if workers:  # the driver, its LocalCluster's processes and their decode processes
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=200)  # finishing the shard in progress: well within the grace
+    said = " ".join(output.split())
+    name = "SIGINT" if workers else "SIGTERM"
+    assert proc.returncode == 128 + getattr(signal, name), output
+    assert "Traceback" not in output and f"{name} received: stopping at the next safe point" in said
+    done = FeatureStore(out).done_shards()
+    assert (f"error: {name}: stopped at a shard boundary; {len(done)} of 12 shards are finished and kept in {out}, the "
+            "clips of the others stay pending: run the same command again to resume") in said
+    status = FeatureStore(out).status().reshape(12, 2)
+    assert 0 < len(done) < 12 and all(len(set(shard)) == 1 for shard in status)  # no shard half-marked done
+    assert not store_lock(out).exists()
+    result = xmei(*extract_args(tiny_models, annotations, corpus, out, workers))  # in this process: cheaper
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming: {len(done)} of 12 shards already done" in result.stderr
     assert_same(contents(out), contents(cluster_store))
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faults import XMEI, assert_clean_error, assert_kept, snapshot, xmei
+from faults import XMEI, assert_clean_error, assert_kept, flat, snapshot, xmei
 from test_eval import train_checkpoint
+from xmei.runlock import LOCK_NAME
 
 FAST = ("--set", "eval.max_new_tokens=16", "--set", "run.batch_size_eval=24")  # one batch, short answers
 ROW = {"video_id": "v0", "text": "", "cut_off": False, "emotion": "happy", "intent": "agreeing",
@@ -208,10 +209,34 @@ def test_a_killed_eval_leaves_the_earlier_files_whole_and_a_rerun_completes(chec
 
     result = xmei("eval", "--checkpoint", checkpoint, "--store", patch_store, "--out", out, *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == sorted(earlier)  # the killed run's partial folder is gone
+    assert f"taking over {out / LOCK_NAME}: the run that held it (`xmei eval " in flat(result.stderr)  # the kill's
+    assert sorted(p.name for p in out.iterdir()) == sorted(earlier)  # the killed run's partial folder and lock are gone
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == json.loads((out / "results.json").read_text())["count"] == 24
     assert (out / "report.md").read_text().startswith("# xmei eval: ")
+
+
+def test_sigterm_stops_eval_at_a_batch_boundary_writing_nothing(checkpoint, patch_store, tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "results.json").write_text('{"count": 1}\n')  # an earlier evaluation's
+    before = snapshot(out)
+    environment = {k: v for k, v in os.environ.items() if k != "XMEI_DEBUG"}
+    args = [str(XMEI), "eval", "--checkpoint", str(checkpoint), "--store", str(patch_store), "--out", str(out),
+            "--set", "eval.max_new_tokens=16", "--set", "run.batch_size_eval=4"]  # 6 batches
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**environment, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (out / LOCK_NAME).exists():
+        time.sleep(0.02)  # the lock is taken just before the model loads: the signal comes before any batch ends
+    proc.send_signal(signal.SIGTERM)
+    output, stderr = proc.communicate(timeout=300)
+    said = assert_clean_error(subprocess.CompletedProcess(args, proc.returncode, output, stderr),
+                              "SIGTERM received: stopping at the next safe point",
+                              f"error: SIGTERM: stopped at a batch boundary after 4 of 24 clips; nothing was written, "
+                              f"{out} holds what it held before: run the same command again", status=143)
+    assert_kept(before)
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"], said  # no partial folder, no lock
 
 
 def test_outputs_of_a_failed_run_stay_apart(tmp_path):
