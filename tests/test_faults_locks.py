@@ -133,8 +133,11 @@ def test_a_damaged_lock_is_refused_naming_the_file(tmp_path):
     assert f"delete {folder / LOCK_NAME} and run again" in str(refused.value)
 
 
-def test_a_store_is_locked_beside_it():
-    assert store_lock(Path("/data/stores/train")) == Path("/data/stores/.train.xmei.lock")
+def test_a_store_is_locked_beside_it_whatever_the_path_spelled(tmp_path):
+    (tmp_path / "stores").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "stores")
+    lock = tmp_path.resolve() / "stores" / ".train.xmei.lock"
+    assert store_lock(tmp_path / "link" / "train") == store_lock(tmp_path / "stores" / "train") == lock
 
 
 CONTENDER = """

@@ -64,8 +64,9 @@ class RunLockError(UserError, RuntimeError):
 
 
 def store_lock(store: Path) -> Path:
-    """The lock file of a store: beside it, as the store appears only at the end of its creation."""
-    store = Path(store).absolute()
+    """The lock file of a store: beside it, as the store appears only at the end of its creation
+    (links resolved: two spellings of one store are one lock)."""
+    store = Path(store).resolve()
     return store.with_name(f".{store.name}.xmei.lock")
 
 
