@@ -359,7 +359,7 @@ def extract(
         def advanced(clips: int, failed: int) -> None:
             bar.update(task, advance=clips, failed=bar.tasks[task].fields["failed"] + failed)
 
-        with warnings.catch_warnings(record=True) as caught, stop_on_signals() as stop:
+        with warnings.catch_warnings(record=True) as caught, stop_on_signals(cfg.run.preempt_grace_s) as stop:
             warnings.simplefilter("always", ExtractWarning)
             summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,
                                   strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started, stop=stop)
@@ -527,7 +527,7 @@ def eval_cmd(
     generation = replace(GenerationSettings.from_config(cfg), constrained=constrained)
     dist = Distributed.start(cfg.run.device)
     _one_run(ctx, out / LOCK_NAME, out, "--out", dist)
-    stop = ctx.with_resource(stop_on_signals())  # at a batch boundary, nothing written
+    stop = ctx.with_resource(stop_on_signals(cfg.run.preempt_grace_s))  # at a batch boundary, nothing written
     model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device,
                                      dtype=resolve_precision(cfg.run, dist.device))
     if dist.main and (mixed := dtype_warning([store], model.settings.features.compute_dtype)):

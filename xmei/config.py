@@ -187,7 +187,8 @@ class RunConfig(_Section):
     shuffle_shards: int = Field(4, ge=1)  # clips shuffle within a buffer of this many shards (reads stay sequential)
     save_every_steps: int = Field(500, ge=1)  # a checkpoint every N optimizer steps, and at each epoch end
     keep_checkpoints: int = Field(3, ge=1)  # the last K are kept
-    # SIGTERM / SIGINT: at most this long to finish the step and write a checkpoint, then exit (xmei.preempt)
+    # SIGTERM / SIGINT: at most this long to finish the step and write a checkpoint, then exit (xmei.preempt);
+    # `xmei extract` / `xmei eval`: to finish the shards / the batch in progress (xmei.interrupt)
     preempt_grace_s: float = Field(120, gt=0)
     num_workers: int = Field(4, ge=0)
     seed: int = 42

@@ -17,7 +17,14 @@ Only one process is concerned: each rank of a launcher, which signals all of the
 Interrupted is a BaseException, as KeyboardInterrupt is, so that no ``except Exception`` of a
 clip or a batch takes it for that clip's fault. `xmei`'s entry point ends on it with its message,
 no traceback, and status 128 + the signal's number, as a shell reports a process it signalled
-(143 for SIGTERM, 130 for SIGINT). This module imports nothing of the project: both stages use it.
+(143 for SIGTERM, 130 for SIGINT). This module imports nothing of the project: both stages use it
+(`xmei extract` and `xmei eval`, with ``run.preempt_grace_s`` as the grace).
+
+Training stops otherwise (xmei.preempt): its ranks must agree on one step, which they do inside
+an all-reduce, and a second signal must end a rank that waits in a collective or a write, where
+an exception raised by a handler would not be seen until it returns; so there a watcher thread
+ends the process. Extraction and evaluation wait in Python (dask futures, batches), where raising
+Interrupted ends the work at once and lets the command's cleanup (the lock, a LocalCluster) run.
 """
 from __future__ import annotations
 

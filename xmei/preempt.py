@@ -1,4 +1,5 @@
 """SIGTERM and SIGINT during training: a request to stop after the current step, not an end.
+(Extraction and evaluation use xmei.interrupt; its docstring says why training cannot.)
 
     with StopSignals(grace_s=120, last_whole=lambda: "the last whole checkpoint is ...") as signals:
         for step in ...:
