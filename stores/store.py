@@ -19,8 +19,9 @@ The store is created whole in ``STORE.partial-<pid>`` beside it and renamed into
 arrays, texts, ints and attributes are written, so ``STORE`` never exists half-made; a partial
 folder left by a killed creation is removed by the next one. Texts and ints are written once,
 then. Features are written a whole shard at a time by whoever extracts that shard, and its
-``status`` last: a shard whose status is not all done is redone on the next run, so no lock is
-ever needed and a killed run resumes cleanly (Zarr's local store writes each file atomically).
+``status`` last: a shard whose status is not all done is redone on the next run, so the workers of
+a run need no lock between them and a killed run resumes cleanly (Zarr's local store writes each
+file atomically). Two runs into one store are kept apart by `xmei extract`'s lock (xmei.runlock).
 A full disk while the store is created or a shard written is a DiskFullError naming the
 filesystem (:func:`xmei.errors.writing`): nothing of a store being created is kept, and a shard
 whose status was not written stays pending.

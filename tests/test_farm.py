@@ -390,8 +390,8 @@ def test_a_full_disk_on_a_farm_ends_the_run_and_the_same_command_resumes(cpu_clu
 
         monkeypatch.setattr(pipeline.extract, "_check_space", lambda store, jobs: None)
         said = assert_full_disk(xmei(*args, "--out", store), disk, f"while writing {store} (shard 0 of the store, "
-                                "clips 0-15)\n1 of 2 shards are finished and kept; the clips of the others stay "
-                                "pending: free space there (or move the store to a larger disk), then run the same "
+                                f"clips 0-15)\n1 of 2 shards are finished and kept in {store}, the clips of the others "
+                                "stay pending: free space there (or move the store to a larger disk), then run the same "
                                 "command again to complete them")
         assert not re.search(r"tried \d+ times", said) and "0 failed" in said  # once, and no clip failed
         with Client(cpu_cluster) as client:  # no task runs on
