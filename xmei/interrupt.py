@@ -1,6 +1,6 @@
 """Stopping a long run cleanly on SIGTERM or SIGINT (preemption, `scancel`, `kubectl delete`, Ctrl-C).
 
-    with stop_on_signals() as stop:            # handlers while inside (main thread only)
+    with stop_on_signals(grace_s) as stop:     # handlers while inside (main thread only)
         for shard in shards:
             if stop.requested:                 # a safe point: what is finished is whole
                 break
@@ -34,9 +34,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["GRACE_S", "Interrupted", "StopRequest", "stop_on_signals"]
+__all__ = ["Interrupted", "StopRequest", "stop_on_signals"]
 
-GRACE_S = 120.0  # from the first signal to the abandoning of the work in progress (run.preempt_grace_s's default)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -55,7 +54,7 @@ class Interrupted(BaseException):
 class StopRequest:
     """Whether a signal asked the run to stop (``requested``, ``signum``), and the handlers that say so."""
 
-    def __init__(self, grace_s: float = GRACE_S):
+    def __init__(self, grace_s: float):
         self.grace_s = grace_s
         self.signum: int | None = None
         self._raised = False
@@ -97,7 +96,7 @@ class StopRequest:
 
 
 @contextmanager
-def stop_on_signals(grace_s: float = GRACE_S) -> Iterator[StopRequest]:
+def stop_on_signals(grace_s: float) -> Iterator[StopRequest]:
     """A StopRequest that SIGTERM and SIGINT set while inside (see the module docstring); the
     earlier handlers are back on leaving. Outside the main thread no handler can be set: the
     request is never made."""

@@ -581,10 +581,11 @@ class Trainer:
         written ends it with the step_N.partial folder removed. Either way a DiskFullError names the
         filesystem, and the earlier checkpoints are kept as they were."""
         self._check_checkpoint_space()
-        partial_folder = self._checkpoint_path().with_suffix(".partial")
+        folder = self._checkpoint_path()
+        partial_folder = folder.with_name(folder.name + ".partial")
         try:
-            with writing(partial_folder, f"checkpoint {self._checkpoint_path().name}", self._resume_hint()):
-                return self._write_checkpoint()
+            with writing(partial_folder, f"checkpoint {folder.name}", self._resume_hint()):
+                return self._write_checkpoint(folder, partial_folder)
         except DiskFullError:
             if self.rank == 0:  # nothing of it may stay to be taken for whole, nor hold the space
                 shutil.rmtree(partial_folder, ignore_errors=True)
@@ -641,10 +642,9 @@ class Trainer:
         return (f"the earlier checkpoints are kept as they were (the newest: {done[-1]}); free space (or move "
                 f"{self.output_dir} to a larger disk), then continue with --resume")
 
-    def _write_checkpoint(self) -> Path:
-        """checkpoints/step_NNNNNNN: the model checkpoint + trainer state; keeps the last K."""
-        folder = self._checkpoint_path()
-        partial_folder = folder.with_name(folder.name + ".partial")
+    def _write_checkpoint(self, folder: Path, partial_folder: Path) -> Path:
+        """``folder`` (checkpoints/step_NNNNNNN), written whole in ``partial_folder`` and renamed:
+        the model checkpoint + trainer state; keeps the last K."""
         if self.rank == 0 and partial_folder.exists():  # left by a kill: none of its files may slip in
             shutil.rmtree(partial_folder)
         self.dist.barrier()
