@@ -568,25 +568,40 @@ def eval_cmd(
 
 @app.command("report")
 def report_cmd(
-    eval_dir: Annotated[Path, typer.Argument(metavar="EVAL_DIR", help="An evaluation folder (`xmei eval --out` or "
-                                                                      "`xmei score --out`).")],
-    store: Annotated[Optional[Path], typer.Option(help="The evaluated store: subtitles, captions and frames.")] = None,
-    media_root: Annotated[Optional[Path], typer.Option(help="Where the clips' videos are (default as in "
-                                                            "`xmei attention`, from the store's annotation file).")] = None,
+    eval_dir: Annotated[Path, typer.Argument(metavar="DIR", help="An evaluation folder (`xmei eval --out` or "
+                                                                 "`xmei score --out`) or a prediction folder "
+                                                                 "(`xmei predict --out`).")],
+    store: Annotated[Optional[Path], typer.Option(help="The evaluated store: subtitles, captions and frames "
+                                                       "(a prediction folder: default DIR/store).")] = None,
+    media_root: Annotated[Optional[Path], typer.Option(
+        help="Where the clips' videos are (default as in `xmei attention`, from the store's annotation file; a "
+             "prediction folder: the one its predict.json names).")] = None,
     compare: Annotated[Optional[Path], typer.Option(help="Another evaluation of the same clips: its labels on each "
                                                          "card and a disagree filter.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="The evaluated checkpoint, with --store: each clip's "
-                                                            "attention maps (only its LQ-Formers load).")] = None,
+                                                            "attention maps (only its LQ-Formers load; a prediction "
+                                                            "folder: default the one its predict.json names).")] = None,
     config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
-    """Write EVAL_DIR/report.html: the metric tables, the confusion matrices and a card for every clip
+    """Write DIR/report.html: the metric tables, the confusion matrices and a card for every clip
     (frames, waveform with its audio windows, attention with --checkpoint, subtitle, captions, reference
-    vs predicted), filterable and sortable in the browser, no server. The filters are kept in the
-    URL's fragment: report.html#outcome=intent shows the intent errors."""
+    vs predicted, the label probabilities as bars), filterable and sortable in the browser, no server.
+    The filters are kept in the URL's fragment: report.html#outcome=intent shows the intent errors,
+    #sort=p_emotion-asc the least sure emotions first. A prediction folder (no references) gets the
+    count of each predicted label instead of metrics."""
+    from xmei.report import prediction_folder
+
     cfg = _load(config, sets, models)
+    found = prediction_folder(eval_dir)
+    if found is not None:  # its own store, media root and checkpoint by default, where they are
+        for note in found.missing:
+            err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
+        store, media_root = store or found.store, media_root or found.media_root
+        checkpoint = checkpoint or (found.checkpoint if store is not None else None)
     if checkpoint is not None and store is None:
         _fail("--checkpoint draws the attention over a store's clips: give --store too")
-    root = _store_media_root(cfg, media_root, store) if store is not None else None
+    # a prediction folder's media root is the one given or its predict.json's, never a guess from the config
+    root = _store_media_root(cfg, media_root, store) if store is not None and (found is None or media_root) else None
     model = None
     if checkpoint is not None:
         from xmei.checkpoint import verify_checkpoint
@@ -607,7 +622,8 @@ def _write_page(cfg: Config, eval_dir: Path, store: Path | None, root: Path | No
     with _progress(disable=store is None) as bar:
         task = bar.add_task("report", total=None)
         page = build_report(eval_dir, store=store, media_root=root, compare=compare, synonyms=synonyms, model=model,
-                            progress=lambda done, total: bar.update(task, completed=done, total=total))
+                            progress=lambda done, total: bar.update(task, completed=done, total=total),
+                            label_sets={"emotion": cfg.emotions, "intent": cfg.intents})
     assets = page.parent / ASSETS
     size = page.stat().st_size + sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
     console.print(f"wrote {page} ({size / 1e6:.1f} MB with {ASSETS}/); open it in a browser, no server needed")

@@ -1,10 +1,12 @@
-"""`xmei report`: the browsable page of an evaluation, from hand-made predictions (no model).
+"""`xmei report`: the browsable page of an evaluation or of a prediction folder, from hand-made
+predictions (no model, but for the attention drawn with a prediction's own checkpoint).
 
 The page is checked with the standard library's HTML parser: a card per clip, the cards each
-filter selects counted from the rows, confusion cells, escaping, --compare, images; a 2,000-clip
-page for its build time and size; and in a real headless browser (Debian's chromium, installed
-here when missing): a screenshot, and the page's own script filtering and sorting the cards from
-the URL's fragment, read back from the DOM it leaves.
+filter selects counted from the rows, confusion cells, escaping, --compare, images, the label
+probabilities' bars; a prediction folder's page (no references: label counts, no metrics); a
+2,000-clip page for its build time and size; and in a real headless browser (Debian's chromium,
+installed here when missing): a screenshot, and the page's own script filtering and sorting the
+cards from the URL's fragment, read back from the DOM it leaves.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import LAST
 from faults import xmei
 from stores import create_store
 from test_reader import SPECS
@@ -51,6 +54,30 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
                      "emotion": emotion, "intent": intent, "explanation": explanation, "ref_emotion": ref_e,
                      "ref_intent": ref_i, "ref_explanation": f"the speaker is {ref_e} and is {ref_i} in clip {i}"})
     return rows
+
+
+def add_probs(rows: list[dict], seed: int = 0) -> list[dict]:
+    """``rows`` with emotion_probs / intent_probs (random, the answer's label the most probable; keys
+    shuffled: the page puts them in the label set's order), but every fourth row, which has none."""
+    rng = np.random.default_rng(seed)
+    for i, row in enumerate(rows):
+        if i % 4 == 3:
+            continue
+        for kind, labels in (("emotion", EMOTIONS), ("intent", INTENTS)):
+            logits = rng.normal(size=len(labels)) * 2
+            if row[kind] is not None:
+                logits[labels.index(labels.normalize(row[kind]))] = logits.max() + 0.5
+            probs = np.exp(logits) / np.exp(logits).sum()
+            order = rng.permutation(len(labels))
+            row[f"{kind}_probs"] = {labels.labels[k]: float(probs[k]) for k in order}
+    return rows
+
+
+def sure(row: dict, kind: str) -> float | None:
+    """The probability of the row's answer for ``kind``; None without probabilities or a valid answer."""
+    labels = EMOTIONS if kind == "emotion" else INTENTS
+    probs = row.get(f"{kind}_probs")
+    return probs[labels.normalize(row[kind])] if probs and row[kind] else None
 
 
 def canon(label, labels) -> str:
@@ -112,6 +139,27 @@ def tiny_video(path: Path, frames: int = 10) -> Path:
     return path
 
 
+SOURCES = ("srt", "csv", "asr", "none")
+
+
+def predicted(rows: list[dict]) -> list[dict]:
+    """The rows as `xmei predict --out` writes them: no references; a subtitle and its source."""
+    return [{**{k: v for k, v in r.items() if not k.startswith("ref_")}, "subtitle": f"said in clip {i}",
+             "subtitle_source": SOURCES[i % 4]} for i, r in enumerate(rows)]
+
+
+def predict_folder(path: Path, rows: list[dict], **record) -> Path:
+    """A prediction folder as `xmei predict --out` leaves it: predictions.jsonl and predict.json
+    (``record``: its paths; the rest a bulk run's)."""
+    path.mkdir(parents=True, exist_ok=True)
+    write_predictions(rows, path / "predictions.jsonl")
+    (path / "predict.json").write_text(json.dumps({
+        "checkpoint": None, "store": None, "annotations": "clips.json", "media_root": None,
+        "generation": {"max_new_tokens": 48}, "counts": {"ok": len(rows), "failed": 0},
+        **{k: str(v) for k, v in record.items()}}))
+    return path
+
+
 def text_store(path: Path, rows: list[dict]) -> Path:
     """A store of the rows' clips (texts only; no features are read): the first two clips' video is
     a real mp4 without sound, the first's audio a wav file; the others' are missing; the second's
@@ -150,8 +198,14 @@ class Page(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "article" and "card" in attrs.get("class", "").split():
-            self._card = {**attrs, "text": ""}
+            self._card = {**attrs, "text": "", "bars": {}}
             self.cards.append(self._card)
+        elif tag == "table" and attrs.get("class") == "bars":  # a card's probabilities: {kind: [bar, ...]}
+            self._bars = self._card["bars"].setdefault(attrs["data-kind"], [])
+        elif tag == "tr" and "data-label" in attrs:
+            self._bars.append({"label": attrs["data-label"], "marks": attrs.get("class", "").split()})
+        elif tag == "span" and attrs.get("style", "").startswith("width:"):  # a bar: its width in %
+            self._bars[-1]["width"] = float(attrs["style"].removeprefix("width:").strip().removesuffix("%"))
         elif tag == "td" and "data-kind" in attrs:
             self.cells.append(attrs)
         elif tag == "script":
@@ -175,7 +229,7 @@ class Page(HTMLParser):
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    rows = make_rows(40)
+    rows = add_probs(make_rows(40))
     rows[3]["explanation"] = rows[3]["ref_explanation"] = EVIL + " & more"
     return rows
 
@@ -355,6 +409,143 @@ def test_a_damaged_results_file_is_named(rows, tmp_path):
         build_report(folder)
 
 
+def test_label_probabilities_show_as_bars_in_label_order(rows, page):
+    """A row's probabilities: one bar a label in the label set's order, as wide as its probability,
+    the answer's label marked predicted, the reference's marked; the card carries the answer's
+    probability to sort by. A row without them shows no bar and no such attribute."""
+    parsed, folder = page
+    assert sum("emotion_probs" in r for r in rows) == 30  # and 10 rows without
+    for row, card in zip(rows, parsed.cards):
+        if "emotion_probs" not in row:
+            assert card["bars"] == {} and "data-p-emotion" not in card and "probabilities" not in card["text"]
+            continue
+        for kind, labels in (("emotion", EMOTIONS), ("intent", INTENTS)):
+            bars, probs = card["bars"][kind], row[f"{kind}_probs"]
+            assert [b["label"] for b in bars] == list(labels.labels)
+            assert all(abs(b["width"] - 100 * probs[b["label"]]) <= 0.05 for b in bars)
+            answer = canon(row[kind], labels)
+            assert [b["label"] for b in bars if "pred" in b["marks"]] == ([] if answer == "invalid" else [answer])
+            assert [b["label"] for b in bars if "ref" in b["marks"]] == [row[f"ref_{kind}"]]
+            p = sure(row, kind)
+            assert card.get(f"data-p-{kind}") == (None if p is None else f"{p:.4f}")
+    assert sum(card.get("data-p-emotion") is None for card in parsed.cards) == \
+        sum(sure(r, "emotion") is None for r in rows) > 10  # no probabilities, or an invalid answer
+    html = (folder / "report.html").read_text()
+    assert 'value="p_emotion-asc" data-key="data-p-emotion"' in html and 'value="p_intent-desc"' in html
+
+
+def test_a_page_without_probabilities_offers_no_probability_sort(tmp_path):
+    html = build_report(eval_folder(tmp_path / "eval", make_rows(8))).read_text()
+    assert 'class="bars"' not in html and "p_emotion" not in html and "data-p-" not in html
+
+
+def test_a_prediction_folders_page_counts_the_labels_and_shows_every_clip(tmp_path):
+    """`xmei report DIR` on `xmei predict`'s folder: no metrics or references, the count of each
+    predicted label, a card for every row with its subtitle, source and bars; the frames from
+    DIR/store and predict.json's media root; a checkpoint predict.json names and that is gone, a
+    warning; the clips whose extraction failed listed."""
+    rows = predicted(add_probs(make_rows(20, seed=2), seed=2))
+    tiny_video(tmp_path / "media" / "video" / "clip0.mp4")
+    tiny_wav(tmp_path / "media" / "audio" / "clip0.wav")
+    folder = predict_folder(tmp_path / "out", rows, media_root=tmp_path / "media", checkpoint=tmp_path / "gone")
+    text_store(folder / "store", rows)
+    (folder / "failures.jsonl").write_text(json.dumps({"video_id": "broken", "stage": "decode",
+                                                       "reason": "not a video"}) + "\n")
+    done = xmei("report", folder)
+    assert done.returncode == 0, done.stderr
+    assert f"names the checkpoint {tmp_path / 'gone'}, which is not a folder" in done.stderr.replace("\n", "")
+    html = (folder / "report.html").read_text()
+    parsed = Page(html)
+    assert [c["text"].split()[0] for c in parsed.cards] == [r["video_id"] for r in rows]
+    for absent in ('id="classification"', 'id="explanation"', 'class="confusion"', "data-outcome", "data-ref-",
+                   'id="f-ref-emotion"', ">reference<", "correct ("):
+        assert absent not in html, absent
+    assert 'id="f-pred-emotion"' in html and 'id="f-pred-intent"' in html
+    for kind, labels in (("emotion", EMOTIONS), ("intent", INTENTS)):
+        cells = {c["data-pred"]: int(c["data-count"]) for c in parsed.cells if c["data-kind"] == kind}
+        assert list(cells) == [*labels.labels, "invalid"]
+        assert cells == {label: sum(canon(r[kind], labels) == label for r in rows) for label in cells}
+        for label in cells:  # a count shows the cards its filter selects
+            assert len(parsed.ids(**{f"data_pred_{kind}": label})) == cells[label]
+    assert parsed.ids(data_invalid="1") == {r["video_id"] for r in rows if r["emotion"] is None}
+    assert parsed.images == [f"{ASSETS}/{name}" for name in ("000000_frames.jpg", "000000_audio.png",
+                                                              "000001_frames.jpg")]
+    for row, card in zip(rows, parsed.cards):  # the row's own subtitle (not the store's) and its source
+        assert f"said in clip {row['video_id'][-2:].lstrip('0') or '0'}" in card["text"]
+        assert "source: " in card["text"] and bool(card["bars"]) == ("emotion_probs" in row)
+    assert "source: a .srt file beside the video" in parsed.cards[0]["text"]
+    assert "source: speech recognition" in parsed.cards[2]["text"]
+    assert "broken" in html and "not a video" in html and "1 clips not predicted" in html
+    assert f"20 clips predicted by {tmp_path / 'gone'} from clips.json, {sum(r['cut_off'] for r in rows)} answers " \
+        "cut off" in html
+
+
+def test_damaged_prediction_files_are_named(tmp_path):
+    rows = predicted(add_probs(make_rows(4)))
+    folder = predict_folder(tmp_path / "out", rows)
+    record = (folder / "predict.json").read_text()
+    lines = (folder / "predictions.jsonl").read_text().splitlines()
+
+    def fails(match: str, name: str = "predictions.jsonl", text: str | None = None, line: int = 2) -> None:
+        """The page of ``folder`` whose file ``name`` holds ``text`` (else: line ``line`` replaced)."""
+        changed = list(lines)
+        changed[line - 1] = text
+        (folder / name).write_text(text if name == "predict.json" else "\n".join(changed) + "\n")
+        with pytest.raises(ReportError, match=match):
+            build_report(folder)
+        (folder / "predict.json").write_text(record)
+        (folder / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+
+    fails(r"predict.json \(the prediction's record\) is not valid JSON: .* line 1, column 2", "predict.json",
+          "{broken")
+    fails(r"predict.json \(the prediction's record\): checkpoint is a JSON number, expected a string",
+          "predict.json", '{"checkpoint": 3}')
+    fails(r"predictions.jsonl \(the predictions file\): line 2 is not valid JSON", text="{cut")
+    fails(r"predictions.jsonl: line 3 is not a clip's prediction", text="[1, 2]", line=3)
+    row = json.loads(lines[1])
+    fails(r"predictions.jsonl: line 2: cut_off is a JSON string, expected a boolean$",
+          text=json.dumps({**row, "cut_off": "yes"}))
+    fails(r"predictions.jsonl: line 2 repeats video_id 'clip_00000' of line 1",
+          text=json.dumps({**row, "video_id": "clip_00000"}))
+    probs = row["emotion_probs"]
+    fails(r"predictions.jsonl: line 2 \('clip_00001'\): emotion_probs names .*, expected each emotion label once",
+          text=json.dumps({**row, "emotion_probs": {k: v for k, v in list(probs.items())[1:]}}))
+    fails(r"line 2 \('clip_00001'\): intent_probs is not a distribution .* these sum to 0\.5000",
+          text=json.dumps({**row, "intent_probs": {k: v / 2 for k, v in row["intent_probs"].items()}}))
+    fails(r"line 2 \('clip_00001'\): emotion_probs is not an object of emotion label: probability",
+          text=json.dumps({**row, "emotion_probs": [0.5, 0.5]}))
+    with pytest.raises(ReportError, match="is a prediction folder .* --compare compares evaluations"):
+        build_report(folder, compare=folder)
+    build_report(folder)  # whole again: the page is made
+    (folder / "predictions.jsonl").unlink()
+    with pytest.raises(ReportError, match=r"predictions.jsonl does not exist: the prediction in .* has not"):
+        build_report(folder)
+
+
+def test_an_evaluations_damaged_probabilities_are_named(tmp_path):
+    rows = add_probs(make_rows(4))
+    rows[2]["intent_probs"] = {"happy": 1.0}
+    with pytest.raises(ReportError, match=r"predictions.jsonl \('clip_00002'\): intent_probs names \['happy'\]"):
+        build_report(eval_folder(tmp_path / "eval", rows))
+
+
+def test_a_predictions_own_checkpoint_draws_the_attention(trained_run, patch_store, corpus, tmp_path):
+    """With no option, `xmei report DIR` draws each clip's attention with the checkpoint predict.json
+    names, over the store it names (no DIR/store here) and the media root it names."""
+    from stores import FeatureStore
+
+    ids = [str(v) for v in FeatureStore(patch_store).read_whole("video_id")][:3]
+    rows = predicted(add_probs([{**r, "video_id": v} for r, v in zip(make_rows(3), ids)]))
+    folder = predict_folder(tmp_path / "out", rows, checkpoint=trained_run / LAST, store=patch_store,
+                            media_root=corpus)
+    done = xmei("report", folder)
+    assert done.returncode == 0, done.stderr
+    images = sorted(f.name for f in (folder / ASSETS).iterdir())
+    assert [name for name in images if name.endswith("attention.jpg")] == \
+        [f"{i:06d}_attention.jpg" for i in range(3)]
+    assert "visual LQ-Former attention" in (folder / "report.html").read_text()
+
+
 # ----------------------------------------------------------------------------- a real browser
 
 @pytest.fixture(scope="session")
@@ -416,3 +607,25 @@ def test_the_pages_script_filters_and_sorts_from_the_url(chromium, rows, page):
     ordered = [c for c in Page(browse(chromium, folder / "report.html", "#sort=rouge_l-asc", "--dump-dom")).cards]
     scores = [float(c["data-m-rouge_l"]) for c in ordered]
     assert scores == sorted(scores) and len(ordered) == 40
+    # the answers' probability: the least sure emotion first, then the cards without one in page order
+    server = Page((folder / "report.html").read_text()).cards
+    want = [c["text"].split()[0] for c in sorted((c for c in server if "data-p-emotion" in c),
+                                                 key=lambda c: (float(c["data-p-emotion"]), int(c["data-index"])))]
+    want += [c["text"].split()[0] for c in server if "data-p-emotion" not in c]
+    assert [c["text"].split()[0] for c in Page(browse(chromium, folder / "report.html", "#sort=p_emotion-asc",
+                                                      "--dump-dom")).cards] == want
+
+
+def test_a_prediction_pages_script_filters_and_sorts(chromium, tmp_path):
+    """The script of a page with no references: a predicted label from the URL, sorted by the
+    answers' probability, surest first."""
+    rows = predicted(add_probs(make_rows(30, seed=4), seed=4))
+    page = build_report(predict_folder(tmp_path / "out", rows))
+    intent = INTENTS.normalize(rows[0]["intent"])
+    chosen = [r for r in rows if canon(r["intent"], INTENTS) == intent]
+    assert len(chosen) >= 2
+    want = [r["video_id"] for r in sorted((r for r in chosen if sure(r, "intent") is not None),
+                                          key=lambda r: -round(sure(r, "intent"), 4))]
+    want += [r["video_id"] for r in chosen if sure(r, "intent") is None]
+    dom = browse(chromium, page, f"#pred-intent={intent}&sort=p_intent-desc", "--dump-dom")
+    assert shown(dom) == want and f'<span id="shown">{len(chosen)}</span>' in dom

@@ -1,9 +1,12 @@
-"""`xmei report` (and `xmei eval --html`): one browsable page of an evaluation.
+"""`xmei report` (and `xmei eval --html`): one browsable page of an evaluation or of a prediction.
 
 Reads an evaluation folder (``results.json`` and ``predictions.jsonl`` of `xmei eval`, or of
-`xmei score`, whose results name the predictions file) and writes beside them::
+`xmei score`, whose results name the predictions file), or a prediction folder (``predict.json``
+and ``predictions.jsonl`` of `xmei predict --out`, no references: :func:`prediction_folder`), and
+writes beside them::
 
     EVAL_DIR/report.html         the page: metric tables, both confusion matrices, one card a clip
+                                 (a prediction folder: the count of each predicted label, no metrics)
     EVAL_DIR/report_files/       a clip's images (only with a store and media root), which the page's
                                  script loads when the clip's card comes near the view:
         <i>_frames.jpg           its sampled frames in a row, 72 px high
@@ -17,9 +20,18 @@ The page needs no server and no network: its script and style are inline, its im
 ``data-outcome`` (correct / emotion / intent / both: which of the two labels are wrong, an invalid
 label counting as wrong), ``data-invalid`` (1: the answer named no label for emotion or intent),
 ``data-ref-emotion`` ... ``data-pred-intent`` (``invalid`` for an invalid prediction),
-``data-m-<metric>`` (the clip's own explanation scores, below) and, with ``--compare``,
-``data-disagree``. The filters and the sort are kept in the URL's fragment
-(``report.html#outcome=intent&pred-emotion=sad&sort=rouge_l-asc``): a link opens the page filtered.
+``data-m-<metric>`` (the clip's own explanation scores, below), ``data-p-emotion`` /
+``data-p-intent`` (the probability of the predicted label, where the row has the label
+probabilities and the label is valid) and, with ``--compare``, ``data-disagree``. The filters
+and the sort are kept in the URL's fragment
+(``report.html#outcome=intent&pred-emotion=sad&sort=rouge_l-asc``, ``#sort=p_emotion-asc``: the
+least sure emotions first): a link opens the page filtered. A card without the sort's value goes last.
+
+A row's label probabilities (``emotion_probs`` / ``intent_probs``: {label: probability} over the
+label set, :mod:`xmei.generate`) show as one bar a label, in the label set's order, the predicted
+label's bar dark and the reference label's name marked; a row without them shows its answer alone.
+A prediction folder's page has no reference column, metric or confusion matrix: the count of each
+predicted label (a click filters the cards) and each clip's subtitle with where it came from.
 
 The clip's own explanation scores are those `xmei eval` / `xmei score` computed with the corpus
 metrics (clip_scores.jsonl beside results.json: sentence BLEU-4 and METEOR, ROUGE-L, CIDEr-D,
@@ -36,7 +48,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,14 +59,14 @@ from PIL import Image, ImageDraw
 from pipeline.decode import SAMPLE_RATE
 from stores.store import PARTIAL, remove_dead_partials  # the stores' partial folders: one convention
 from xmei.classification import INVALID
-from xmei.errors import UserError, json_lines, read_json, writing
+from xmei.errors import JSON_TYPES, UserError, json_lines, json_type, read_json, writing
 from xmei.evaluate import CLIP_SCORES, PUBLISHED_ORDER, TITLES, read_predictions
 from xmei.labels import DEFAULT_SYNONYMS, LabelSet
 
 if TYPE_CHECKING:
     from xmei.model import LQFormers, XMEIQwen
 
-__all__ = ["ASSETS", "PAGE", "ReportError", "build_report", "clip_rouge_l"]
+__all__ = ["ASSETS", "PAGE", "Prediction", "ReportError", "build_report", "clip_rouge_l", "prediction_folder"]
 
 PAGE = "report.html"
 ASSETS = "report_files"  # the cards' images, linked relative to the page
@@ -67,6 +79,14 @@ SCORES_NOTE = {  # the page's note on the clips' scores, with clip_scores.jsonl 
     False: "Score: the clip's ROUGE-L (pycocoevalcap, F with beta 1.2, simple tokenization) of its explanation "
            "against its reference; this evaluation has no clip_scores.jsonl (an older xmei)"}
 RESCORE = "rescore with xmei score"  # rewrites clip_scores.jsonl beside the predictions
+PREDICT_RECORD = "predict.json"  # beside a prediction folder's predictions.jsonl: what made them
+PROBS_TOLERANCE = 0.01  # a row's label probabilities must sum to 1 within this (written rounded)
+PREDICTED = {"video_id": (str,), "emotion": (str, type(None)), "intent": (str, type(None)),  # a prediction row's
+             "explanation": (str, type(None)), "text": (str,), "cut_off": (bool,), "subtitle": (str,),  # fields and
+             "subtitle_source": (str, type(None))}  # their JSON types; video_id is required
+SUBTITLE_SOURCES = {"srt": "a .srt file beside the video", "vtt": "a .vtt file beside the video",  # a row's
+                    "txt": "a .txt file beside the video", "csv": "the subtitles CSV",  # subtitle_source,
+                    "asr": "speech recognition", "none": "none found"}  # as the page says it
 OUTCOMES = {"correct": "correct", "emotion": "emotion wrong (intent right)", "intent": "intent wrong (emotion right)",
             "both": "both wrong"}
 
@@ -80,12 +100,14 @@ class Card:
     """One test clip on the page."""
 
     video_id: str
-    ref: dict[str, str]  # {"emotion": ..., "intent": ..., "explanation": ...}
+    ref: dict[str, str] | None  # {"emotion": ..., "intent": ..., "explanation": ...}; None: a prediction's clip
     pred: dict[str, str | None]  # labels canonical, None: invalid
-    outcome: str  # a key of OUTCOMES
+    outcome: str | None  # a key of OUTCOMES; None without references
     invalid: bool
     cut_off: bool
     scores: dict[str, float]  # the clip's explanation scores: {metric: value}, in PUBLISHED_ORDER
+    probs: dict[str, dict[str, float]] = field(default_factory=dict)  # {kind: {label: p}} in label-set order
+    subtitle_source: str | None = None  # a prediction's row: where its subtitle came from (srt, asr, none, ...)
     texts: dict[str, str] = field(default_factory=dict)  # subtitle, video / audio description (from a store)
     images: dict[str, dict] = field(default_factory=dict)  # frames / attention / audio: {src (relative), width, height}
     attention_rows: list[str] = field(default_factory=list)  # the attention strip's rows, top to bottom
@@ -93,6 +115,24 @@ class Card:
     notes: list[str] = field(default_factory=list)
     other: dict[str, str | None] | None = None  # the compared evaluation's labels and explanation
     disagree: bool = False
+
+    def sure(self, kind: str) -> float | None:
+        """The probability of the predicted ``kind`` label; None without probabilities or a valid label."""
+        return self.probs.get(kind, {}).get(self.pred[kind])
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A folder of `xmei predict --out` (predict.json, no results.json) and what its predict.json
+    names, each where it exists (else None): the store (``DIR/store``, else the one predict.json
+    names), the media root and the checkpoint: the defaults of `xmei report DIR`."""
+
+    folder: Path
+    record: dict  # predict.json: checkpoint, store, annotations, media_root, generation, counts
+    store: Path | None
+    media_root: Path | None
+    checkpoint: Path | None
+    missing: tuple[str, ...]  # what predict.json names and is not there, one sentence each
 
 
 def clip_rouge_l(candidate: str, reference: str) -> float:
@@ -107,29 +147,27 @@ def clip_rouge_l(candidate: str, reference: str) -> float:
 def build_report(eval_dir: Path, store: Path | None = None, media_root: Path | None = None,
                  compare: Path | None = None, synonyms: dict[str, dict[str, str]] | None = None,
                  model: XMEIQwen | LQFormers | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Path:
+                 progress: Callable[[int, int], None] | None = None,
+                 label_sets: dict[str, LabelSet] | None = None) -> Path:
     """Write ``EVAL_DIR/report.html`` (and, with ``store`` and ``media_root``, its images in
     ``EVAL_DIR/report_files/``); returns the page's path. ``compare``: another evaluation folder of
     the same clips, whose labels each card shows beside these. ``synonyms``: {"emotion": {variant:
     label}, "intent": ...} for predictions files holding label variants (default: the built-in
     table). ``model``: the evaluated model (or its :class:`LQFormers`), for the attention over each
     clip's frames and audio windows. Label order is the one the evaluation was scored with (its
-    results.json)."""
+    results.json). ``EVAL_DIR`` may be a prediction folder (:func:`prediction_folder`), whose
+    answers are read in ``label_sets`` ({"emotion": ..., "intent": ...}; default: the built-in
+    sets); its ``store`` and ``media_root`` are not defaulted here (the command does that)."""
     eval_dir = Path(eval_dir)
-    results, rows, labels = _evaluation(eval_dir, synonyms)
-    scores = _clip_scores(eval_dir, rows)
-    cards = [_card(row, labels, scores.get(row["video_id"])) for row in rows]
-    confusion = _confusion(cards, labels)
-    _check_agrees(results, confusion, eval_dir)
-    other = None
-    if compare is not None:
-        other_results, other_rows, other_labels = _evaluation(Path(compare), synonyms)
-        if {k: v.labels for k, v in other_labels.items()} != {k: v.labels for k, v in labels.items()}:
-            raise ReportError(f"--compare {compare} was scored with other label sets than {eval_dir}")
-        _add_other(cards, [_card(r, other_labels, {}) for r in other_rows])
-        other = {"name": _name(other_results, Path(compare)), "results": other_results,
-                 "only_here": sum(c.other is None for c in cards),
-                 "only_there": len({r["video_id"] for r in other_rows} - {c.video_id for c in cards})}
+    found = prediction_folder(eval_dir)
+    if found is None:
+        page = _evaluation_page(eval_dir, compare, synonyms)
+    elif compare is not None:
+        raise ReportError(f"{eval_dir} is a prediction folder ({PREDICT_RECORD}, no references): --compare "
+                          "compares evaluations")
+    else:
+        page = _prediction_page(found, label_sets or _default_label_sets())
+    cards = page["cards"]
     for name in (ASSETS, PAGE):  # what a killed run was writing
         remove_dead_partials(eval_dir / f".{name}")
     assets = eval_dir / f".{ASSETS}{PARTIAL}{os.getpid()}"  # renamed to ASSETS with the page
@@ -137,15 +175,82 @@ def build_report(eval_dir: Path, store: Path | None = None, media_root: Path | N
         with writing(eval_dir, "the report page and its images", f"the earlier page in {eval_dir} is as it was"):
             media_note = _add_store(cards, Path(store), media_root, assets, model, progress) if store is not None \
                 else "no store given: no subtitles, captions, frames or audio (xmei report EVAL_DIR --store STORE)"
-            html = _render(eval_dir / "results.json", name=_name(results, eval_dir), results=results,
-                           labels={k: list(v.labels) for k, v in labels.items()}, cards=cards, confusion=confusion,
-                           other=other, media_note=media_note,
-                           outcomes=OUTCOMES, invalid=INVALID, titles=TITLES, metric_order=PUBLISHED_ORDER,
-                           counts=_counts(cards), scored=list(cards[0].scores) if cards else [],
-                           scores_note=SCORES_NOTE[bool(scores)])
+            sortable = {kind: any(c.sure(kind) is not None for c in cards) for kind in ("emotion", "intent")}
+            html = _render(page.pop("source"), **page, media_note=media_note, outcomes=OUTCOMES, invalid=INVALID,
+                           sources=SUBTITLE_SOURCES, titles=TITLES, metric_order=PUBLISHED_ORDER,
+                           by_probability=sortable)
             return _publish(eval_dir, html, assets)
     finally:
         shutil.rmtree(assets, ignore_errors=True)
+
+
+def _evaluation_page(eval_dir: Path, compare: Path | None, synonyms) -> dict[str, Any]:
+    """The template's context of an evaluation folder's page (``source``: the file it names when
+    a field the page shows is missing)."""
+    results, rows, labels, predictions = _evaluation(eval_dir, synonyms)
+    scores = _clip_scores(eval_dir, rows)
+    cards = [_card(row, labels, scores.get(row["video_id"]), predictions) for row in rows]
+    confusion = _confusion(cards, labels)
+    _check_agrees(results, confusion, eval_dir)
+    other = None
+    if compare is not None:
+        other_results, other_rows, other_labels, other_predictions = _evaluation(Path(compare), synonyms)
+        if {k: v.labels for k, v in other_labels.items()} != {k: v.labels for k, v in labels.items()}:
+            raise ReportError(f"--compare {compare} was scored with other label sets than {eval_dir}")
+        _add_other(cards, [_card(r, other_labels, {}, other_predictions) for r in other_rows])
+        other = {"name": _name(other_results, Path(compare)), "results": other_results,
+                 "only_here": sum(c.other is None for c in cards),
+                 "only_there": len({r["video_id"] for r in other_rows} - {c.video_id for c in cards})}
+    return {"source": eval_dir / "results.json", "name": _name(results, eval_dir), "results": results,
+            "labels": {k: list(v.labels) for k, v in labels.items()}, "cards": cards, "confusion": confusion,
+            "other": other, "counts": _counts(cards), "scored": list(cards[0].scores) if cards else [],
+            "scores_note": SCORES_NOTE[bool(scores)], "predicted": None, "record": None, "failures": None}
+
+
+def _prediction_page(found: Prediction, label_sets: dict[str, LabelSet]) -> dict[str, Any]:
+    """The template's context of a prediction folder's page: no references, no metrics."""
+    path = found.folder / "predictions.jsonl"
+    if not path.is_file():
+        raise ReportError(f"{path} does not exist: the prediction in {found.folder} has not written its answers "
+                          "(run the same xmei predict again)")
+    cards = [_answer_card(row, label_sets, where) for where, row in _predicted_rows(path)]
+    predicted = {kind: {label: sum(c.pred[kind] == label for c in cards) for label in label_set.labels}
+                 | {INVALID: sum(c.pred[kind] is None for c in cards)} for kind, label_set in label_sets.items()}
+    return {"source": found.folder / PREDICT_RECORD, "name": f"predictions ({found.folder.name})", "results": None,
+            "labels": {k: list(v.labels) for k, v in label_sets.items()}, "cards": cards, "confusion": None,
+            "other": None, "counts": _counts(cards), "scored": [], "scores_note": "", "predicted": predicted,
+            "record": {k: found.record.get(k) for k in ("checkpoint", "annotations")},
+            "failures": _failures(found.folder)}
+
+
+def prediction_folder(folder: Path) -> Prediction | None:
+    """The prediction folder ``folder`` (it holds predict.json and no results.json), None for any
+    other folder; a damaged predict.json is a ReportError naming it (and the field)."""
+    folder = Path(folder)
+    record_path = folder / PREDICT_RECORD
+    if not record_path.is_file() or (folder / "results.json").exists():
+        return None
+    record = read_json(record_path, "the prediction's record", ReportError)
+    named = {}
+    for key in ("checkpoint", "store", "media_root", "annotations"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ReportError(f"{record_path} (the prediction's record): {key} is a JSON {json_type(record[key])}, "
+                              "expected a string (a path): damaged?")
+        named[key] = Path(record[key]) if record.get(key) else None
+    store = folder / "store" if (folder / "store").is_dir() else named["store"]
+    found = {"store": store if store is not None and store.is_dir() else None,
+             "media_root": named["media_root"] if named["media_root"] and named["media_root"].is_dir() else None,
+             "checkpoint": named["checkpoint"] if named["checkpoint"] and named["checkpoint"].is_dir() else None}
+    missing = tuple(f"{record_path} names the {key.replace('_', ' ')} {named[key]}, which is not a folder"
+                    for key, value in found.items() if value is None and named[key] is not None)
+    return Prediction(folder, record, missing=missing, **found)
+
+
+def _default_label_sets() -> dict[str, LabelSet]:
+    from xmei.config import Config
+
+    config = Config()
+    return {"emotion": config.emotions, "intent": config.intents}
 
 
 def _publish(eval_dir: Path, html: str, assets: Path) -> Path:
@@ -164,8 +269,8 @@ def _publish(eval_dir: Path, html: str, assets: Path) -> Path:
     return page
 
 
-def _evaluation(folder: Path, synonyms) -> tuple[dict, list[dict], dict[str, LabelSet]]:
-    """results.json, the rows of its predictions file, and the label sets it was scored with."""
+def _evaluation(folder: Path, synonyms) -> tuple[dict, list[dict], dict[str, LabelSet], Path]:
+    """results.json, the rows of its predictions file, the label sets it was scored with and that file."""
     results_path = folder / "results.json"
     if not folder.is_dir():
         raise ReportError(f"{folder} is not a folder (an evaluation folder of xmei eval or xmei score)")
@@ -189,7 +294,7 @@ def _evaluation(folder: Path, synonyms) -> tuple[dict, list[dict], dict[str, Lab
     if not predictions.is_file():
         raise ReportError(f"{folder / 'predictions.jsonl'} does not exist: the report needs each clip's answer "
                           "(xmei eval writes it beside results.json)")
-    return results, read_predictions(predictions, labels["emotion"], labels["intent"]), labels
+    return results, read_predictions(predictions, labels["emotion"], labels["intent"]), labels, predictions
 
 
 def _clip_scores(folder: Path, rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -212,19 +317,85 @@ def _clip_scores(folder: Path, rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _card(row: dict, labels: dict[str, LabelSet], scores: dict[str, float] | None) -> Card:
-    """``scores``: the clip's explanation scores; None: compute its ROUGE-L here."""
+def _card(row: dict, labels: dict[str, LabelSet], scores: dict[str, float] | None, predictions: Path) -> Card:
+    """``scores``: the clip's explanation scores; None: compute its ROUGE-L here. ``predictions``:
+    the file of ``row``, named when its label probabilities are damaged."""
+    card = _answer_card(row, labels, f"{predictions} ({row['video_id']!r})")
     ref = {kind: labels[kind].normalize(row[f"ref_{kind}"]) for kind in labels}
-    pred = {kind: labels[kind].normalize(row[kind]) if row[kind] else None for kind in labels}
-    wrong = {kind: pred[kind] != ref[kind] for kind in labels}  # None (invalid) is wrong
-    outcome = "both" if all(wrong.values()) else "emotion" if wrong["emotion"] else \
+    wrong = {kind: card.pred[kind] != ref[kind] for kind in labels}  # None (invalid) is wrong
+    card.outcome = "both" if all(wrong.values()) else "emotion" if wrong["emotion"] else \
         "intent" if wrong["intent"] else "correct"
-    explanation = row["explanation"]
-    return Card(video_id=row["video_id"], ref={**ref, "explanation": row["ref_explanation"]},
-                pred={**pred, "explanation": explanation}, outcome=outcome,
-                invalid=pred["emotion"] is None or pred["intent"] is None, cut_off=bool(row.get("cut_off")),
-                scores=scores if scores is not None else {"rouge_l": clip_rouge_l(explanation or "",
-                                                                                  row["ref_explanation"])})
+    card.ref = {**ref, "explanation": row["ref_explanation"]}
+    card.scores = scores if scores is not None else {"rouge_l": clip_rouge_l(row["explanation"] or "",
+                                                                             row["ref_explanation"])}
+    return card
+
+
+def _answer_card(row: dict, labels: dict[str, LabelSet], where: str) -> Card:
+    """The card of a clip's answer alone (no references, no scores): labels canonical, an unknown
+    one invalid, the label probabilities checked (``where``: the row, for their errors)."""
+    pred = {kind: labels[kind].normalize(row[kind]) if row.get(kind) else None for kind in labels}
+    return Card(video_id=row["video_id"], ref=None, pred={**pred, "explanation": row.get("explanation")},
+                outcome=None, invalid=None in pred.values(), cut_off=bool(row.get("cut_off")), scores={},
+                probs=_probs(row, labels, where), subtitle_source=row.get("subtitle_source"),
+                texts={"subtitle": row["subtitle"]} if "subtitle" in row else {})
+
+
+def _probs(row: dict, labels: dict[str, LabelSet], where: str) -> dict[str, dict[str, float]]:
+    """{kind: {label: probability}} in label-set order, of each of the row's ``emotion_probs`` /
+    ``intent_probs`` (absent or null: left out); one that is not a distribution over the label
+    set is a ReportError naming ``where`` and the field."""
+    out = {}
+    for kind, label_set in labels.items():
+        given = row.get(f"{kind}_probs")
+        if given is None:
+            continue
+        fail = f"{where}: {kind}_probs"
+        if not isinstance(given, dict) or not all(type(p) in (int, float) for p in given.values()):
+            raise ReportError(f"{fail} is not an object of {kind} label: probability (number)")
+        named = {label_set.normalize(k): float(p) for k, p in given.items()}
+        if set(named) != set(label_set.labels) or len(given) != len(label_set):
+            raise ReportError(f"{fail} names {list(given)}, expected each {kind} label once: "
+                              f"{list(label_set.labels)}")
+        total = sum(named.values())
+        if not (all(0 <= p <= 1 for p in named.values()) and abs(total - 1) <= PROBS_TOLERANCE):
+            raise ReportError(f"{fail} is not a distribution (probabilities from 0 to 1 summing to 1; these sum to "
+                              f"{total:.4f})")
+        out[kind] = {label: named[label] for label in label_set.labels}
+    return out
+
+
+def _predicted_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """("FILE: line N (video_id)", row) of each row of a prediction folder's predictions.jsonl; a
+    line that is not an object of the fields' JSON types (PREDICTED) or repeats a clip is a
+    ReportError naming the file and line."""
+    seen = {}  # video_id -> line
+    for lineno, row in json_lines(path, "the predictions file", ReportError):
+        where = f"{path}: line {lineno}"
+        if not isinstance(row, dict) or not isinstance(row.get("video_id"), str):
+            raise ReportError(f"{where} is not a clip's prediction (a JSON object with a video_id string): damaged?")
+        for name, kinds in PREDICTED.items():
+            if name in row and not isinstance(row[name], kinds):
+                raise ReportError(f"{where}: {name} is a JSON {json_type(row[name])}, expected a "
+                                  f"{JSON_TYPES[kinds[0]]}{' or null' if len(kinds) > 1 else ''}")
+        if row["video_id"] in seen:
+            raise ReportError(f"{where} repeats video_id {row['video_id']!r} of line {seen[row['video_id']]}")
+        seen[row["video_id"]] = lineno
+        yield f"{where} ({row['video_id']!r})", row
+
+
+def _failures(folder: Path) -> list[dict[str, str]]:
+    """The clips a prediction could not extract (its failures.jsonl: video_id, stage, reason); [] without one."""
+    path = folder / "failures.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for lineno, row in json_lines(path, "the prediction's failures", ReportError):
+        if not isinstance(row, dict):
+            raise ReportError(f"{path}: line {lineno} is a JSON {json_type(row)}, expected an object (video_id, "
+                              "stage, reason)")
+        out.append({k: str(row.get(k, "")) for k in ("video_id", "stage", "reason")})
+    return out
 
 
 def _confusion(cards: list[Card], labels: dict[str, LabelSet]) -> dict[str, list[list[int]]]:
@@ -283,7 +454,8 @@ def _add_store(cards: list[Card], store_path: Path, media_root: Path | None, ass
         if i is None:
             card.notes.append(f"not in the store {store_path}: no subtitle, captions, frames or audio")
             continue
-        card.texts = {name: texts[name][i] for name in ("subtitle", "video_description", "audio_description")}
+        card.texts = {**{name: texts[name][i] for name in ("subtitle", "video_description", "audio_description")},
+                      **card.texts}  # a prediction row's own subtitle first
         if media_root is not None:
             clip = store[i] if model is not None else {"video_id": card.video_id}
             paths = {name: texts[name][i] for name in ("video_path", "audio_path")}
@@ -412,7 +584,7 @@ def _save(image: Image.Image, path: Path) -> dict[str, Any]:
 def _counts(cards: list[Card]) -> dict[str, int]:
     counts = {key: sum(c.outcome == key for c in cards) for key in OUTCOMES}
     return {**counts, "invalid": sum(c.invalid for c in cards), "disagree": sum(c.disagree for c in cards),
-            "all": len(cards)}
+            "cut_off": sum(c.cut_off for c in cards), "all": len(cards)}
 
 
 def _name(results: dict, folder: Path) -> str:
@@ -420,8 +592,8 @@ def _name(results: dict, folder: Path) -> str:
 
 
 def _render(results_path: Path, **context: Any) -> str:
-    """The page from ``templates/report.html.j2``, autoescaped; a field of results.json the page
-    needs and lacks is an error naming the file."""
+    """The page from ``templates/report.html.j2``, autoescaped; a field of results.json (or
+    predict.json: ``results_path``) the page needs and lacks is an error naming the file."""
     from jinja2 import Environment, PackageLoader, StrictUndefined, UndefinedError
 
     env = Environment(loader=PackageLoader("xmei", "templates"), autoescape=True, undefined=StrictUndefined,
