@@ -629,3 +629,9 @@ def test_a_prediction_pages_script_filters_and_sorts(chromium, tmp_path):
     want += [r["video_id"] for r in chosen if sure(r, "intent") is None]
     dom = browse(chromium, page, f"#pred-intent={intent}&sort=p_intent-desc", "--dump-dom")
     assert shown(dom) == want and f'<span id="shown">{len(chosen)}</span>' in dom
+    # a click on a label's count (by a script added to a copy of the page) shows that label's clips
+    clicked = page.with_name("clicked.html")
+    clicked.write_text(page.read_text().replace("</body>", '<script>document.querySelector('
+                                                '"#counts-emotion td[data-pred=sad]").click();</script></body>'))
+    sad = [r["video_id"] for r in rows if canon(r["emotion"], EMOTIONS) == "sad"]
+    assert sad and shown(browse(chromium, clicked, "", "--dump-dom")) == sad
