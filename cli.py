@@ -195,9 +195,11 @@ def config_cmd(config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt 
 
 
 def _configured_paths(cfg: Config) -> list[str]:
-    """The keys of every path a config names: the four models and each dataset's media and annotations."""
+    """The keys of every path a config names: the four models (and the ASR model when set) and each
+    dataset's media and annotations."""
     keys = [f"model.{k}" for k in ("visual_encoder_path", "acoustic_encoder_path", "llama_model_path",
                                    "caption_tokenizer_path")]
+    keys += ["model.asr_path"] if cfg.model.asr_path is not None else []
     for name, ds in cfg.datasets.items():
         keys.append(f"datasets.{name}.media_root")
         keys += [f"datasets.{name}.annotations.{split}" for split in ds.annotations]
@@ -257,6 +259,86 @@ def validate(
     if problems:
         _fail_with_problems(str(annotations), problems)
     console.print("[green]ok[/]")
+
+
+@app.command()
+def annotate(
+    videos_dir: Annotated[Path, typer.Argument(metavar="VIDEOS_DIR", help="Folder of videos (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="The annotation file to write (a JSON list); VIDEOS_DIR is its media root.")],
+    subtitles: Annotated[Optional[list[Path]], typer.Option(
+        help="A CSV of subtitles, one row a clip (repeatable); its name column holds the video_id or the "
+             "file's stem.")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        help="The CSV layout of a dataset: mer (MER2023-2025 transcription.csv / subtitle_chieng.csv: "
+             "name, chinese, english; text: english) or meld (MELD {train,dev,test}_sent_emo.csv: "
+             "Utterance of clip dia{Dialogue_ID}_utt{Utterance_ID}).")] = None,
+    name_column: Annotated[Optional[str], typer.Option(
+        help="The CSV column naming the clip (default: the preset's, else 'name').")] = None,
+    text_column: Annotated[Optional[str], typer.Option(
+        help="The CSV column of the text (default: the preset's, else 'text'; e.g. chinese for mer).")] = None,
+    asr: Annotated[Optional[bool], typer.Option(
+        "--asr/--no-asr", help="Transcribe clips without a subtitle with the Whisper of model.asr_path "
+                               "(default: on when it is set).")] = None,
+    asr_batch_size: Annotated[int, typer.Option(min=1, help="30 s windows per Whisper batch.")] = 8,
+    asr_max_tokens: Annotated[Optional[int], typer.Option(
+        min=1, help="Most tokens Whisper writes per 30 s window (default 224, as OpenAI's decoding).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
+):
+    """Unlabeled annotations of a folder of raw videos, each with a subtitle: from a sidecar .srt /
+    .vtt / .txt beside the video, else a --subtitles CSV, else speech recognition (Whisper), else
+    none (counted). Files that are no readable video are listed and left out."""
+    from pipeline.annotate import PRESETS, SubtitleTable, Transcriber
+    from pipeline.annotate import annotate as run_annotate
+
+    cfg = _load(config, sets, models)
+    if not videos_dir.is_dir():
+        _fail(f"{videos_dir} is not a folder")
+    if out.exists() and not overwrite:
+        _fail(f"{out} exists; pass --overwrite to replace it")
+    if (preset or name_column or text_column) and not subtitles:
+        _fail("--preset, --name-column and --text-column describe a --subtitles CSV; none was given")
+    if preset is not None and preset not in PRESETS:
+        _fail(f"--preset {preset}: not one of {', '.join(PRESETS)}")
+    table = SubtitleTable.read(subtitles, PRESETS.get(preset), name_column, text_column) if subtitles else None
+    transcriber = None
+    if asr or (asr is None and cfg.model.asr_path is not None):
+        if asr is None:
+            err.print(f"speech recognition with {cfg.model.asr_path} (model.asr_path; --no-asr turns it off)")
+        try:
+            cfg.require_paths(["model.asr_path"])
+        except ConfigError as e:
+            _fail(e)
+        transcriber = Transcriber(cfg.model.asr_path, cfg.run.device, asr_batch_size, asr_max_tokens)
+    with _progress() as bar:
+        tasks = {}
+
+        def advanced(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        result = run_annotate(videos_dir, table, transcriber, advanced)
+    _print_annotated(result, out, videos_dir)
+
+
+def _print_annotated(result, out: Path, videos_dir: Path) -> None:
+    """Write what `xmei annotate` made; then counts by subtitle source, notes, files left out."""
+    from pipeline.annotate import write_annotated
+
+    skipped_file = write_annotated(result, out)
+    sources = ", ".join(f"{source} {count}" for source, count in result.sources().items())
+    console.print(f"{escape(str(out))}: {len(result.records)} clips (subtitles: {sources}); "
+                  f"media root {escape(str(videos_dir))}", highlight=False)
+    if result.asr_seconds:
+        console.print(f"speech recognition: {len(result.asr_seconds)} clips, "
+                      f"{sum(result.asr_seconds) / len(result.asr_seconds):.2f} s per clip")
+    for note in result.notes:
+        err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
+    if result.skipped:
+        err.print(f"{len(result.skipped)} file(s) left out (listed in {escape(str(skipped_file))}):", highlight=False)
+        for s in result.skipped:
+            err.print(f"  {escape(s.path)} ({s.stage}): {escape(s.reason)}", highlight=False)
 
 
 def _print_annotations(annotations: Path, summary, valid: int, media_root: Path | None) -> None:

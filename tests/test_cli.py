@@ -30,8 +30,8 @@ def test_only_working_commands_are_registered():
     import typer.main
 
     group = typer.main.get_command(app)
-    assert set(group.commands) == {"config", "synth", "validate", "models", "extract", "stores", "train", "eval",
-                                   "score", "report", "predict", "attention", "demo"}
+    assert set(group.commands) == {"config", "synth", "validate", "annotate", "models", "extract", "stores", "train",
+                                   "eval", "score", "report", "predict", "attention", "demo"}
     assert set(group.commands["models"].commands) == {"tiny"}
     assert set(group.commands["stores"].commands) == {"info", "verify", "export", "import"}
     result = run("models", "--help")
@@ -113,7 +113,7 @@ def test_synth_then_models_tiny_then_config_check(tmp_path):
                    ("--set", f"datasets.xmei_synth.annotations.{split}={tmp_path / 'data/annotations' / split}.json")],
                  "--check")
     assert result.exit_code == 0, result.output
-    assert "all 8 configured paths exist" in result.stderr
+    assert "all 9 configured paths exist" in result.stderr  # the four models, Whisper, the media and 3 splits
 
 
 def test_stores_commands_read_no_config(tmp_path, monkeypatch):
