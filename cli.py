@@ -288,7 +288,7 @@ def annotate(
     """Unlabeled annotations of a folder of raw videos, each with a subtitle: from a sidecar .srt /
     .vtt / .txt beside the video, else a --subtitles CSV, else speech recognition (Whisper), else
     none (counted). Files that are no readable video are listed and left out."""
-    from pipeline.annotate import PRESETS, SubtitleTable, Transcriber
+    from pipeline.annotate import PRESETS, VIDEO_SUFFIXES, SubtitleTable, Transcriber
     from pipeline.annotate import annotate as run_annotate
 
     cfg = _load(config, sets, models)
@@ -320,13 +320,17 @@ def annotate(
 
         result = run_annotate(videos_dir, table, transcriber, advanced)
     _print_annotated(result, out, videos_dir)
+    if not result.records:
+        _fail(f"no readable video under {videos_dir} (looked for {', '.join(VIDEO_SUFFIXES)} in any case): "
+              f"{out} not written", 1)
 
 
 def _print_annotated(result, out: Path, videos_dir: Path) -> None:
-    """Write what `xmei annotate` made; then counts by subtitle source, notes, files left out."""
+    """Write what `xmei annotate` made (when it made a record); then counts by subtitle source, notes,
+    files left out."""
     from pipeline.annotate import write_annotated
 
-    skipped_file = write_annotated(result, out)
+    skipped_file = write_annotated(result, out) if result.records else None
     sources = ", ".join(f"{source} {count}" for source, count in result.sources().items())
     console.print(f"{escape(str(out))}: {len(result.records)} clips (subtitles: {sources}); "
                   f"media root {escape(str(videos_dir))}", highlight=False)
@@ -336,7 +340,8 @@ def _print_annotated(result, out: Path, videos_dir: Path) -> None:
     for note in result.notes:
         err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
     if result.skipped:
-        err.print(f"{len(result.skipped)} file(s) left out (listed in {escape(str(skipped_file))}):", highlight=False)
+        listed = f" (listed in {escape(str(skipped_file))})" if skipped_file else ""
+        err.print(f"{len(result.skipped)} file(s) left out{listed}:", highlight=False)
         for s in result.skipped:
             err.print(f"  {escape(s.path)} ({s.stage}): {escape(s.reason)}", highlight=False)
 

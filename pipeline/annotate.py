@@ -43,9 +43,9 @@ from pipeline.annotations import FIELDS
 from pipeline.decode import SAMPLE_RATE, MediaError, read_audio, read_frames
 from xmei.errors import UserError, read_text, write_whole
 
-__all__ = ["PRESETS", "SOURCES", "VIDEO_SUFFIXES", "Annotated", "AsrError", "Preset", "Skipped", "SubtitleError",
-           "SubtitleTable", "Transcriber", "Transcript", "annotate", "find_subtitle", "find_videos", "measure_asr",
-           "sidecar_text", "write_annotated"]
+__all__ = ["PRESETS", "SOURCES", "VIDEO_SUFFIXES", "AsrError", "FolderAnnotations", "Preset", "Skipped",
+           "SubtitleError", "SubtitleTable", "Transcriber", "Transcript", "annotate", "find_subtitle", "find_videos",
+           "measure_asr", "sidecar_text", "write_annotated"]
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 SIDECAR_SUFFIXES = (".srt", ".vtt", ".txt")  # in the order they are looked for
@@ -279,13 +279,15 @@ class Transcriber:
         import torch
         from transformers.utils import logging as hf_logging
 
+        # an English-only Whisper (*.en) takes no task: it only transcribes English
+        task = {"task": "transcribe"} if getattr(self.model.generation_config, "is_multilingual", False) else {}
         features = self.processor.feature_extractor(windows, sampling_rate=SAMPLE_RATE, return_tensors="pt")
         inputs = features.input_features.to(self.device, self.dtype)  # (B, mel bins, 3000), padded to 30 s
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # Whisper's generate warns of its own config's max_length and mask, per call
         try:
             with torch.inference_mode():
-                ids = self.model.generate(inputs, task="transcribe", max_new_tokens=self.max_new_tokens)
+                ids = self.model.generate(inputs, max_new_tokens=self.max_new_tokens, **task)
         finally:
             hf_logging.set_verbosity(verbosity)
         return self.processor.batch_decode(ids, skip_special_tokens=True)
@@ -319,17 +321,24 @@ def find_subtitle(video: Path, table: SubtitleTable | None = None, transcriber: 
     ``audio`` (default the wav beside the video, else its track); else ("", "none"). A sidecar
     that is not UTF-8 is a SubtitleError, audio that cannot be read a MediaError."""
     video = Path(video)
-    sidecar = _sidecar(video)
-    if sidecar is not None and (text := sidecar_text(sidecar)):
-        return text, sidecar.suffix[1:].lower()
-    if table is not None and (text := table.lookup(name or video.stem, stem_is_unique=True)):
-        return text, "csv"
-    if transcriber is not None:
+    text, source = _written_subtitle(video, table, name or video.stem, stem_is_unique=True)
+    if source == "none" and transcriber is not None:
         transcript, = transcriber.transcribe([(video, audio or _wav_beside(video))])
         if transcript.error:
             raise MediaError(audio or video, "audio", transcript.error)
         if transcript.text:
             return transcript.text, "asr"
+    return text, source
+
+
+def _written_subtitle(video: Path, table: SubtitleTable | None, name: str, stem_is_unique: bool) -> tuple[str, str]:
+    """(text, source) from the video's sidecar, else its row of ``table``; ("", "none") when neither
+    gives a text."""
+    sidecar = _sidecar(video)
+    if sidecar is not None and (text := sidecar_text(sidecar)):
+        return text, sidecar.suffix[1:].lower()
+    if table is not None and (text := table.lookup(name, stem_is_unique)):
+        return text, "csv"
     return "", "none"
 
 
@@ -341,7 +350,7 @@ class Skipped:
 
 
 @dataclass
-class Annotated:
+class FolderAnnotations:
     """What :func:`annotate` made: the records (the 11 fields + subtitle_source, in path order),
     the files left out, and notes on clips kept without a subtitle they might have had."""
 
@@ -362,13 +371,15 @@ def find_videos(folder: Path) -> list[Path]:
 
 
 def annotate(folder: Path, table: SubtitleTable | None = None, transcriber: Transcriber | None = None,
-             progress: Callable[[str, int, int], None] | None = None) -> Annotated:
+             progress: Callable[[str, int, int], None] | None = None) -> FolderAnnotations:
     """The records of every video under ``folder`` (see the module docstring). ``progress`` is
     called with (stage "probing" | "speech recognition", clips done, clips in that stage)."""
     folder = Path(folder)
     tell = progress or (lambda stage, done, total: None)
     skipped: list[Skipped] = []
-    videos = _unique_ids(folder, find_videos(folder), skipped)
+    files = find_videos(folder)
+    stems = Counter(path.stem for path in files)  # a table's row names a clip by its stem only when unique
+    videos = _unique_ids(folder, files, skipped)
     readable = {}
     for done, (video_id, path) in enumerate(videos.items(), start=1):
         try:
@@ -378,27 +389,27 @@ def annotate(folder: Path, table: SubtitleTable | None = None, transcriber: Tran
         else:
             readable[video_id] = path
         tell("probing", done, len(videos))
-    stems = Counter(video_id.rsplit("/", 1)[-1] for video_id in readable)
     found: dict[str, tuple[str, str]] = {}  # video_id -> (text, source)
     for video_id, path in readable.items():
         try:
-            sidecar = _sidecar(path)
-            text = sidecar_text(sidecar) if sidecar is not None else ""
+            found[video_id] = _written_subtitle(path, table, video_id, stems[path.stem] == 1)
         except SubtitleError as err:
             skipped.append(Skipped(_rel(path, folder), "subtitle", str(err)))
-            continue
-        if text:
-            found[video_id] = text, sidecar.suffix[1:].lower()
-        elif table is not None and (text := table.lookup(video_id, stems[video_id.rsplit("/", 1)[-1]] == 1)):
-            found[video_id] = text, "csv"
-        else:
-            found[video_id] = "", "none"
-    notes = [f"subtitle table: {name!r} has different texts at {', '.join(where)}: not used"
-             for name, where in (table.ambiguous if table else {}).items()]
+    notes = _table_notes(table, stems)
     asr_seconds = _transcribe(folder, readable, found, transcriber, notes, tell)
     records = [_record(folder, readable[video_id], video_id, *found[video_id]) for video_id in found]
     skipped.sort(key=lambda s: s.path)
-    return Annotated(records, skipped, notes, asr_seconds)
+    return FolderAnnotations(records, skipped, notes, asr_seconds)
+
+
+def _table_notes(table: SubtitleTable | None, stems: Counter) -> list[str]:
+    """What of the subtitle table was not used, and why."""
+    if table is None:
+        return []
+    return [*(f"subtitle table: {name!r} has different texts at {', '.join(where)}: not used"
+              for name, where in table.ambiguous.items()),
+            *(f"subtitle table: {stem!r} is the stem of {count} videos: not used (name them by video_id)"
+              for stem, count in stems.items() if count > 1 and stem in table.texts)]
 
 
 def _unique_ids(folder: Path, videos: list[Path], skipped: list[Skipped]) -> dict[str, Path]:
@@ -448,7 +459,7 @@ def _rel(path: Path, folder: Path) -> str:
     return path.relative_to(folder).as_posix()
 
 
-def write_annotated(result: Annotated, out: Path) -> Path | None:
+def write_annotated(result: FolderAnnotations, out: Path) -> Path | None:
     """The records as a JSON list at ``out`` and the files left out as JSON lines at
     ``<out stem>.skipped.jsonl`` beside it (removed when none was: a rerun's list replaces the
     last one), each written whole; the skipped file's path, if written."""

@@ -119,6 +119,16 @@ def test_annotate_a_folder(folder, tmp_path):
     assert not problems and len(records) == 6 and summary.extra_fields == ["subtitle_source"]
 
 
+def test_sources_in_order_and_what_a_table_cannot_name(folder):
+    """A sidecar wins over a table's row; a row names a video by video_id, or by a stem no other
+    video has (dup/x.mp4 and dup/x.avi share theirs: noted, not used)."""
+    table = SubtitleTable({"a/one": "from the table", "five": "Five.", "x": "which x?"})
+    result = annotate(folder, table)
+    rows = {r["video_id"]: r for r in result.records}
+    assert rows["a/one"]["subtitle_source"] == "srt" and rows["five"]["subtitle"] == "Five."
+    assert result.notes == ["subtitle table: 'x' is the stem of 2 videos: not used (name them by video_id)"]
+
+
 def test_a_rerun_without_left_out_files_removes_the_old_list(folder, tmp_path):
     out = tmp_path / "ann.json"
     write_annotated(annotate(folder), out)
@@ -164,6 +174,17 @@ def test_long_clips_are_heard_in_30_second_windows(folder, asr, tmp_path):
         find_subtitle(folder / "five.mp4", transcriber=asr, audio=broken)
 
 
+def test_an_english_only_whisper_is_given_no_task(folder, tiny_models, tmp_path):
+    """A *.en Whisper (is_multilingual false, no languages or tasks) transcribes as it is."""
+    english = shutil.copytree(tiny_models / "asr", tmp_path / "asr.en")
+    generation = json.loads((english / "generation_config.json").read_text())
+    for key in ("lang_to_id", "task_to_id"):
+        del generation[key]
+    (english / "generation_config.json").write_text(json.dumps({**generation, "is_multilingual": False}))
+    transcript, = Transcriber(english, device="cpu", max_new_tokens=4).transcribe([(folder / "five.mp4", None)])
+    assert transcript.error is None and transcript.text
+
+
 def test_the_command(folder, tiny_models, tmp_path):
     out = tmp_path / "ann.json"
     csv = _meld_csv(tmp_path)
@@ -185,6 +206,11 @@ def test_the_command(folder, tiny_models, tmp_path):
     assert not (tmp_path / "b.json").exists()
     lonely = xmei("annotate", folder, "--out", tmp_path / "b.json", "--preset", "meld")
     assert lonely.returncode == 2 and "--subtitles" in lonely.stderr
+    unset = xmei("annotate", folder, "--out", tmp_path / "b.json", "--asr")
+    assert unset.returncode == 2 and "model.asr_path: not set" in unset.stderr
+    (tmp_path / "empty").mkdir()
+    empty = xmei("annotate", tmp_path / "empty", "--out", tmp_path / "b.json")
+    assert empty.returncode == 1 and "no readable video under" in empty.stderr and not (tmp_path / "b.json").exists()
     help_text = xmei("annotate", "--help", env={"COLUMNS": "400"}).stdout
     assert "mer (MER2023-2025" in help_text and "meld (MELD" in help_text
 
