@@ -51,7 +51,8 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 SIDECAR_SUFFIXES = (".srt", ".vtt", ".txt")  # in the order they are looked for
 SOURCES = ("srt", "vtt", "txt", "csv", "asr", "none")
 WINDOW_S = 30  # Whisper hears 30 s at a time (3000 mel frames): longer clips go in windows
-# OpenAI's decoding stops at half of Whisper's 448 text positions; a random model never ends sooner
+# OpenAI's decoding stops at 224 tokens, half of Whisper's 448 text positions (the bound also ends a
+# random model's text, which no end-of-text token would)
 MAX_NEW_TOKENS = 224
 PROMPT_TOKENS = ("<|startoftranscript|>", "<|lang|>", "<|transcribe|>", "<|notimestamps|>")  # before the text
 
@@ -195,7 +196,7 @@ def _rows(path: Path, names: tuple[str, ...], form: str, text_column: str):
 @dataclass
 class Transcript:
     text: str
-    error: str | None = None  # why the clip's audio could not be read (text then "")
+    error: str | None = None  # why the clip's audio could not be read, naming the file (text then "")
     seconds: float = 0.0  # wall time spent on this clip: reading its audio and its share of the batches
 
 
@@ -319,13 +320,13 @@ def find_subtitle(video: Path, table: SubtitleTable | None = None, transcriber: 
     """(text, source) of one clip, from the first source that gives a text (module docstring):
     its sidecar, its row of ``table`` (by ``name``, default the video's stem), ``transcriber`` on
     ``audio`` (default the wav beside the video, else its track); else ("", "none"). A sidecar
-    that is not UTF-8 is a SubtitleError, audio that cannot be read a MediaError."""
+    that is not UTF-8 is a SubtitleError, audio that Whisper cannot read an AsrError."""
     video = Path(video)
     text, source = _written_subtitle(video, table, name or video.stem, stem_is_unique=True)
     if source == "none" and transcriber is not None:
         transcript, = transcriber.transcribe([(video, audio or _wav_beside(video))])
         if transcript.error:
-            raise MediaError(audio or video, "audio", transcript.error)
+            raise AsrError(f"no speech recognition: {transcript.error}")
         if transcript.text:
             return transcript.text, "asr"
     return text, source

@@ -12,10 +12,10 @@ import pytest
 import soundfile
 
 from faults import xmei
-from pipeline.annotate import (PRESETS, SubtitleError, SubtitleTable, Transcriber, _windows, annotate,
+from pipeline.annotate import (PRESETS, AsrError, SubtitleError, SubtitleTable, Transcriber, _windows, annotate,
                                find_subtitle, sidecar_text, write_annotated)
 from pipeline.annotations import check_annotations
-from pipeline.decode import SAMPLE_RATE, MediaError
+from pipeline.decode import SAMPLE_RATE
 
 SRT = ("1\n00:00:01,000 --> 00:00:02,500\n<i>Well,</i> I <font color=\"red\">never</font>\n\n"
        "2\r\n00:00:02,500 --> 00:00:04,000 X1:40 X2:600\r\n{\\an8}said that\r\n\r\nthe cue goes on\n\n")
@@ -170,8 +170,19 @@ def test_long_clips_are_heard_in_30_second_windows(folder, asr, tmp_path):
     assert one.error is None and one.text == " ".join(" ".join(t.text for t in apart).split())
     assert len([t for t in apart if t.text]) >= 2  # it says something: the join is seen
     assert "broken.wav: cannot decode audio" in bad.error and bad.text == ""
-    with pytest.raises(MediaError, match="broken.wav"):
+    with pytest.raises(AsrError, match=r"no speech recognition: \S+/broken.wav: cannot decode audio"):
         find_subtitle(folder / "five.mp4", transcriber=asr, audio=broken)
+
+
+def test_a_clip_whose_audio_whisper_cannot_read_stays_with_a_note(folder, asr, tmp_path):
+    shutil.copy(folder / "five.mp4", tmp_path / "seven.mp4")
+    (tmp_path / "seven.wav").write_bytes(b"RIFF....WAVEfmt nonsense")
+    result = annotate(tmp_path, transcriber=asr)
+    assert [(r["video_id"], r["audio_path"], r["subtitle_source"]) for r in result.records] == \
+        [("seven", "seven.wav", "none")]
+    assert not result.skipped and len(result.notes) == 1
+    assert result.notes[0].startswith("seven.mp4: no speech recognition, the audio cannot be read (")
+    assert "seven.wav: cannot decode audio" in result.notes[0]
 
 
 def test_an_english_only_whisper_is_given_no_task(folder, tiny_models, tmp_path):
