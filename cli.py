@@ -294,8 +294,8 @@ def annotate(
     cfg = _load(config, sets, models)
     if not videos_dir.is_dir():
         _fail(f"{videos_dir} is not a folder")
-    if out.exists() and not overwrite:
-        _fail(f"{out} exists; pass --overwrite to replace it")
+    if out.is_dir() or (out.exists() and not overwrite):
+        _fail(f"{out} is a folder" if out.is_dir() else f"{out} exists; pass --overwrite to replace it")
     if (preset or name_column or text_column) and not subtitles:
         _fail("--preset, --name-column and --text-column describe a --subtitles CSV; none was given")
     if preset is not None and preset not in PRESETS:
@@ -331,9 +331,10 @@ def _print_annotated(result, out: Path, videos_dir: Path) -> None:
     from pipeline.annotate import write_annotated
 
     skipped_file = write_annotated(result, out) if result.records else None
-    sources = ", ".join(f"{source} {count}" for source, count in result.sources().items())
-    console.print(f"{escape(str(out))}: {len(result.records)} clips (subtitles: {sources}); "
-                  f"media root {escape(str(videos_dir))}", highlight=False)
+    if result.records:
+        sources = ", ".join(f"{source} {count}" for source, count in result.sources().items())
+        console.print(f"{escape(str(out))}: {len(result.records)} clips (subtitles: {sources}); "
+                      f"media root {escape(str(videos_dir))}", highlight=False)
     if result.asr_seconds:
         console.print(f"speech recognition: {len(result.asr_seconds)} clips, "
                       f"{sum(result.asr_seconds) / len(result.asr_seconds):.2f} s per clip")

@@ -222,6 +222,8 @@ def test_the_command(folder, tiny_models, tmp_path):
     (tmp_path / "empty").mkdir()
     empty = xmei("annotate", tmp_path / "empty", "--out", tmp_path / "b.json")
     assert empty.returncode == 1 and "no readable video under" in empty.stderr and not (tmp_path / "b.json").exists()
+    folder_out = xmei("annotate", folder, "--out", tmp_path, "--overwrite")
+    assert folder_out.returncode == 2 and f"{tmp_path} is a folder" in folder_out.stderr
     help_text = xmei("annotate", "--help", env={"COLUMNS": "400"}).stdout
     assert "mer (MER2023-2025" in help_text and "meld (MELD" in help_text
 
