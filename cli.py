@@ -119,24 +119,14 @@ def _open_fitting(store: Path, checkpoints: dict[Path, XMEISettings]) -> Feature
     return opened
 
 
-def _check_clip_features(cfg: Config, settings: XMEISettings, checkpoint: Path, source: str) -> None:
-    """The features that `xmei predict` extracts from a clip with ``cfg`` (from ``source``) are
-    those the checkpoint was trained on: an error naming the difference, before a clip is decoded
-    or a model loads (the encoders' configs are read, no weights)."""
-    from pipeline.encoders import EncoderSettings, encoder_identity, feature_specs
-    from pipeline.extract import MODEL_KEYS
-    from xmei.settings import check_fit, feature_facts
+def _check_clip_features(cfg: Config, checkpoint: Path, source: str) -> None:
+    """xmei.predictor.check_clip_features, a missing model folder ending the command with status 2."""
+    from xmei.predictor import check_clip_features
 
     try:
-        cfg.require_paths(MODEL_KEYS)
+        check_clip_features(cfg, checkpoint, source)
     except ConfigError as e:
         _fail(e)
-    encoders = EncoderSettings.from_config(cfg)
-    extracted = {"features": {k: {"shape": list(v.shape)} for k, v in feature_specs(encoders).items()},
-                 "extract": cfg.extract.model_dump(),
-                 "encoders": encoder_identity(encoders, str(cfg.model.caption_tokenizer_path))}  # as a store records
-    check_fit(feature_facts(extracted), settings, checkpoint, f"a clip extracted with {source}",
-              "predict with the checkpoint's own extract settings and encoders (its config.yaml, the default)")
 
 
 def _fail(message: str | BaseException, code: int = 2) -> None:
@@ -419,14 +409,22 @@ def extract(
     Each worker decodes in extract.decode_workers processes (default: its share of the cores).
     SIGTERM or Ctrl-C stops it at a shard boundary, keeping every finished shard: rerun to resume.
     """
-    from xmei.interrupt import stop_on_signals
-    from xmei.runlock import store_lock
-
     cfg = _load(config, sets, models)
     cfg.extract.allow_absolute_paths |= allow_absolute_paths
     root = _media_root(cfg, media_root, annotations)
     if root is None:
         _fail("no media root: give --media-root (or a config dataset media_root)")
+    _extract_store(ctx, cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers, strict=strict,
+                   unlabeled=unlabeled)
+
+
+def _extract_store(ctx: typer.Context, cfg: Config, annotations: Path, root: Path, out: Path, **options) -> None:
+    """Stage 1 of `xmei extract` (and of `xmei predict --annotations`) into the store ``out``,
+    holding its lock: a progress bar, then the summary and each failed clip. ``options``: those
+    of pipeline.extract.extract (split, scheduler, workers, strict, unlabeled)."""
+    from xmei.interrupt import stop_on_signals
+    from xmei.runlock import store_lock
+
     _one_run(ctx, store_lock(out), out, "--out")  # before torch is imported: a second run ends at once
     from pipeline.extract import ExtractWarning
     from pipeline.extract import extract as run_extract
@@ -449,8 +447,8 @@ def extract(
 
         with warnings.catch_warnings(record=True) as caught, stop_on_signals(cfg.run.preempt_grace_s) as stop:
             warnings.simplefilter("always", ExtractWarning)
-            summary = run_extract(cfg, annotations, root, out, split=split, scheduler=scheduler, workers=workers,
-                                  strict=strict, unlabeled=unlabeled, progress=advanced, on_start=started, stop=stop)
+            summary = run_extract(cfg, annotations, root, out, progress=advanced, on_start=started, stop=stop,
+                                  **options)
     for w in caught:
         err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     rate = (summary.clips - summary.shards_skipped * shard_size) / max(summary.seconds, 1e-9)
@@ -592,7 +590,7 @@ def eval_cmd(
     """
     from dataclasses import replace
 
-    from xmei.evaluate import check_out, write_evaluation
+    from xmei.evaluate import check_out, check_references, write_evaluation
     from xmei.settings import check_store_labels
 
     cfg, settings = _load_checkpoint(checkpoint, config, sets, models)
@@ -604,6 +602,7 @@ def eval_cmd(
     opened = _open_fitting(store, {checkpoint: settings})
     check_store_labels(opened, cfg.emotions, cfg.intents,
                        f"--config {config}" if config else f"the config of {checkpoint}")
+    check_references(opened)  # an unlabeled store: predict, not eval
     root = _store_media_root(cfg, media_root, store) if html else None  # a bad root: an error before generating
     from xmei.data import dtype_warning
     from xmei.distributed import Distributed, resolve_precision
@@ -750,43 +749,171 @@ def _print_results(results: dict) -> None:
 
 @app.command()
 def predict(
-    video: Annotated[Path, typer.Argument(help="An mp4 (or any video decord reads).")],
-    subtitle: Annotated[str, typer.Option(help="What the speaker says.")],
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder.")],
-    audio: Annotated[Optional[Path], typer.Option(help="Audio file; default: the video's own track.")] = None,
-    video_description: Annotated[str, typer.Option(help="The clip's video caption (LQ-Former queries).")] = "",
-    audio_description: Annotated[str, typer.Option(help="The clip's audio caption (LQ-Former queries).")] = "",
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    video: Annotated[Optional[Path], typer.Argument(help="One clip: an mp4 (or any video decord reads).")] = None,
+    subtitle: Annotated[Optional[str], typer.Option(help="One clip: what the speaker says.")] = None,
+    audio: Annotated[Optional[Path], typer.Option(help="One clip: audio file; default: the video's own track.")] = None,
+    video_description: Annotated[str, typer.Option(help="One clip: its video caption (LQ-Former queries).")] = "",
+    audio_description: Annotated[str, typer.Option(help="One clip: its audio caption (LQ-Former queries).")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="One clip: print one JSON object.")] = False,
+    annotations: Annotated[Optional[Path], typer.Option(
+        help="In bulk: an annotation file (labels may be empty); its clips are extracted into OUT/store.")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="In bulk: an existing store (labeled or not).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="In bulk: folder for predictions.jsonl, predictions.csv, failures.jsonl, predict.json (and store/); "
+             "rerun to resume.")] = None,
+    media_root: Annotated[Optional[Path], typer.Option(
+        help="With --annotations: folder the media paths are relative to (default as in `xmei validate`).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="With --annotations: as `xmei extract --scheduler`.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="With --annotations: as `xmei extract --workers`.")] = None,
+    strict: Annotated[bool, typer.Option(help="With --annotations: stop at the first clip that fails.")] = False,
+    allow_absolute_paths: Annotated[bool, typer.Option(help="With --annotations: accept absolute media paths.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="In bulk: start over in an OUT of another run.")] = False,
     config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
 ):
-    """Emotion, intent and explanation of one raw clip: stage 1's own decoding and encoders, then the model."""
-    cfg, settings = _load_checkpoint(checkpoint, config, sets, models)
+    """Emotion, intent and explanation of one raw clip (VIDEO), or of every clip of an annotation
+    file or store in bulk (--annotations / --store with --out).
+
+    One clip: stage 1's own decoding and encoders, then the model (xmei.predictor.Predictor).
+    In bulk: --annotations extracts its clips into OUT/store with `xmei extract`'s code and
+    options (resumed by a rerun), then generates for every ok clip with the model loaded once,
+    run.batch_size_eval clips a batch; under `torchrun --nproc_per_node N $(which xmei) predict ...`
+    the ranks share the batches as in `xmei eval` (rank 0 extracts and writes). Every finished
+    batch is kept in OUT/predictions.partial.jsonl: SIGTERM or Ctrl-C stops at a batch boundary
+    and a rerun predicts only the clips that have no row yet.
+    """
+    given = [name for name, value in (("VIDEO", video), ("--annotations", annotations), ("--store", store)) if value]
+    if len(given) != 1:
+        _fail(f"give exactly one of VIDEO (one clip), --annotations FILE or --store STORE (in bulk); got "
+              f"{' and '.join(given) or 'none'}")
+    if video is None:
+        one_clip = [flag for flag, value in (("--subtitle", subtitle), ("--audio", audio), ("--json", as_json),
+                    ("--video-description", video_description), ("--audio-description", audio_description)) if value]
+        if one_clip:
+            _fail(f"{', '.join(one_clip)}: options of one clip (VIDEO); in bulk the annotation file or store gives them")
+        if out is None:
+            _fail("in bulk (--annotations / --store), give --out DIR")
+        _predict_bulk(ctx, checkpoint, annotations, store, out, media_root, dict(
+            scheduler=scheduler, workers=workers, strict=strict, unlabeled=True), allow_absolute_paths, overwrite,
+            config, sets, models)
+        return
+    bulk_only = [flag for flag, value in (("--out", out), ("--media-root", media_root), ("--scheduler", scheduler),
+                 ("--workers", workers is not None), ("--strict", strict), ("--overwrite", overwrite),
+                 ("--allow-absolute-paths", allow_absolute_paths)) if value]
+    if bulk_only:
+        _fail(f"{', '.join(bulk_only)}: options of bulk prediction (--annotations / --store), not of one clip")
+    _predict_clip(checkpoint, video, subtitle, audio, video_description, audio_description, as_json, config, sets,
+                  models)
+
+
+def _predict_clip(checkpoint: Path, video: Path, subtitle: str | None, audio: Path | None, video_description: str,
+                  audio_description: str, as_json: bool, config: Path | None, sets: list[str] | None,
+                  models: Path | None) -> None:
+    """`xmei predict VIDEO`: one Predictor.predict, printed."""
+    cfg, _ = _load_checkpoint(checkpoint, config, sets, models)
     changed = " and ".join(flag for flag, given in (("--set", sets), ("--models", models)) if given)
-    _check_clip_features(cfg, settings, checkpoint, (f"--config {config}" if config else "the checkpoint's config")
+    _check_clip_features(cfg, checkpoint, (f"--config {config}" if config else "the checkpoint's config")
                          + (f" with {changed}" if changed else ""))
     from pipeline.decode import MediaError
     from xmei.distributed import Distributed
-    from xmei.predict import predict_clip
+    from xmei.predictor import Predictor
 
     device = Distributed.start(cfg.run.device).device
-    try:  # a GenerationError (eval.max_new_tokens shorter than the constrained answer head) ends at main's boundary
-        result = predict_clip(cfg, checkpoint, video, audio, subtitle, video_description, audio_description, device)
+    # a GenerationError (eval.max_new_tokens shorter than the constrained answer head) ends at main's boundary
+    predictor = Predictor(cfg, checkpoint, device, attention=False)
+    try:
+        result = predictor.predict(video, subtitle, audio, video_description, audio_description)
     except MediaError as e:
         _fail(f"cannot read the clip: {e}", 1)
     if as_json:
-        console.print_json(data=result)
+        console.print_json(data=result.to_json())
         return
-    if result["without_descriptions"]:
-        err.print(f"no {' or '.join(result['without_descriptions'])} description given: those LQ-Formers answer "
+    if result.without_descriptions:
+        err.print(f"no {' or '.join(result.without_descriptions)} description given: those LQ-Formers answer "
                   "from their learned queries alone (trained so by model.caption_dropout)")
-    if not result["has_audio"]:
+    if not result.has_audio:
         source = f"{audio} holds none" if audio else f"{video} has no audio track and no --audio was given"
         err.print(escape(f"no audio: {source}; the model answers with its learned no-audio context"), highlight=False)
-    if result["subtitle_cut"]:
+    if result.subtitle_cut:
         err.print("the subtitle was cut to fit model.max_length tokens, as in training", highlight=False)
-    console.print(f"emotion: {result['emotion'] or 'invalid (unparsed)'}\nintent: {result['intent'] or 'invalid (unparsed)'}"
-                  f"\nexplanation: {result['explanation']}"
-                  + ("\n(the answer was cut off at eval.max_new_tokens)" if result["cut_off"] else ""))
+    if result.subtitle_source != "given":
+        err.print(escape(f"subtitle ({result.subtitle_source}): {result.subtitle}"), highlight=False)
+    console.print(f"emotion: {_label(result.emotion, result.emotion_probs)}\n"
+                  f"intent: {_label(result.intent, result.intent_probs)}\nexplanation: {result.explanation}"
+                  + ("\n(the answer was cut off at eval.max_new_tokens)" if result.cut_off else ""), highlight=False)
+
+
+def _label(label: str | None, probs: dict[str, float] | None) -> str:
+    """"happy (p 0.83)", "happy" without probabilities, "invalid (unparsed)" without a label."""
+    if label is None:
+        return "invalid (unparsed)"
+    return f"{label} (p {probs[label]:.2f})" if probs and label in probs else label
+
+
+def _predict_bulk(ctx: typer.Context, checkpoint: Path, annotations: Path | None, store: Path | None, out: Path,
+                  media_root: Path | None, extract_options: dict, allow_absolute_paths: bool, overwrite: bool,
+                  config: Path | None, sets: list[str] | None, models: Path | None) -> None:
+    """`xmei predict --annotations / --store --out`: (rank 0) extraction into OUT/store, then
+    xmei.predict.predict_store on every rank, then (rank 0) the outputs."""
+    from xmei.evaluate import check_out
+
+    cfg, settings = _load_checkpoint(checkpoint, config, sets, models)
+    cfg.extract.allow_absolute_paths |= allow_absolute_paths
+    check_out(out)
+    root = None
+    if annotations is not None:
+        root = _media_root(cfg, media_root, annotations)
+        if root is None:
+            _fail("no media root: give --media-root (or a config dataset media_root)")
+        source = f"--config {config}" if config else "the checkpoint's config"
+        _check_clip_features(cfg, checkpoint, source)  # the store will hold the checkpoint's features
+        store = out / "store"
+    elif media_root is not None:
+        _fail("--media-root is an option of --annotations (a store holds its features already)")
+    from dataclasses import asdict
+
+    from xmei.distributed import Distributed, resolve_precision
+    from xmei.generate import GenerationSettings
+    from xmei.runlock import LOCK_NAME
+    from xmei.settings import check_store_labels
+
+    generation = GenerationSettings.from_config(cfg)
+    # under several ranks the others wait for rank 0's extraction in a collective: give it a day
+    dist = Distributed.start(cfg.run.device, timeout_s=86400 if annotations is not None else 1800)
+    _one_run(ctx, out / LOCK_NAME, out, "--out", dist)
+    if annotations is not None and dist.main:
+        _extract_store(ctx, cfg, annotations, root, store, split=None, **extract_options)
+    dist.barrier()
+    opened = _open_fitting(store, {checkpoint: settings})
+    check_store_labels(opened, cfg.emotions, cfg.intents,
+                       f"--config {config}" if config else f"the config of {checkpoint}")
+    from xmei.interrupt import stop_on_signals
+    from xmei.model import XMEIQwen
+    from xmei.predict import predict_store, start_run, subtitle_sources, write_outputs
+
+    made_from = annotations.resolve() if annotations is not None else Path(opened.attrs.get("annotations", ""))
+    facts = {"checkpoint": str(checkpoint.resolve()), "store": str(store.resolve()),
+             "store_fingerprint": opened.attrs.get("fingerprint"), "annotations": str(made_from),
+             "media_root": str(root.resolve()) if root else None,  # the generation settings but the batch size
+             "generation": {k: v for k, v in asdict(generation).items() if k != "batch_size"}}
+    if dist.main:
+        start_run(out, facts, overwrite)  # another run's OUT: refused before the model loads
+    dist.barrier()
+    model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device,
+                                     dtype=resolve_precision(cfg.run, dist.device))
+    stop = ctx.with_resource(stop_on_signals(cfg.run.preempt_grace_s))
+    with _progress(disable=not dist.main) as bar:
+        task = bar.add_task(f"predicting ({dist.world} processes)" if dist.world > 1 else "predicting", total=None)
+        rows = predict_store(model, store, out, cfg, generation, subtitle_sources(made_from), dist,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total), stop=stop)
+    dist.close()
+    if not dist.main:
+        return
+    record = write_outputs(out, rows, store, facts)
+    console.print(f"{out}: {record['predicted']} clips predicted, {record['failed']} failed extraction"
+                  + (f", {record['cut_off']} answers cut off at eval.max_new_tokens" if record["cut_off"] else "")
+                  + f"; {out / 'predictions.jsonl'}, {out / 'predictions.csv'}, {out / 'failures.jsonl'}")
 
 
 @app.command()

@@ -30,7 +30,7 @@ from xmei.errors import UserError, parse_json, read_text
 from xmei.labels import LabelSet
 
 __all__ = ["FIELDS", "AnnotationError", "Problem", "Record", "Summary", "check_annotations",
-           "default_media_root", "read_annotations", "write_annotations"]
+           "default_media_root", "extra_values", "read_annotations", "write_annotations"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,15 @@ def write_annotations(path: str | Path, records: list[Record]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{f: getattr(r, f) for f in FIELDS} for r in records]
     path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+
+
+def extra_values(path: str | Path, name: str) -> dict[str, str]:
+    """video_id -> the string value of the field ``name`` beyond the published 11 (e.g.
+    ``subtitle_source``, which `xmei annotate` writes) of each record that has one; a record that
+    cannot be read is left out here (:func:`read_annotations` names it)."""
+    pairs, _ = _read_raw(Path(path))
+    return {item["video_id"]: item[name] for _, item in pairs
+            if isinstance(item, dict) and isinstance(item.get("video_id"), str) and isinstance(item.get(name), str)}
 
 
 _EXPECTED = "expected a JSON list of records or JSONL, one object a line"

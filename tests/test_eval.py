@@ -173,13 +173,13 @@ def config_labels(kind: str) -> list[str]:
 def test_predict_features_equal_the_stored_ones(checkpoint, patch_store, corpus, tiny_models):
     """predict runs stage 1's own functions: the same clip gives the same features as the store."""
     from stores import FeatureStore
-    from xmei.predict import clip_features
+    from xmei.predictor import Predictor
 
     store = FeatureStore(patch_store)
     clip = store[0]
     audio = corpus / clip["audio_path"] if clip["audio_path"] else None
-    got = clip_features(config(tiny_models), corpus / clip["video_path"], audio, clip["video_description"],
-                        clip["audio_description"])
+    got = Predictor(config(tiny_models), checkpoint, attention=False).clip_features(
+        corpus / clip["video_path"], audio, clip["video_description"], clip["audio_description"])
     np.testing.assert_allclose(got["video"].astype(np.float32), clip["visual"].astype(np.float32), atol=2e-3)
     np.testing.assert_allclose(got["audio"].astype(np.float32), clip["audio"].astype(np.float32), atol=2e-3)
     assert got["video_caption_ids"].tolist() == clip["video_caption_ids"].tolist()

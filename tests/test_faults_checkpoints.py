@@ -392,7 +392,7 @@ def test_predict_extracting_other_features_is_refused_before_a_clip_is_read(trai
     """`xmei predict` extracts the clip with the command's config: one whose extract settings or
     encoders give other features than the checkpoint's is refused before the clip is decoded or a
     model loads (the encoders' configs are read, no weights)."""
-    monkeypatch.setattr("xmei.predict.predict_clip", lambda *a, **k: pytest.fail("the clip was read"))
+    monkeypatch.setattr("xmei.predictor.Predictor.__init__", lambda *a, **k: pytest.fail("a model was loaded"))
     last, video = trained_run / LAST, corpus / "videos" / "synth_00000.mp4"
     sets = ["extract.visual_tokens=pooled", "extract.num_audio_clips=4", "extract.audio_clip_seconds=1",
             "extract.caption_tokens=8"]

@@ -113,7 +113,7 @@ def test_a_clip_whose_texts_hold_special_tokens_extracts_trains_evaluates_and_pr
     from pipeline.extract import extract
     from xmei.generate import GenerationSettings, generate_store
     from xmei.model import XMEIQwen
-    from xmei.predict import predict_clip
+    from xmei.predictor import Predictor
     from xmei.train import Trainer
 
     cfg = config(tiny_models, *SMALL, "run.max_epoch=1", "run.batch_size_train=2", "run.warmup_steps=0",
@@ -143,8 +143,8 @@ def test_a_clip_whose_texts_hold_special_tokens_extracts_trains_evaluates_and_pr
     assert row["ref_explanation"] == EXPLANATION
 
     audio = corpus / odd["audio_path"] if odd["audio_path"] else None
-    predicted = predict_clip(cfg, checkpoint, corpus / odd["video_path"], audio, SUBTITLE, VIDEO_DESCRIPTION,
-                             AUDIO_DESCRIPTION)
-    assert predicted["emotion"] in cfg.emotions.labels and predicted["intent"] in cfg.intents.labels
-    assert not predicted["subtitle_cut"] and predicted["without_descriptions"] == []
-    assert predicted["text"] == row["text"]  # the raw clip and its texts answer as the stored clip did
+    predicted = Predictor(cfg, checkpoint).predict(corpus / odd["video_path"], SUBTITLE, audio, VIDEO_DESCRIPTION,
+                                                   AUDIO_DESCRIPTION)
+    assert predicted.emotion in cfg.emotions.labels and predicted.intent in cfg.intents.labels
+    assert not predicted.subtitle_cut and predicted.without_descriptions == ()
+    assert predicted.text == row["text"]  # the raw clip and its texts answer as the stored clip did

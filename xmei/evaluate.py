@@ -31,12 +31,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from stores import OK
 from stores.store import PARTIAL, remove_dead_partials  # the stores' partial folders: one convention
 from xmei.classification import classification_report, joint_report, plot_confusion
 from xmei.errors import JSON_TYPES, DiskFullError, UserError, json_lines, json_type, write_whole, writing
 from xmei.text_metrics import explanation_metrics
 
-__all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "read_predictions", "score", "score_file",
+__all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "check_references", "read_predictions", "score", "score_file",
            "staged", "write_evaluation", "write_predictions", "write_report"]
 
 REFERENCES = ("video_id", "ref_emotion", "ref_intent", "ref_explanation")  # missing: an error
@@ -131,6 +134,19 @@ def check_out(out: Path) -> None:
             if not os.access(folder, os.W_OK):
                 raise EvaluationError(f"--out {out}: {folder} is not writable")
             return
+
+
+def check_references(store) -> None:
+    """Every ok clip of ``store`` (a FeatureStore) has its reference labels: an EvaluationError
+    naming the store and its clips without them otherwise (an unlabeled split is predicted, not scored)."""
+    ok = store.status() == OK
+    lacking = np.flatnonzero(ok & ((store.read_whole("emotion_label") < 0) | (store.read_whole("intent_label") < 0)))
+    if len(lacking):
+        ids = store.read_whole("video_id")
+        raise EvaluationError(f"{store.path}: {len(lacking)} of its {int(ok.sum())} ok clips have no reference labels "
+                              f"(first: {str(ids[lacking[0]])!r}), and xmei eval scores answers against them; to "
+                              f"predict an unlabeled store use `xmei predict --store {store.path} --checkpoint CK "
+                              "--out DIR`")
 
 
 @contextmanager
