@@ -844,6 +844,23 @@ def _predict_clip(checkpoint: Path, video: Path, subtitle: str | None, audio: Pa
                   + ("\n(the answer was cut off at eval.max_new_tokens)" if result.cut_off else ""), highlight=False)
 
 
+def _on_rank0(dist, work) -> None:
+    """``work()`` on rank 0 while the other ranks wait; when it fails, every rank ends: rank 0
+    with its error, the others with one naming it."""
+    error = None
+    if dist.main:
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - told to the other ranks, then raised as it was
+            error = e
+    said = dist.broadcast(None if error is None else message_of(error) or type(error).__name__)
+    if error is not None:
+        raise error
+    if said is not None:
+        dist.close()
+        _fail(f"rank {dist.rank}: rank 0 stopped: {said}", 1)
+
+
 def _label(label: str | None, probs: dict[str, float] | None) -> str:
     """"happy (p 0.83)", "happy" without probabilities, "invalid (unparsed)" without a label."""
     if label is None:
@@ -882,9 +899,8 @@ def _predict_bulk(ctx: typer.Context, checkpoint: Path, annotations: Path | None
     # under several ranks the others wait for rank 0's extraction in a collective: give it a day
     dist = Distributed.start(cfg.run.device, timeout_s=86400 if annotations is not None else 1800)
     _one_run(ctx, out / LOCK_NAME, out, "--out", dist)
-    if annotations is not None and dist.main:
-        _extract_store(ctx, cfg, annotations, root, store, split=None, **extract_options)
-    dist.barrier()
+    if annotations is not None:
+        _on_rank0(dist, lambda: _extract_store(ctx, cfg, annotations, root, store, split=None, **extract_options))
     opened = _open_fitting(store, {checkpoint: settings})
     check_store_labels(opened, cfg.emotions, cfg.intents,
                        f"--config {config}" if config else f"the config of {checkpoint}")
@@ -897,9 +913,7 @@ def _predict_bulk(ctx: typer.Context, checkpoint: Path, annotations: Path | None
              "store_fingerprint": opened.attrs.get("fingerprint"), "annotations": str(made_from),
              "media_root": str(root.resolve()) if root else None,  # the generation settings but the batch size
              "generation": {k: v for k, v in asdict(generation).items() if k != "batch_size"}}
-    if dist.main:
-        start_run(out, facts, overwrite)  # another run's OUT: refused before the model loads
-    dist.barrier()
+    _on_rank0(dist, lambda: start_run(out, facts, overwrite))  # another run's OUT: refused before the model loads
     model = XMEIQwen.from_checkpoint(checkpoint, llm=cfg.model.llama_model_path, device=dist.device,
                                      dtype=resolve_precision(cfg.run, dist.device))
     stop = ctx.with_resource(stop_on_signals(cfg.run.preempt_grace_s))

@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=10, help="clips run one command each (the first ones)")
     parser.add_argument("--out", type=Path, help="keep the inputs here (default: a temporary folder)")
     a = parser.parse_args()
+    print(f"load average at the start: {os.getloadavg()[0]:.2f} (compare runs only when it is low)")
     folder = a.out or Path(tempfile.mkdtemp(prefix="bench_predict_"))
     try:
         checkpoint, corpus, records = build_inputs(folder, a.clips)

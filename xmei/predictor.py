@@ -109,6 +109,8 @@ def checkpoint_config(checkpoint: str | Path, config: str | Path | Config | None
     the checkpoint is checked first (a CheckpointError names a damaged one)."""
     verify_checkpoint(checkpoint, config=config is None)
     if isinstance(config, Config):
+        if sets or models:
+            raise ValueError("sets and models change a config read from a file; apply them to a Config yourself")
         return config
     if config is None and (Path(checkpoint) / "config.yaml").is_file():
         config = Path(checkpoint) / "config.yaml"
