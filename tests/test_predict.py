@@ -107,6 +107,8 @@ def test_predict_many_equals_predict_one_by_one(predictor, corpus, annotations):
             np.testing.assert_allclose(m.visual_attention[group], o.visual_attention[group], atol=1e-5)
     as_dicts = predictor.predict_many([{"video": m.video, "subtitle": m.subtitle} for m in many[:2]])
     assert [d.video for d in as_dicts] == [m.video for m in many[:2]]
+    [alone] = predictor.predict_many([{"video": many[0].video, "subtitle": many[0].subtitle, "subtitle_source": "srt"}])
+    assert alone.subtitle_source == "srt" and alone.text == many[0].text
 
 
 def test_a_clip_without_subtitle_or_readable_media_is_named(predictor, checkpoint, corpus, tmp_path):

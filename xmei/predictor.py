@@ -179,9 +179,8 @@ class Predictor:
         Decoded in parallel, encoded and generated in batches; a clip that cannot be read is a
         PredictError naming it (after the others were decoded)."""
         requests = [_from_record(r, Path(media_root or ".")) for r in records]
-        if len(requests) <= 1:
-            return [self.predict(r.video, r.subtitle, r.audio, r.video_description, r.audio_description)
-                    for r in requests]
+        if len(requests) <= 1:  # no decode processes for one clip
+            return self._answer(requests, [self._prepare_one(r) for r in requests]) if requests else []
         prepared: list[Prepared] = []
         for i, result in self._decode_pool(len(requests)).map(
                 (self._clip(r) for r in requests), 2 * self.encoder_settings.batch_size):
