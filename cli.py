@@ -752,7 +752,9 @@ def predict(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder.")],
     video: Annotated[Optional[Path], typer.Argument(help="One clip: an mp4 (or any video decord reads).")] = None,
-    subtitle: Annotated[Optional[str], typer.Option(help="One clip: what the speaker says.")] = None,
+    subtitle: Annotated[Optional[str], typer.Option(
+        help="One clip: what the speaker says. Default: a .srt / .vtt / .txt beside the video, else speech "
+             "recognition with the Whisper of model.asr_path, else none (as `xmei annotate` finds them).")] = None,
     audio: Annotated[Optional[Path], typer.Option(help="One clip: audio file; default: the video's own track.")] = None,
     video_description: Annotated[str, typer.Option(help="One clip: its video caption (LQ-Former queries).")] = "",
     audio_description: Annotated[str, typer.Option(help="One clip: its audio caption (LQ-Former queries).")] = "",
@@ -837,7 +839,10 @@ def _predict_clip(checkpoint: Path, video: Path, subtitle: str | None, audio: Pa
         err.print(escape(f"no audio: {source}; the model answers with its learned no-audio context"), highlight=False)
     if result.subtitle_cut:
         err.print("the subtitle was cut to fit model.max_length tokens, as in training", highlight=False)
-    if result.subtitle_source != "given":
+    if result.subtitle_source == "none":
+        err.print("no subtitle: none given, none beside the video and no speech recognized (model.asr_path "
+                  f"{'gives none' if cfg.model.asr_path else 'is not set'}); the model answers without one")
+    elif result.subtitle_source != "given":
         err.print(escape(f"subtitle ({result.subtitle_source}): {result.subtitle}"), highlight=False)
     console.print(f"emotion: {_label(result.emotion, result.emotion_probs)}\n"
                   f"intent: {_label(result.intent, result.intent_probs)}\nexplanation: {result.explanation}"

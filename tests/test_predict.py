@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,19 +112,27 @@ def test_predict_many_equals_predict_one_by_one(predictor, corpus, annotations):
     assert alone.subtitle_source == "srt" and alone.text == many[0].text
 
 
-def test_a_clip_without_subtitle_or_readable_media_is_named(predictor, checkpoint, corpus, tmp_path):
+def test_a_clip_without_subtitle_finds_one_and_unreadable_media_is_named(predictor, checkpoint, corpus, tmp_path):
+    """No subtitle given: a sidecar beside the video, else the Whisper of model.asr_path, else none
+    (xmei.annotate's rules), for the API and the one-clip command alike."""
     from xmei.predictor import PredictError
 
-    video = corpus / "videos" / "synth_00000.mp4"
-    with pytest.raises(PredictError, match="no subtitle given and none found"):
-        predictor.predict(video)
+    video = tmp_path / "clip.mp4"
+    shutil.copy(corpus / "videos" / "synth_00000.mp4", video)
+    heard = predictor.predict(video)
+    assert (heard.subtitle, heard.subtitle_source) == predictor.subtitle_of(video)
+    assert heard.subtitle_source == ("asr" if heard.subtitle else "none")
+    assert heard.subtitle_source == "none" or predictor.cfg.model.asr_path is not None
+    (tmp_path / "clip.srt").write_text("1\n00:00:00,000 --> 00:00:01,500\n<i>Well, the train</i>\nwas late.\n")
+    found = predictor.predict(video)
+    assert (found.subtitle, found.subtitle_source) == ("Well, the train was late.", "srt")
+    assert found.text == predictor.predict(video, "Well, the train was late.").text
+    said = xmei("predict", video, "--checkpoint", checkpoint)
+    assert said.returncode == 0 and "subtitle (srt): Well, the train was late." in flat(said.stderr)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video")
     with pytest.raises(PredictError, match=f"cannot read clip 1 \\({broken}\\)"):
         predictor.predict_many([{"video": video, "subtitle": "Hi."}, {"video": broken, "subtitle": "Hi."}])
-    said = xmei("predict", video, "--checkpoint", checkpoint)
-    assert said.returncode == 1 and f"{video}: no subtitle given and none found" in flat(said.stderr)
-    assert "Traceback" not in said.stderr
 
 
 # --------------------------------------------------------------------------- bulk

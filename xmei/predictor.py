@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from pipeline.annotate import Transcriber, find_subtitle
 from pipeline.annotations import Record
 from pipeline.decode import MediaError
 from pipeline.decode_pool import Clip, DecodePool, Failure, Prepared, available_cores, prepare
@@ -41,7 +42,7 @@ from xmei.generate import GenerationSettings, _parsed, answer, label_constraint,
 from xmei.model import XMEIQwen
 from xmei.settings import check_fit, feature_facts
 
-__all__ = ["Prediction", "PredictError", "Predictor", "check_clip_features", "checkpoint_config", "subtitle_of"]
+__all__ = ["Prediction", "PredictError", "Predictor", "check_clip_features", "checkpoint_config"]
 
 GIVEN = "given"  # subtitle_source of a subtitle the caller (or the annotation file) gave
 
@@ -96,11 +97,6 @@ class _Request:
     audio_description: str
 
 
-def subtitle_of(video: Path) -> tuple[str, str]:
-    """(subtitle, source) of a clip given none."""
-    raise PredictError(f"{video}: no subtitle given and none found; give one (--subtitle TEXT, or subtitle=...)")
-
-
 def checkpoint_config(checkpoint: str | Path, config: str | Path | Config | None = None,
                       sets: Iterable[str] = (), models: str | Path | None = None) -> Config:
     """The config of a prediction with ``checkpoint``: ``config`` (a Config, or a YAML file),
@@ -149,6 +145,7 @@ class Predictor:
         self.encoder_settings = EncoderSettings.from_config(cfg)
         self._encoders: Encoders | None = None
         self._pool: DecodePool | None = None
+        self._transcriber: Transcriber | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str | torch.device | None = None,
@@ -168,8 +165,8 @@ class Predictor:
     def predict(self, video: str | Path, subtitle: str | None = None, audio: str | Path | None = None,
                 video_description: str = "", audio_description: str = "") -> Prediction:
         """One clip (audio: its own track unless ``audio`` names a file). An unreadable file is a
-        MediaError naming it; ``subtitle`` None: :func:`subtitle_of` finds one, or says why not."""
-        request = _request(video, subtitle, audio, video_description, audio_description)
+        MediaError naming it; ``subtitle`` None: :meth:`subtitle_of` finds one."""
+        request = self._request(video, subtitle, audio, video_description, audio_description)
         return self._answer([request], [self._prepare_one(request)])[0]
 
     def predict_many(self, records: Iterable[Mapping[str, Any] | Record],
@@ -178,7 +175,7 @@ class Predictor:
         (``video`` required), or annotation Records (their media paths under ``media_root``).
         Decoded in parallel, encoded and generated in batches; a clip that cannot be read is a
         PredictError naming it (after the others were decoded)."""
-        requests = [_from_record(r, Path(media_root or ".")) for r in records]
+        requests = [self._from_record(r, Path(media_root or ".")) for r in records]
         if len(requests) <= 1:  # no decode processes for one clip
             return self._answer(requests, [self._prepare_one(r) for r in requests]) if requests else []
         prepared: list[Prepared] = []
@@ -190,6 +187,36 @@ class Predictor:
         step = self.generation.batch_size
         return [p for k in range(0, len(requests), step)
                 for p in self._answer(requests[k:k + step], prepared[k:k + step])]
+
+    def subtitle_of(self, video: Path, audio: Path | None = None) -> tuple[str, str]:
+        """(subtitle, source) of a clip given none, by `xmei annotate`'s rules: a sidecar .srt / .vtt /
+        .txt beside the video, else speech recognition with the Whisper of model.asr_path (loaded on
+        first use, once), else ("", "none"): the model answers without a subtitle."""
+        if self._transcriber is None and self.cfg.model.asr_path is not None:
+            self._transcriber = Transcriber(self.cfg.model.asr_path, self.cfg.run.device)
+        return find_subtitle(video, transcriber=self._transcriber, audio=audio)
+
+    def _request(self, video, subtitle, audio, video_description: str, audio_description: str,
+                 subtitle_source: str = GIVEN) -> _Request:
+        video = Path(video)
+        if subtitle is None:
+            subtitle, subtitle_source = self.subtitle_of(video, audio)
+        return _Request(video, Path(audio) if audio else None, subtitle, subtitle_source, video_description or "",
+                        audio_description or "")
+
+    def _from_record(self, record: Mapping[str, Any] | Record, media_root: Path) -> _Request:
+        """A dict of :meth:`Predictor.predict`'s keys, or an annotation Record, as a request."""
+        if isinstance(record, Record):
+            return self._request(record.video_file(media_root), record.subtitle, record.audio_file(media_root),
+                                 record.video_description, record.audio_description)
+        unknown = set(record) - {"video", "subtitle", "audio", "video_description", "audio_description",
+                                 "subtitle_source"}
+        if "video" not in record or unknown:
+            raise PredictError(f"a record to predict needs 'video' and may have subtitle, audio, video_description, "
+                               f"audio_description, subtitle_source; got {sorted(record)}")
+        return self._request(record["video"], record.get("subtitle"), record.get("audio"),
+                                 record.get("video_description", ""), record.get("audio_description", ""),
+                                 record.get("subtitle_source", GIVEN))
 
     def close(self) -> None:
         """Stop the decode processes (a later predict_many starts them again)."""
@@ -229,7 +256,7 @@ class Predictor:
                       audio_description: str = "") -> dict:
         """One clip's sample as the model reads it: its features exactly as `xmei extract` stores
         them (visual, audio, has_audio), its caption ids and masks (raises MediaError)."""
-        request = _request(video, "", audio, video_description, audio_description)
+        request = self._request(video, "", audio, video_description, audio_description)
         return self.features([request], [self._prepare_one(request)])[0]
 
     def features(self, requests: list[_Request], prepared: list[Prepared]) -> list[dict]:
@@ -293,25 +320,3 @@ def answer_rows(model: XMEIQwen, samples: list[dict], settings: GenerationSettin
     return [_parsed(one, cfg.emotions, cfg.intents) for one in answers]
 
 
-def _request(video, subtitle, audio, video_description: str, audio_description: str,
-             subtitle_source: str = GIVEN) -> _Request:
-    video = Path(video)
-    if subtitle is None:
-        subtitle, subtitle_source = subtitle_of(video)
-    return _Request(video, Path(audio) if audio else None, subtitle, subtitle_source, video_description or "",
-                    audio_description or "")
-
-
-def _from_record(record: Mapping[str, Any] | Record, media_root: Path) -> _Request:
-    """A dict of :meth:`Predictor.predict`'s keys, or an annotation Record, as a request."""
-    if isinstance(record, Record):
-        return _request(record.video_file(media_root), record.subtitle, record.audio_file(media_root),
-                        record.video_description, record.audio_description)
-    unknown = set(record) - {"video", "subtitle", "audio", "video_description", "audio_description",
-                             "subtitle_source"}
-    if "video" not in record or unknown:
-        raise PredictError(f"a record to predict needs 'video' and may have subtitle, audio, video_description, "
-                           f"audio_description, subtitle_source; got {sorted(record)}")
-    return _request(record["video"], record.get("subtitle"), record.get("audio"),
-                    record.get("video_description", ""), record.get("audio_description", ""),
-                    record.get("subtitle_source", GIVEN))
