@@ -743,6 +743,10 @@ def _print_results(results: dict) -> None:
     for name, value in results["explanation"].items():
         metrics.add_row(name, f"{value['value']:.4f}" if "value" in value else f"unavailable: {value['unavailable']}")
     console.print(metrics)
+    for kind in ("emotion", "intent"):
+        c = results[kind].get("calibration", {"unavailable": "not scored"})
+        console.print(f"{kind} label probabilities: " + (f"unavailable: {c['unavailable']}" if "unavailable" in c else
+                      f"top-2 accuracy {c['top2_accuracy']:.4f}, ECE {c['ece']:.4f}"), highlight=False)
     if "cut_off" in results:
         console.print(f"cut off at max_new_tokens: {results['cut_off']} of {results['count']} answers")
 
@@ -844,8 +848,9 @@ def _predict_clip(checkpoint: Path, video: Path, subtitle: str | None, audio: Pa
                   f"{'gives none' if cfg.model.asr_path else 'is not set'}); the model answers without one")
     elif result.subtitle_source != "given":
         err.print(escape(f"subtitle ({result.subtitle_source}): {result.subtitle}"), highlight=False)
-    console.print(f"emotion: {_label(result.emotion, result.emotion_probs)}\n"
-                  f"intent: {_label(result.intent, result.intent_probs)}\nexplanation: {result.explanation}"
+    console.print(f"emotion: {result.emotion or 'invalid (unparsed)'}{_top(result.emotion_probs)}\n"
+                  f"intent: {result.intent or 'invalid (unparsed)'}{_top(result.intent_probs)}"
+                  f"\nexplanation: {result.explanation}"
                   + ("\n(the answer was cut off at eval.max_new_tokens)" if result.cut_off else ""), highlight=False)
 
 
@@ -866,11 +871,12 @@ def _on_rank0(dist, work) -> None:
         _fail(f"rank {dist.rank}: rank 0 stopped: {said}", 1)
 
 
-def _label(label: str | None, probs: dict[str, float] | None) -> str:
-    """"happy (p 0.83)", "happy" without probabilities, "invalid (unparsed)" without a label."""
-    if label is None:
-        return "invalid (unparsed)"
-    return f"{label} (p {probs[label]:.2f})" if probs and label in probs else label
+def _top(probs: dict[str, float] | None, count: int = 3) -> str:
+    """The most probable labels with their probabilities: "  (happy 0.91, sad 0.05, fear 0.02)"."""
+    if probs is None:
+        return "  (label probabilities unavailable)"
+    best = sorted(probs.items(), key=lambda item: -item[1])[:count]
+    return "  (" + ", ".join(f"{label} {p:.2f}" for label, p in best) + ")"
 
 
 def _predict_bulk(ctx: typer.Context, checkpoint: Path, annotations: Path | None, store: Path | None, out: Path,

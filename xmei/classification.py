@@ -5,6 +5,10 @@ scikit-learn's with ``labels=labels, zero_division=0``, an invalid prediction be
 class name outside ``labels``: it lowers accuracy and the recall of its reference class, but is
 not a class of its own in the averages. The macro averages (``macro_f1``, ``uar``) include every
 label given, so a label with no reference sample contributes 0.
+
+Where the predictions carry label probabilities (xmei.probabilities), :func:`calibration` scores
+the distributions themselves: top-2 accuracy and the expected calibration error, whose bins
+:func:`plot_reliability` draws.
 """
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-__all__ = ["INVALID", "classification_report", "correct", "joint_report", "plot_confusion"]
+__all__ = ["BINS", "INVALID", "calibration", "classification_report", "correct", "joint_report", "plot_confusion",
+           "plot_reliability"]
 
 INVALID = "invalid"  # name of the confusion matrix's last column
+BINS = 10  # equal-width confidence bins of the expected calibration error
 
 
 def correct(references: Sequence[str], predictions: Sequence[str | None]) -> list[bool]:
@@ -133,6 +139,72 @@ def plot_confusion(report: dict, labels: Sequence[str], path: Path, title: str) 
     ax.set_title(title if accuracy is None else f"{title}\naccuracy {accuracy:.3f}, "
                  f"weighted F1 {report.get('weighted_f1', 0.0):.3f}, invalid {report.get('invalid', 0)}")
     fig.colorbar(image, ax=ax, label="fraction of the reference row", shrink=0.8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+
+
+def calibration(references: Sequence[str], probabilities: Sequence[dict[str, float]], labels: Sequence[str]) -> dict:
+    """How well the label distributions rank and are calibrated against the references.
+
+    ``top2_accuracy``: the share of samples whose reference is among their two most probable
+    labels. ``ece``, the expected calibration error: each sample's confidence is its top
+    probability and it counts as right when its top label is the reference (the distribution's
+    own prediction, which constrained greedy decoding answers where the labels part at one token);
+    the samples fall into ``BINS`` equal-width confidence bins over [0, 1] (the last one closed),
+    and ece = sum over bins of (samples in the bin / all samples) * |accuracy - mean confidence|
+    of the bin. ``bins``: per bin its range, count, accuracy and mean confidence (0 when empty).
+    Raises ValueError on different lengths or a distribution that is not over ``labels``."""
+    labels = list(labels)
+    if len(references) != len(probabilities):
+        raise ValueError(f"{len(references)} references but {len(probabilities)} label distributions")
+    for i, p in enumerate(probabilities):
+        if sorted(p) != sorted(labels):
+            raise ValueError(f"distribution {i} is over {sorted(p)}, expected {labels}")
+    matrix = np.array([[p[label] for label in labels] for p in probabilities], dtype=np.float64).reshape(-1, len(labels))
+    truth = np.array([labels.index(r) for r in references], dtype=np.int64)  # (N,)
+    order = np.argsort(-matrix, axis=1, kind="stable")  # (N, k): most probable first, ties in label order
+    top2 = (order[:, :2] == truth[:, None]).any(1)  # (N,)
+    confidence, right = matrix.max(1), order[:, 0] == truth  # (N,), (N,)
+    which = np.minimum((confidence * BINS).astype(np.int64), BINS - 1)  # bin b: [b / BINS, (b + 1) / BINS)
+    bins, ece = [], 0.0
+    for b in range(BINS):
+        inside = which == b
+        count = int(inside.sum())
+        accuracy = float(right[inside].mean()) if count else 0.0
+        mean = float(confidence[inside].mean()) if count else 0.0
+        ece += count / max(len(truth), 1) * abs(accuracy - mean)
+        bins.append({"low": b / BINS, "high": (b + 1) / BINS, "count": count, "accuracy": accuracy, "confidence": mean})
+    return {"count": len(truth), "top2_accuracy": float(top2.mean()) if len(truth) else 0.0, "ece": float(ece),
+            "bins": bins}
+
+
+def plot_reliability(report: dict, path: Path, title: str) -> None:
+    """Write the reliability diagram of a :func:`calibration` report as a PNG: each bin's accuracy
+    against confidence (bars, their counts above), its mean confidence (dots) and the diagonal of
+    perfect calibration. matplotlib's object API, as :func:`plot_confusion`."""
+    from matplotlib.figure import Figure
+
+    bins = report["bins"]
+    fig = Figure(figsize=(5.2, 4.6), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    width = 1.0 / len(bins)
+    centers = [(b["low"] + b["high"]) / 2 for b in bins]
+    ax.bar(centers, [b["accuracy"] for b in bins], width=width * 0.92, color="#4a7ebb", edgecolor="black",
+           linewidth=0.5, label="accuracy of the top label")
+    used = [(c, b) for c, b in zip(centers, bins) if b["count"]]
+    ax.plot([c for c, _ in used], [b["confidence"] for _, b in used], "o", color="#d9534f", markersize=4,
+            label="mean confidence")
+    for c, b in used:
+        ax.text(c, min(b["accuracy"], 0.93) + 0.02, str(b["count"]), ha="center", va="bottom", fontsize=7)
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1.0, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("confidence (top probability); counts above the bars")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE {report['ece']:.3f}, top-2 accuracy {report['top2_accuracy']:.3f}, "
+                 f"{report['count']} samples")
+    ax.legend(loc="upper left", fontsize=7)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -5,13 +5,21 @@ the report. `xmei eval` generates then scores; `xmei score` scores an existing p
 predictions.jsonl, one JSON a line: video_id, text (raw), cut_off (true: generation reached
 max_new_tokens before the end-of-turn token; absent from older files and baselines), emotion,
 intent, explanation (parsed; emotion / intent null when the answer could not be parsed),
-ref_emotion, ref_intent, ref_explanation; and, from `xmei eval --compare-free`, free: the same
-clip's freely decoded answer {text, cut_off, emotion, intent, explanation} beside a constrained one.
+ref_emotion, ref_intent, ref_explanation; emotion_probs, intent_probs: the answer's label
+probabilities ({label: probability} over the config's labels, xmei.probabilities; optional, as
+baselines have none); and, from `xmei eval --compare-free`, free: the same clip's freely decoded
+answer {text, cut_off, emotion, intent, explanation, emotion_probs, intent_probs} beside a
+constrained one.
 
 Reading one (`xmei score`): a missing *answer* field (emotion, intent, explanation; null in
 `eval`'s files) is an invalid answer; a missing or unknown *reference*, a field of the wrong
 type, a line that is not a JSON object, a repeated video_id and an empty file are errors naming
-the file and line.
+the file and line; so is a probability field that is not an object over exactly the config's
+labels with numbers in [0, 1] summing to 1 (within ``SUM_TOLERANCE``).
+
+When every row carries probabilities, each kind's scores gain ``calibration``: top-2 accuracy,
+the expected calibration error and its bins (:func:`xmei.classification.calibration`), drawn as
+reliability_{kind}.png; otherwise ``calibration`` is {"unavailable": why}, and report.md says so.
 
 Beside results.json, clip_scores.jsonl holds each clip's own explanation scores, one JSON a line:
 video_id and the metrics that were available (:mod:`xmei.text_metrics`); `xmei report` shows them.
@@ -35,7 +43,7 @@ import numpy as np
 
 from stores import OK
 from stores.store import PARTIAL, remove_dead_partials  # the stores' partial folders: one convention
-from xmei.classification import classification_report, joint_report, plot_confusion
+from xmei.classification import BINS, calibration, classification_report, joint_report, plot_confusion, plot_reliability
 from xmei.errors import JSON_TYPES, DiskFullError, UserError, json_lines, json_type, write_whole, writing
 from xmei.text_metrics import explanation_metrics
 
@@ -44,6 +52,9 @@ __all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "check_references", "r
 
 REFERENCES = ("video_id", "ref_emotion", "ref_intent", "ref_explanation")  # missing: an error
 ANSWERS = ("emotion", "intent", "explanation")  # missing: an invalid answer (null)
+PROBABILITIES = ("emotion_probs", "intent_probs")  # optional: {label: probability}
+SUM_TOLERANCE = 1e-3  # how far from 1 a file's label probabilities may sum
+NO_PROBABILITIES = "the predictions carry no label probabilities"
 CLIP_SCORES = "clip_scores.jsonl"  # beside results.json: {"video_id", "bleu4", ..., "bleurt"} a clip
 STAGING = ".outputs"  # OUT/.outputs.partial-<pid>: the outputs process <pid> is writing
 TITLES = {"bleu4": "BLEU-4", "rouge_l": "ROUGE-L", "meteor": "METEOR", "bertscore": "BERTScore", "bleurt": "BLEURT",
@@ -100,22 +111,45 @@ def _checked_row(row: dict, where: str, emotions, intents) -> dict:
         if labels.normalize(row[field]) is None:
             raise EvaluationError(f"{where}: {field} {row[field]!r} is none of the config's {labels.kind} labels "
                                   f"{list(labels.labels)} (nor their synonyms)")
-    row = {**row, **_answers(row, where)}
+    row = {**row, **_answers(row, where, emotions, intents)}
     if "free" in row:
         if not isinstance(row["free"], dict):
             raise EvaluationError(f"{where}: free is a JSON {json_type(row['free'])}, expected an object")
-        row["free"] = {**row["free"], **_answers(row["free"], f"{where} free")}
+        row["free"] = {**row["free"], **_answers(row["free"], f"{where} free", emotions, intents)}
     return row
 
 
-def _answers(row: dict, where: str) -> dict:
-    """The answer fields of ``row``, None where missing (an invalid answer); a wrong type is an error."""
+def _answers(row: dict, where: str, emotions, intents) -> dict:
+    """The answer fields of ``row``, None where missing (an invalid answer), and its probability
+    fields where present (in label order); a wrong type is an error."""
     for field in ANSWERS:
         if row.get(field) is not None:
             _expect(row, where, field, str)
     _expect(row, where, "text", str)
     _expect(row, where, "cut_off", bool)
-    return {field: row.get(field) for field in ANSWERS}
+    probs = {field: _probabilities(row[field], where, field, labels)
+             for field, labels in zip(PROBABILITIES, (emotions, intents)) if field in row}
+    return {**{field: row.get(field) for field in ANSWERS}, **probs}
+
+
+def _probabilities(value, where: str, field: str, labels) -> dict[str, float]:
+    """A probability field: an object over exactly ``labels``' labels, numbers in [0, 1] summing
+    to 1 within SUM_TOLERANCE; returned in label order."""
+    if not isinstance(value, dict):
+        raise EvaluationError(f"{where}: {field} is a JSON {json_type(value)}, expected an object "
+                              f"{{label: probability}} over {list(labels.labels)}")
+    if sorted(value) != sorted(labels.labels):
+        missing, extra = sorted(set(labels.labels) - set(value)), sorted(set(value) - set(labels.labels))
+        raise EvaluationError(f"{where}: {field} must hold exactly the config's {labels.kind} labels "
+                              f"{list(labels.labels)}" + (f"; missing {missing}" if missing else "")
+                              + (f"; not labels {extra}" if extra else ""))
+    for label, p in value.items():
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise EvaluationError(f"{where}: {field}[{label!r}] is {json.dumps(p)}, expected a number in [0, 1]")
+    total = sum(value.values())
+    if abs(total - 1) > SUM_TOLERANCE:
+        raise EvaluationError(f"{where}: {field} sums to {total:.6g}, expected 1 (within {SUM_TOLERANCE})")
+    return {label: float(value[label]) for label in labels.labels}
 
 
 def _expect(row: dict, where: str, field: str, kind: type) -> None:
@@ -210,7 +244,8 @@ def score(rows: list[dict], emotions, intents, eval_cfg) -> dict[str, Any]:
         lacking = [r["video_id"] for r in rows if "free" not in r]
         if lacking:
             raise ValueError(f"{len(lacking)} rows have no free answer (first: {lacking[0]!r}) where others have")
-        free = [{**r, **r["free"]} for r in rows]  # the free answer in the places of the constrained one
+        # the free answer in the places of the constrained one (its probabilities too, or none)
+        free = [{**{k: v for k, v in r.items() if k not in PROBABILITIES}, **r["free"]} for r in rows]
         results["free_decoding"] = _classification(free, emotions, intents)
     return results
 
@@ -255,9 +290,19 @@ def _classification(rows: list[dict], emotions, intents) -> dict[str, Any]:
                                   f"{list(labels.labels)} (first: clip {unknown[0][0]!r}, {unknown[0][1]!r})")
         preds = [labels.normalize(r[kind]) if r[kind] else None for r in rows]
         results[kind] = classification_report(refs, preds, labels.labels)
+        results[kind]["calibration"] = _calibration(rows, refs, kind, labels)
         correct[kind] = [p == t for p, t in zip(preds, refs)]
     results["joint"] = joint_report(results["emotion"], results["intent"], correct["emotion"], correct["intent"])
     return results
+
+
+def _calibration(rows: list[dict], refs: list[str], kind: str, labels) -> dict[str, Any]:
+    """Top-2 accuracy, ECE and bins of the rows' ``{kind}_probs``; unavailable unless every row has them."""
+    lacking = sum(r.get(f"{kind}_probs") is None for r in rows)
+    if lacking:
+        return {"unavailable": NO_PROBABILITIES if lacking == len(rows) else
+                f"{lacking} of {len(rows)} predictions carry no label probabilities"}
+    return calibration(refs, [r[f"{kind}_probs"] for r in rows], labels.labels)
 
 
 def write_report(results: dict[str, Any], out: Path, emotions, intents, title: str) -> Path:
@@ -270,6 +315,8 @@ def write_report(results: dict[str, Any], out: Path, emotions, intents, title: s
                                       + "\n")
     for kind, labels in (("emotion", emotions), ("intent", intents)):
         plot_confusion(results[kind], labels.labels, out / f"confusion_{kind}.png", f"{title}: {kind}")
+        if "unavailable" not in results[kind]["calibration"]:
+            plot_reliability(results[kind]["calibration"], out / f"reliability_{kind}.png", f"{title}: {kind}")
     lines = [f"# {title}", "", f"{results['count']} clips" +
              (f", {results['clips_per_s']:.2f} clips/s" if "clips_per_s" in results else "") +
              (f", {results['cut_off']} answers cut off at max_new_tokens" if "cut_off" in results else "") +
@@ -291,6 +338,7 @@ def write_report(results: dict[str, Any], out: Path, emotions, intents, title: s
     joint = results["joint"]
     lines += ["", f"Joint: both correct {joint['both_correct']:.4f}, harmonic mean of the weighted F1s "
               f"{joint['hm_weighted_f1']:.4f}.", ""]
+    lines += _calibration_lines(results)
     if free:
         lines += [f"Free decoding: the same checkpoint on the same clips without the label constraint (both correct "
                   f"{free['joint']['both_correct']:.4f}" +
@@ -302,6 +350,23 @@ def write_report(results: dict[str, Any], out: Path, emotions, intents, title: s
         lines += ["", f"![{kind} confusion matrix](confusion_{kind}.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
+
+
+def _calibration_lines(results: dict[str, Any]) -> list[str]:
+    """report.md's section on the label probabilities: top-2 accuracy, ECE and the reliability diagrams."""
+    lines = ["## Label probabilities", ""]
+    calibrations = {kind: results[kind]["calibration"] for kind in ("emotion", "intent")}
+    if all("unavailable" in c for c in calibrations.values()):
+        return lines + [f"Top-2 accuracy and ECE unavailable: {calibrations['emotion']['unavailable']}.", ""]
+    lines += ["| | Top-2 accuracy | ECE |", "|---|---|---|"]
+    for kind, c in calibrations.items():
+        lines.append(f"| {kind} | {c['top2_accuracy']:.4f} | {c['ece']:.4f} |" if "unavailable" not in c else
+                     f"| {kind} | unavailable: {c['unavailable']} | unavailable |")
+    lines += ["", f"ECE: the expected calibration error of the top label's probability over {BINS} equal-width "
+              "confidence bins, each weighted by its share of the clips.", ""]
+    lines += [f"![{kind} reliability diagram](reliability_{kind}.png)" for kind, c in calibrations.items()
+              if "unavailable" not in c]
+    return lines + [""]
 
 
 def _cell(metric: dict) -> str:

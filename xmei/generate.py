@@ -10,6 +10,11 @@ of the sets (xmei.constrain), so no answer is invalid; the explanation is free. 
 decodes every batch freely as well, into each row's ``free`` answer, for results.json's
 ``free_decoding`` (same checkpoint, same clips).
 
+Every answer carries its label probabilities (xmei.probabilities: the constrained decoder's own
+distribution over the label trie, in the answer's context), computed from the same batch and the
+generated ids in one more pass, constrained or not; a row holds them as ``emotion_probs`` and
+``intent_probs`` ({label: probability} in label-set order).
+
 Under ``torchrun`` the store's batches (the very batches of one process) are dealt out, batch j
 to rank j % world, and rank 0 puts every rank's rows back in store order: the same predictions
 as one process.
@@ -33,6 +38,7 @@ from xmei.errors import UserError
 from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS
 from xmei.model import XMEIQwen
 from xmei.parse import parse_answer
+from xmei.probabilities import label_probabilities
 from xmei.prompt import PromptBuilder
 
 __all__ = ["Answer", "GenerationError", "GenerationSettings", "answer", "generate_store", "generation_config",
@@ -67,6 +73,9 @@ class GenerationSettings:
 class Answer(NamedTuple):
     text: str  # special tokens dropped
     cut_off: bool  # max_new_tokens reached without an end-of-turn token
+    # {label: probability} over the label sets in their order (xmei.probabilities); None: not computable
+    emotion_probs: dict[str, float] | None = None
+    intent_probs: dict[str, float] | None = None
 
 
 def generation_config(model: XMEIQwen, settings: GenerationSettings) -> GenerationConfig:
@@ -114,21 +123,32 @@ def label_constraint(model: XMEIQwen, settings: GenerationSettings) -> LabelCons
     return constraint
 
 
+def _label_trie(model: XMEIQwen, settings: GenerationSettings) -> LabelConstraint | None:
+    """The trie of ``settings``' labels for the probabilities of a free answer; None when this
+    tokenizer cannot spell the heads apart (constrained decoding would refuse to start)."""
+    try:
+        return LabelConstraint(model.tokenizer, settings.emotions, settings.intents)
+    except ValueError:
+        return None
+
+
 @torch.no_grad()
 def answer(model: XMEIQwen, batch: dict[str, torch.Tensor], settings: GenerationSettings,
            constraint: LabelConstraint | None = None) -> list[Answer]:
-    """The generated answer of each sample, on the model's device. Under ``settings.constrained``
-    the labels come from ``constraint`` (default: :func:`label_constraint` of ``settings``)."""
+    """The generated answer of each sample, with its label probabilities, on the model's device.
+    ``constraint``: the trie of ``settings``' labels (default: built here), which constrains the
+    answer under ``settings.constrained`` and is what the probabilities are over either way."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     config = generation_config(model, settings)
-    if settings.constrained and constraint is None:
-        constraint = label_constraint(model, settings)
+    if constraint is None:
+        constraint = label_constraint(model, settings) if settings.constrained else _label_trie(model, settings)
     extra = {"logits_processor": LogitsProcessorList([constraint.processor()])} if settings.constrained else {}
     ids = model.generate(batch, config, **extra)  # (B, new tokens); rows that ended are padded
     texts = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
     ended = (ids == config.eos_token_id).any(1).tolist()
-    return [Answer(text, not end) for text, end in zip(texts, ended)]
+    probs = label_probabilities(model, batch, ids, constraint) if constraint else [(None, None)] * len(texts)
+    return [Answer(text, not end, *p) for text, end, p in zip(texts, ended, probs)]
 
 
 def generate_store(model: XMEIQwen, store: Path, emotions, intents, settings: GenerationSettings,
@@ -146,7 +166,7 @@ def generate_store(model: XMEIQwen, store: Path, emotions, intents, settings: Ge
     if compare_free and not settings.constrained:
         raise ValueError("compare_free compares constrained answers with free ones, but settings.constrained is False")
     settings = replace(settings, emotions=emotions.labels, intents=intents.labels)
-    constraint = label_constraint(model, settings)  # once for every batch
+    constraint = label_constraint(model, settings) or _label_trie(model, settings)  # once for every batch
     dist = dist or Distributed(0, 1, 0, next(model.parameters()).device)
     model.eval()
     builder = model.prompt_builder()
@@ -168,7 +188,8 @@ def generate_store(model: XMEIQwen, store: Path, emotions, intents, settings: Ge
         if ignore_has_audio:
             batch["has_audio"] = torch.ones_like(batch["has_audio"])
         answers = answer(model, batch, settings, constraint)
-        free = answer(model, batch, replace(settings, constrained=False)) if compare_free else [None] * len(samples)
+        free = answer(model, batch, replace(settings, constrained=False), constraint) if compare_free \
+            else [None] * len(samples)
         rows = []
         for sample, one, free_one in zip(samples, answers, free):
             t = sample["texts"]
@@ -189,7 +210,10 @@ def generate_store(model: XMEIQwen, store: Path, emotions, intents, settings: Ge
 
 
 def _parsed(one: Answer, emotions, intents) -> dict:
-    """A prediction row's answer fields: text, cut_off, emotion, intent, explanation."""
+    """A prediction row's answer fields: text, cut_off, emotion, intent, explanation, and
+    emotion_probs / intent_probs where the answer has them."""
     parsed = parse_answer(one.text, emotions, intents)
+    probs = {f"{kind}_probs": p for kind, p in (("emotion", one.emotion_probs), ("intent", one.intent_probs))
+             if p is not None}
     return {"text": one.text, "cut_off": one.cut_off, "emotion": parsed.emotion, "intent": parsed.intent,
-            "explanation": parsed.explanation}
+            "explanation": parsed.explanation, **probs}
