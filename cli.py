@@ -744,7 +744,7 @@ def _print_results(results: dict) -> None:
         metrics.add_row(name, f"{value['value']:.4f}" if "value" in value else f"unavailable: {value['unavailable']}")
     console.print(metrics)
     for kind in ("emotion", "intent"):
-        c = results[kind].get("calibration", {"unavailable": "not scored"})
+        c = results[kind]["calibration"]
         console.print(f"{kind} label probabilities: " + (f"unavailable: {c['unavailable']}" if "unavailable" in c else
                       f"top-2 accuracy {c['top2_accuracy']:.4f}, ECE {c['ece']:.4f}"), highlight=False)
     if "cut_off" in results:
