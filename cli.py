@@ -1018,11 +1018,15 @@ def demo(
 
 def _print_demo(summary: dict) -> None:
     """The seed's table against chance, A+V+T's explanation metrics, the modality check and where the files are."""
-    table = Table("test split", "emotion acc", "intent acc", "emotion W-F1", "intent W-F1", "invalid", show_edge=False)
+    table = Table("test split", "emotion acc", "intent acc", "emotion W-F1", "intent W-F1", "invalid",
+                  "emotion p(true)", "intent p(true)", show_edge=False)
     for name, r in summary["results"].items():
         table.add_row(name, *(f"{r[k]:.3f}" for k in ("emotion_accuracy", "intent_accuracy", "emotion_weighted_f1",
-                                                      "intent_weighted_f1")), str(r["invalid"]))
-    table.add_row("chance", f"{summary['chance']['emotion']:.3f}", f"{summary['chance']['intent']:.3f}", "", "", "")
+                                                      "intent_weighted_f1")), str(r["invalid"]),
+                      *("-" if r[k] is None else f"{r[k]:.3f}" for k in ("emotion_true_p", "intent_true_p")))
+    chance = summary["chance"]
+    table.add_row("chance", f"{chance['emotion']:.3f}", f"{chance['intent']:.3f}", "", "", "", f"{chance['emotion']:.3f}",
+                  f"{chance['intent']:.3f}")
     console.print(table)
     metrics = Table("explanation (A+V+T)", "value", show_edge=False)
     for name, value in summary["results"]["A+V+T"]["explanation"].items():
@@ -1031,6 +1035,9 @@ def _print_demo(summary: dict) -> None:
     check = summary["check"]
     console.print(f"modality check {'holds' if check['holds'] else 'FAILS'}: "
                   + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in check["checks"].items()))
+    check = summary["probability_check"]
+    console.print(f"label probabilities check {'holds' if check['holds'] else 'FAILS'}: "
+                  + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in check["checks"].items()), highlight=False)
     console.print(f"report (the table, the ablations, the explanation metrics): {summary['report']}")
     for name, path in summary["reports"].items():
         console.print(f"report ({name}): {path}")

@@ -11,7 +11,11 @@ eval.max_new_tokens; both paths generate the very same tokens). Then it measures
 - one clip at a time: `xmei predict VIDEO --subtitle TEXT --checkpoint CK` as a subprocess per
   clip (each starts Python, loads the encoders and the model, decodes, generates), wall time
   over the first --single clips (default 10: each costs seconds of start-up), as clips/s;
-- the ratio (goal: at least 5x on this CPU for 50 clips).
+- the ratio (goal: at least 5x on this CPU for 50 clips);
+- speech recognition (`xmei annotate`'s Transcriber, the tiny random Whisper of the model set) on
+  the bulk run's clips: the model's load time and seconds per clip (reading the audio included).
+  The tiny Whisper's cost is not a real Whisper's: on a GPU farm measure with model.asr_path set
+  to a real checkpoint (`measure_asr`).
 
 Run:  .venv/bin/python bench/predict.py [--clips 50] [--single 10] [--out DIR]
 (--out keeps the corpus, models and checkpoint; by default a temporary folder is removed.)
@@ -82,6 +86,8 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=10, help="clips run one command each (the first ones)")
     parser.add_argument("--out", type=Path, help="keep the inputs here (default: a temporary folder)")
     a = parser.parse_args()
+    from pipeline.annotate import measure_asr
+
     print(f"load average at the start: {os.getloadavg()[0]:.2f} (compare runs only when it is low)")
     folder = a.out or Path(tempfile.mkdtemp(prefix="bench_predict_"))
     try:
@@ -103,7 +109,10 @@ def main() -> None:
         print(f"one `xmei predict VIDEO` per clip ({len(single)} clips): {single_s:.1f} s, {single_rate:.3f} clips/s "
               f"({single_s / len(single):.1f} s a clip)")
         print(f"ratio: {bulk_rate / single_rate:.1f}x (goal: at least 5x)")
-        print("ASR seconds per clip: not measured here")  # the ASR row of the annotate helper goes here
+        heard = [(corpus / r["video_path"], corpus / r["audio_path"] if r["audio_path"] else None) for r in records]
+        asr = measure_asr(folder / "models" / "asr", heard, "cpu")
+        print(f"ASR (tiny random Whisper, {asr['clips']} clips, batches of 8): load {asr['load_s']:.1f} s, "
+              f"{asr['seconds_per_clip']:.3f} s a clip")
     finally:
         if a.out is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,17 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path):
             probs = row[f"{kind}_probs"]
             assert abs(sum(probs.values()) - 1) < 1e-4 and max(probs, key=probs.get) == row[kind], row["video_id"]
         assert 0 <= scores[kind]["calibration"]["ece"] <= 1 and (page.parent / f"reliability_{kind}.png").is_file()
-    # Not asserted: that the true label's mean probability beats chance. One epoch on 28 clips is 2 optimizer
-    # steps, and the model is still at chance: measured on the 6 test clips, emotion 0.151 (chance 0.143), intent
-    # 0.105 (chance 0.111); the brief run of conftest's trained_run is too (0.160 / 0.121 on its own 24 clips).
+        for name, result in summary["results"].items():  # the summary's p(true): the rows' own mean
+            named = [json.loads(line) for line in
+                     (Path(summary["reports"][name]).parent / "predictions.jsonl").read_text().splitlines()]
+            mean = sum(r[f"{kind}_probs"][r[f"ref_{kind}"]] for r in named) / len(named)
+            assert math.isclose(result[f"{kind}_true_p"], mean, abs_tol=1e-9), name
+    # The check that A+V+T's mean p(true label) beats chance by xmei.demo.PROBABILITY_MARGIN is computed and reported
+    # (below), not asserted to hold: one epoch on 28 clips is 2 optimizer steps and the model is still at chance
+    # (measured on the 6 test clips: emotion 0.151, chance 0.143; intent 0.105, chance 0.111). The full demo
+    # (scripts/main.sh: 800 clips, 10 epochs) is where it holds; README's demo table gives its figures.
+    assert set(summary["probability_check"]["checks"]) and isinstance(summary["probability_check"]["holds"], bool)
+    assert "label probabilities check" in first.stdout and "Label probabilities check" in report
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)  # reuses what is complete
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["results"] == summary["results"]

@@ -44,6 +44,7 @@ ABLATIONS = {
     "A+V+T, absent audio not flagged": {"ignore_has_audio": True},
 }
 NEAR_CHANCE = 0.25  # "near chance": within this of chance accuracy
+PROBABILITY_MARGIN = 0.3  # A+V+T's mean probability of the true label must exceed chance by this
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
                                "emotion_weighted_f1": v["emotion"]["weighted_f1"],
                                "intent_weighted_f1": v["intent"]["weighted_f1"],
                                "invalid": v["emotion"].get("invalid", 0) + v["intent"].get("invalid", 0),
-                               "constrained": v["constrained"], "explanation": v["explanation"]}
+                               "constrained": v["constrained"], "explanation": v["explanation"],
+                               **{f"{kind}_true_p": _true_probability(rows_of[k], kind) for kind in ("emotion", "intent")}}
                            for k, v in results.items()},
                "epochs": epochs,
                "chance": {"emotion": 1 / len(cfg.emotions), "intent": 1 / len(cfg.intents)},
@@ -155,6 +157,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
                "checkpoints": {k: str(v) for k, v in finished.items()},
                "seconds": time.perf_counter() - began}
     summary["check"] = _modality_check(summary)
+    summary["probability_check"] = _probability_check(summary)
     write_whole(out / "summary.json", json.dumps(summary, indent=1) + "\n", "the demo's summary")
     summary["report"] = str(_write_report(out, summary))
     return summary
@@ -175,6 +178,24 @@ def _no_audio_ids(path: Path) -> set[str]:
 def _intent_accuracy(rows: list[dict], ids: set[str]) -> float | None:
     chosen = [r for r in rows if r["video_id"] in ids]
     return sum(r["intent"] == r["ref_intent"] for r in chosen) / len(chosen) if chosen else None
+
+
+def _true_probability(rows: list[dict], kind: str) -> float | None:
+    """The mean probability the model gives the true ``kind`` label (xmei.probabilities); None
+    when the answers carry no label probabilities."""
+    if any(row.get(f"{kind}_probs") is None for row in rows):
+        return None
+    return sum(row[f"{kind}_probs"][row[f"ref_{kind}"]] for row in rows) / len(rows)
+
+
+def _probability_check(summary: dict) -> dict:
+    """Does A+V+T put its probability on the true labels? Its mean probability of the true label
+    at least PROBABILITY_MARGIN above chance, for emotion and for intent."""
+    full, chance = summary["results"]["A+V+T"], summary["chance"]
+    checks = {f"A+V+T mean p(true {kind}) >= chance + {PROBABILITY_MARGIN}":
+              full[f"{kind}_true_p"] is not None and full[f"{kind}_true_p"] >= chance[kind] + PROBABILITY_MARGIN
+              for kind in ("emotion", "intent")}
+    return {"holds": all(checks.values()), "checks": checks}
 
 
 def _modality_check(summary: dict) -> dict:
@@ -199,17 +220,23 @@ def _write_report(out: Path, summary: dict) -> Path:
     lines = ["# xmei demo", "", f"Test split; classification from the generated answers; {summary['seconds'] / 60:.1f} "
              "minutes in all.", "",
              "| test split | epochs | labels | emotion acc | intent acc | emotion W-F1 | intent W-F1 | invalid | "
-             + " | ".join(metrics) + " |", "|---" * (8 + len(metrics)) + "|"]
+             "emotion p(true) | intent p(true) | " + " | ".join(metrics) + " |", "|---" * (10 + len(metrics)) + "|"]
     for name, r in results.items():
         trained = summary["epochs"].get(name.split(",")[0], "")
         cells = [f"{v['value']:.4f}" if "value" in v else "unavailable" for v in r["explanation"].values()]
         lines.append(f"| {name} | {trained} | {'constrained' if r['constrained'] else 'free'} | "
                      f"{r['emotion_accuracy']:.3f} | {r['intent_accuracy']:.3f} | {r['emotion_weighted_f1']:.3f} | "
-                     f"{r['intent_weighted_f1']:.3f} | {r['invalid']} | " + " | ".join(cells) + " |")
-    lines.append(f"| chance | | | {chance['emotion']:.3f} | {chance['intent']:.3f} | | | |" + " |" * len(metrics))
+                     f"{r['intent_weighted_f1']:.3f} | {r['invalid']} | {_p(r['emotion_true_p'])} | "
+                     f"{_p(r['intent_true_p'])} | " + " | ".join(cells) + " |")
+    lines.append(f"| chance | | | {chance['emotion']:.3f} | {chance['intent']:.3f} | | | | {chance['emotion']:.3f} | "
+                 f"{chance['intent']:.3f} |" + " |" * len(metrics))
     check = summary["check"]
     lines += ["", f"**Modality check {'holds' if check['holds'] else 'FAILS'}** (the corpus puts emotion in the "
               f"picture and intent in the voice; near chance = within {NEAR_CHANCE} of it):", ""]
+    lines += [f"- {name}: {'yes' if ok else 'NO'}" for name, ok in check["checks"].items()]
+    check = summary["probability_check"]
+    lines += ["", f"**Label probabilities check {'holds' if check['holds'] else 'FAILS'}** (p(true): the mean "
+              "probability of the true label under the model, the answer head scored over the label set):", ""]
     lines += [f"- {name}: {'yes' if ok else 'NO'}" for name, ok in check["checks"].items()]
     silent = summary["no_audio"]
     lines += ["", f"No-audio test clips ({silent['clips']}): intent accuracy "
@@ -225,6 +252,10 @@ def _write_report(out: Path, summary: dict) -> Path:
     lines += [f"- browsable page (A+V+T beside the Q-Former, every clip): {summary['page']}"]
     lines += [f"- confusion matrix: {p}" for p in summary["confusion"]] + [f"- attention map: {p}" for p in summary["attention"]] + [""]
     return write_whole(out / "report.md", "\n".join(lines), "the demo's report")
+
+
+def _p(value: float | None) -> str:
+    return "unavailable" if value is None else f"{value:.3f}"
 
 
 def _ok_ids(path: Path) -> list[str]:
