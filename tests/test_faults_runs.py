@@ -190,7 +190,7 @@ def test_a_killed_eval_leaves_the_earlier_files_whole_and_a_rerun_completes(chec
     out = tmp_path / "eval"
     out.mkdir()
     earlier = ["predictions.jsonl", "results.json", "clip_scores.jsonl", "report.md", "confusion_emotion.png",
-               "confusion_intent.png"]
+               "confusion_intent.png", "reliability_emotion.png", "reliability_intent.png"]
     for name in earlier:  # an earlier evaluation's files (of another checkpoint, say)
         (out / name).write_text(f"the earlier {name}\n")
     before = snapshot(out)

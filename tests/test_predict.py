@@ -102,8 +102,13 @@ def test_predict_many_equals_predict_one_by_one(predictor, corpus, annotations):
     many = predictor.predict_many(records, media_root=corpus)
     one = [predictor.predict(corpus / r.video_path, r.subtitle, corpus / r.audio_path if r.audio_path else None,
                              r.video_description, r.audio_description) for r in records]
-    assert [m.to_json() for m in many] == [o.to_json() for o in one]
+    probs = ("emotion_probs", "intent_probs")  # a batch's padding moves them by float rounding only
+    assert [{k: v for k, v in m.to_json().items() if k not in probs} for m in many] == \
+        [{k: v for k, v in o.to_json().items() if k not in probs} for o in one]
     for m, o in zip(many, one):
+        for field in probs:
+            assert getattr(m, field).keys() == getattr(o, field).keys()
+            np.testing.assert_allclose(list(getattr(m, field).values()), list(getattr(o, field).values()), atol=1e-5)
         for group in o.visual_attention:
             np.testing.assert_allclose(m.visual_attention[group], o.visual_attention[group], atol=1e-5)
     as_dicts = predictor.predict_many([{"video": m.video, "subtitle": m.subtitle} for m in many[:2]])

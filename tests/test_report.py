@@ -27,7 +27,7 @@ from stores import create_store
 from test_reader import SPECS
 from xmei.classification import classification_report, joint_report
 from xmei.config import Config
-from xmei.evaluate import write_predictions, write_report
+from xmei.evaluate import _calibration, write_predictions, write_report
 from xmei.report import ASSETS, ReportError, build_report, clip_rouge_l
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +97,8 @@ def expected(rows: list[dict]) -> dict[str, set[str]]:
 
 
 def quick_results(rows: list[dict]) -> dict:
-    """results.json as `score` makes it (its classification functions), the explanation metrics
-    stubbed, one unavailable (the real ones run Java for seconds)."""
+    """results.json as `score` makes it (its classification and calibration functions), the
+    explanation metrics stubbed, one unavailable (the real ones run Java for seconds)."""
     results = {"count": len(rows), "model": "hand-made"}
     flags = {}
     for kind, labels in (("emotion", EMOTIONS), ("intent", INTENTS)):
@@ -108,6 +108,8 @@ def quick_results(rows: list[dict]) -> dict:
     results["joint"] = joint_report(results["emotion"], results["intent"], flags["emotion"], flags["intent"])
     results["explanation"] = {m: {"value": 0.25} for m in ("bleu4", "meteor", "rouge_l", "cider_d", "bertscore")}
     results["explanation"]["bleurt"] = {"unavailable": "no eval.bleurt_checkpoint <set>"}
+    for kind, labels in (("emotion", EMOTIONS), ("intent", INTENTS)):
+        results[kind]["calibration"] = _calibration(rows, [r[f"ref_{kind}"] for r in rows], kind, labels)
     return results
 
 
@@ -508,11 +510,12 @@ def test_damaged_prediction_files_are_named(tmp_path):
     fails(r"predictions.jsonl: line 2 repeats video_id 'clip_00000' of line 1",
           text=json.dumps({**row, "video_id": "clip_00000"}))
     probs = row["emotion_probs"]
-    fails(r"predictions.jsonl: line 2 \('clip_00001'\): emotion_probs names .*, expected each emotion label once",
+    fails(r"predictions.jsonl: line 2 \('clip_00001'\): emotion_probs must hold exactly the config's emotion labels "
+          rf".*; missing \['{list(probs)[0]}'\]$",
           text=json.dumps({**row, "emotion_probs": {k: v for k, v in list(probs.items())[1:]}}))
-    fails(r"line 2 \('clip_00001'\): intent_probs is not a distribution .* these sum to 0\.5000",
+    fails(r"line 2 \('clip_00001'\): intent_probs sums to 0\.5, expected 1 \(within 0\.001\)",
           text=json.dumps({**row, "intent_probs": {k: v / 2 for k, v in row["intent_probs"].items()}}))
-    fails(r"line 2 \('clip_00001'\): emotion_probs is not an object of emotion label: probability",
+    fails(r"line 2 \('clip_00001'\): emotion_probs is a JSON array, expected an object \{label: probability\}",
           text=json.dumps({**row, "emotion_probs": [0.5, 0.5]}))
     with pytest.raises(ReportError, match="is a prediction folder .* --compare compares evaluations"):
         build_report(folder, compare=folder)
@@ -523,9 +526,13 @@ def test_damaged_prediction_files_are_named(tmp_path):
 
 
 def test_an_evaluations_damaged_probabilities_are_named(tmp_path):
+    """Read by xmei.evaluate's read_predictions (as `xmei score` reads them): its EvaluationError."""
+    from xmei.evaluate import EvaluationError
+
     rows = add_probs(make_rows(4))
     rows[2]["intent_probs"] = {"happy": 1.0}
-    with pytest.raises(ReportError, match=r"predictions.jsonl \('clip_00002'\): intent_probs names \['happy'\]"):
+    with pytest.raises(EvaluationError, match=r"predictions.jsonl: line 3 \('clip_00002'\): intent_probs must hold "
+                                              r"exactly the config's intent labels .*; not labels \['happy'\]"):
         build_report(eval_folder(tmp_path / "eval", rows))
 
 

@@ -47,7 +47,7 @@ from xmei.classification import BINS, calibration, classification_report, joint_
 from xmei.errors import JSON_TYPES, DiskFullError, UserError, json_lines, json_type, write_whole, writing
 from xmei.text_metrics import explanation_metrics
 
-__all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "check_references", "read_predictions", "score", "score_file",
+__all__ = ["CLIP_SCORES", "EvaluationError", "check_out", "check_probabilities", "check_references", "read_predictions", "score", "score_file",
            "staged", "write_evaluation", "write_predictions", "write_report"]
 
 REFERENCES = ("video_id", "ref_emotion", "ref_intent", "ref_explanation")  # missing: an error
@@ -127,28 +127,30 @@ def _answers(row: dict, where: str, emotions, intents) -> dict:
             _expect(row, where, field, str)
     _expect(row, where, "text", str)
     _expect(row, where, "cut_off", bool)
-    probs = {field: _probabilities(row[field], where, field, labels)
+    probs = {field: check_probabilities(row[field], where, field, labels)
              for field, labels in zip(PROBABILITIES, (emotions, intents)) if field in row}
     return {**{field: row.get(field) for field in ANSWERS}, **probs}
 
 
-def _probabilities(value, where: str, field: str, labels) -> dict[str, float]:
-    """A probability field: an object over exactly ``labels``' labels, numbers in [0, 1] summing
-    to 1 within SUM_TOLERANCE; returned in label order."""
+def check_probabilities(value, where: str, field: str, labels,
+                        error: type[UserError] = EvaluationError) -> dict[str, float]:
+    """A probability field (of a row at ``where``): an object over exactly ``labels``' labels,
+    numbers in [0, 1] summing to 1 within SUM_TOLERANCE; returned in label order. Else an
+    ``error`` naming ``where`` and ``field`` (the report raises its own class)."""
     if not isinstance(value, dict):
-        raise EvaluationError(f"{where}: {field} is a JSON {json_type(value)}, expected an object "
+        raise error(f"{where}: {field} is a JSON {json_type(value)}, expected an object "
                               f"{{label: probability}} over {list(labels.labels)}")
     if sorted(value) != sorted(labels.labels):
         missing, extra = sorted(set(labels.labels) - set(value)), sorted(set(value) - set(labels.labels))
-        raise EvaluationError(f"{where}: {field} must hold exactly the config's {labels.kind} labels "
+        raise error(f"{where}: {field} must hold exactly the config's {labels.kind} labels "
                               f"{list(labels.labels)}" + (f"; missing {missing}" if missing else "")
                               + (f"; not labels {extra}" if extra else ""))
     for label, p in value.items():
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            raise EvaluationError(f"{where}: {field}[{label!r}] is {json.dumps(p)}, expected a number in [0, 1]")
+            raise error(f"{where}: {field}[{label!r}] is {json.dumps(p)}, expected a number in [0, 1]")
     total = sum(value.values())
     if abs(total - 1) > SUM_TOLERANCE:
-        raise EvaluationError(f"{where}: {field} sums to {total:.6g}, expected 1 (within {SUM_TOLERANCE})")
+        raise error(f"{where}: {field} sums to {total:.6g}, expected 1 (within {SUM_TOLERANCE})")
     return {label: float(value[label]) for label in labels.labels}
 
 

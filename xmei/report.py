@@ -60,7 +60,7 @@ from pipeline.decode import SAMPLE_RATE
 from stores.store import PARTIAL, remove_dead_partials  # the stores' partial folders: one convention
 from xmei.classification import INVALID
 from xmei.errors import JSON_TYPES, UserError, json_lines, json_type, read_json, writing
-from xmei.evaluate import CLIP_SCORES, PUBLISHED_ORDER, TITLES, read_predictions
+from xmei.evaluate import CLIP_SCORES, PUBLISHED_ORDER, TITLES, check_probabilities, read_predictions
 from xmei.labels import DEFAULT_SYNONYMS, LabelSet
 
 if TYPE_CHECKING:
@@ -80,7 +80,6 @@ SCORES_NOTE = {  # the page's note on the clips' scores, with clip_scores.jsonl 
            "against its reference; this evaluation has no clip_scores.jsonl (an older xmei)"}
 RESCORE = "rescore with xmei score"  # rewrites clip_scores.jsonl beside the predictions
 PREDICT_RECORD = "predict.json"  # beside a prediction folder's predictions.jsonl: what made them
-PROBS_TOLERANCE = 0.01  # a row's label probabilities must sum to 1 within this (written rounded)
 PREDICTED = {"video_id": (str,), "emotion": (str, type(None)), "intent": (str, type(None)),  # a prediction row's
              "explanation": (str, type(None)), "text": (str,), "cut_off": (bool,), "subtitle": (str,),  # fields and
              "subtitle_source": (str, type(None))}  # their JSON types; video_id is required
@@ -344,25 +343,9 @@ def _answer_card(row: dict, labels: dict[str, LabelSet], where: str) -> Card:
 def _probs(row: dict, labels: dict[str, LabelSet], where: str) -> dict[str, dict[str, float]]:
     """{kind: {label: probability}} in label-set order, of each of the row's ``emotion_probs`` /
     ``intent_probs`` (absent or null: left out); one that is not a distribution over the label
-    set is a ReportError naming ``where`` and the field."""
-    out = {}
-    for kind, label_set in labels.items():
-        given = row.get(f"{kind}_probs")
-        if given is None:
-            continue
-        fail = f"{where}: {kind}_probs"
-        if not isinstance(given, dict) or not all(type(p) in (int, float) for p in given.values()):
-            raise ReportError(f"{fail} is not an object of {kind} label: probability (number)")
-        named = {label_set.normalize(k): float(p) for k, p in given.items()}
-        if set(named) != set(label_set.labels) or len(given) != len(label_set):
-            raise ReportError(f"{fail} names {list(given)}, expected each {kind} label once: "
-                              f"{list(label_set.labels)}")
-        total = sum(named.values())
-        if not (all(0 <= p <= 1 for p in named.values()) and abs(total - 1) <= PROBS_TOLERANCE):
-            raise ReportError(f"{fail} is not a distribution (probabilities from 0 to 1 summing to 1; these sum to "
-                              f"{total:.4f})")
-        out[kind] = {label: named[label] for label in label_set.labels}
-    return out
+    set is a ReportError naming ``where`` and the field (xmei.evaluate's check, as `xmei score`'s)."""
+    return {kind: check_probabilities(row[f"{kind}_probs"], where, f"{kind}_probs", label_set, ReportError)
+            for kind, label_set in labels.items() if row.get(f"{kind}_probs") is not None}
 
 
 def _predicted_rows(path: Path) -> Iterator[tuple[str, dict]]:
