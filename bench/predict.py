@@ -111,7 +111,7 @@ def main() -> None:
         print(f"ratio: {bulk_rate / single_rate:.1f}x (goal: at least 5x)")
         heard = [(corpus / r["video_path"], corpus / r["audio_path"] if r["audio_path"] else None) for r in records]
         asr = measure_asr(folder / "models" / "asr", heard, "cpu")
-        print(f"ASR (tiny random Whisper, {asr['clips']} clips, batches of 8): load {asr['load_s']:.1f} s, "
+        print(f"ASR (tiny random Whisper, {asr['clips']} clips, batches of 8): load {asr['load_s']:.2f} s, "
               f"{asr['seconds_per_clip']:.3f} s a clip")
     finally:
         if a.out is None:
