@@ -120,6 +120,7 @@ def test_predict_many_equals_predict_one_by_one(predictor, corpus, annotations):
 def test_a_clip_without_subtitle_finds_one_and_unreadable_media_is_named(predictor, checkpoint, corpus, tmp_path):
     """No subtitle given: a sidecar beside the video, else the Whisper of model.asr_path, else none
     (xmei.annotate's rules), for the API and the one-clip command alike."""
+    from pipeline.decode import MediaError
     from xmei.predictor import PredictError
 
     video = tmp_path / "clip.mp4"
@@ -134,6 +135,11 @@ def test_a_clip_without_subtitle_finds_one_and_unreadable_media_is_named(predict
     assert found.text == predictor.predict(video, "Well, the train was late.").text
     said = xmei("predict", video, "--checkpoint", checkpoint)
     assert said.returncode == 0 and "subtitle (srt): Well, the train was late." in flat(said.stderr)
+    missing = tmp_path / "nothing.mp4"  # read before any subtitle is looked for: named as unreadable media
+    with pytest.raises(MediaError, match=f"{missing}: missing video file"):
+        predictor.predict(missing)
+    said = xmei("predict", missing, "--checkpoint", checkpoint)
+    assert said.returncode == 1 and f"cannot read the clip: {missing}: missing video file" in flat(said.stderr)
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video")
     with pytest.raises(PredictError, match=f"cannot read clip 1 \\({broken}\\)"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -87,11 +87,11 @@ class Prediction:
 
 @dataclass(frozen=True)
 class _Request:
-    """A clip to predict, its subtitle resolved."""
+    """A clip to predict; a subtitle None is found once the clip has been read (Predictor._answer)."""
 
     video: Path
     audio: Path | None
-    subtitle: str
+    subtitle: str | None
     subtitle_source: str
     video_description: str
     audio_description: str
@@ -198,11 +198,15 @@ class Predictor:
 
     def _request(self, video, subtitle, audio, video_description: str, audio_description: str,
                  subtitle_source: str = GIVEN) -> _Request:
-        video = Path(video)
-        if subtitle is None:
-            subtitle, subtitle_source = self.subtitle_of(video, audio)
-        return _Request(video, Path(audio) if audio else None, subtitle, subtitle_source, video_description or "",
-                        audio_description or "")
+        return _Request(Path(video), Path(audio) if audio else None, subtitle, subtitle_source,
+                        video_description or "", audio_description or "")
+
+    def _with_subtitle(self, request: _Request) -> _Request:
+        """``request`` with its subtitle: the given one, else :meth:`subtitle_of`'s."""
+        if request.subtitle is not None:
+            return request
+        subtitle, source = self.subtitle_of(request.video, request.audio)
+        return replace(request, subtitle=subtitle, subtitle_source=source)
 
     def _from_record(self, record: Mapping[str, Any] | Record, media_root: Path) -> _Request:
         """A dict of :meth:`Predictor.predict`'s keys, or an annotation Record, as a request."""
@@ -286,6 +290,9 @@ class Predictor:
     # ------------------------------------------------------------------ stage 2
 
     def _answer(self, requests: list[_Request], prepared: list[Prepared]) -> list[Prediction]:
+        """The clips' predictions, once they were read (``prepared``): a clip given no subtitle gets
+        one here, so an unreadable file is named as such, never as audio speech recognition cannot read."""
+        requests = [self._with_subtitle(r) for r in requests]
         samples = self.features(requests, prepared)
         rows = answer_rows(self.model, samples, self.generation, self.constraint, self.cfg, self.builder)
         return [self._prediction(r, s, row) for r, s, row in zip(requests, samples, rows)]
