@@ -979,6 +979,65 @@ def attention(
 
 
 @app.command()
+def serve(
+    checkpoint: Annotated[list[Path], typer.Option(
+        help="A checkpoint folder; repeat it to see the answers side by side (the demo's A+V+T, V+T and A+T: "
+             "the modality ablation on your own clip).")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; the page has no "
+                                           "login).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
+    config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt = None,
+):
+    """The model in a browser: upload or record a clip, see each checkpoint's emotion and intent
+    with their probabilities, the explanation as it is written, and the LQ-Formers' attention over
+    the frames and the audio windows; download the whole answer as JSON.
+
+    Every checkpoint loads once, on run.device, with its own config (--config / --set / --models
+    apply to each); requests queue and run one at a time. The subtitle is filled from a sidecar file
+    or speech recognition (model.asr_path) when a clip is uploaded. Clips longer than
+    serve.max_seconds are refused. The page fetches nothing from outside. From Python:
+    gradio_client's Client(URL).predict(handle_file("clip.mp4"), "subtitle", "", "", api_name="/predict")
+    returns every checkpoint's answer as JSON. Ctrl-C stops the server.
+    """
+    for folder in checkpoint:  # every checkpoint's files, and the clip features it needs, before torch loads
+        cfg, _ = _load_checkpoint(folder, config, sets, models)
+        _check_clip_features(cfg, folder, f"--config {config}" if config else "the checkpoint's config")
+    _check_port(host, port)
+    import logging
+
+    from xmei.serve import Service
+    from xmei.serve_page import serve as serve_page
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logging.getLogger("xmei.serve").addHandler(handler)
+    logging.getLogger("xmei.serve").setLevel(logging.INFO)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the console is the server's log: one line a request
+    service = Service.load(checkpoint, None, config, sets or [], models)
+    try:
+        names = ", ".join(m.name for m in service.models)
+        console.print(f"serving {names} on http://{host}:{port} ({service.models[0].predictor.device}, clips up to "
+                      f"{service.max_seconds:g} s); Ctrl-C stops", highlight=False)
+        serve_page(service, host, port)
+    finally:
+        service.close()
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port another program listens on ends the command before any model loads (status 2)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed one's port is free
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            _fail(f"cannot listen on {host}:{port} ({e.strerror}): give another --port")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes (reused by a rerun).")] = Path("runs/demo"),
     clips: Annotated[int, typer.Option(help="Synthetic clips (70/15/15 train/val/test).")] = 800,
@@ -1045,6 +1104,7 @@ def _print_demo(summary: dict) -> None:
     console.print(f"attention maps: {', '.join(summary['attention'])}")
     console.print(f"browsable page (every test clip, A+V+T beside the Q-Former; open it in a browser): "
                   f"{summary['page']}")
+    console.print(f"the models on your own clips, side by side in a browser: {summary['serve']}", highlight=False)
     console.print(f"elapsed: {summary['seconds'] / 60:.1f} minutes")
 
 

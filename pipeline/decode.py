@@ -16,7 +16,7 @@ import numpy as np
 
 from xmei.errors import UserError
 
-__all__ = ["SAMPLE_RATE", "MediaError", "audio_windows", "frame_indices", "read_audio", "read_frames", "window_starts"]
+__all__ = ["SAMPLE_RATE", "MediaError", "audio_windows", "clip_seconds", "frame_indices", "read_audio", "read_frames", "window_starts"]
 
 SAMPLE_RATE = 16_000
 SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg"}
@@ -32,6 +32,30 @@ def frame_indices(total: int, n: int) -> np.ndarray:
     """``n`` frame indices spread uniformly over ``total`` frames (the middle of ``n`` equal
     segments); a clip shorter than ``n`` frames repeats frames."""
     return ((np.arange(n) + 0.5) * total / n).astype(np.int64)
+
+
+def clip_seconds(path: Path) -> float:
+    """The video's length in seconds without decoding a frame: the container's duration, else
+    (a webcam's WebM often has none) the end of its last video packet. A MediaError when PyAV
+    cannot open it as a video."""
+    import av
+
+    if not path.is_file():
+        raise MediaError(path, "video", "missing video file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            if container.duration:
+                return container.duration / av.time_base
+            stream = container.streams.video[0]
+            ends = [p.pts + (p.duration or 0) for p in container.demux(stream) if p.pts is not None]
+    except Exception as err:  # PyAV's own errors, or the ValueError above
+        reason = getattr(err, "strerror", None) or _first_line(err)  # PyAV's strerror leaves the path out
+        raise MediaError(path, "video", f"cannot read the video: {reason}") from None
+    if not ends:
+        raise MediaError(path, "video", "the video has no frames")
+    return float(max(ends) * stream.time_base)
 
 
 def read_frames(path: Path, n: int) -> np.ndarray:

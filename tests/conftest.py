@@ -26,6 +26,23 @@ def config(tiny_models: Path, *sets: str):
                        models_dir=tiny_models)
 
 
+def debian_program(program: str, package: str) -> str:
+    """The path of ``program``; Debian's ``package`` is installed when it is missing (as root), as
+    the browser tests need chromium and chromedriver."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which(program) is None:
+        if os.geteuid() != 0:
+            pytest.fail(f"this test needs {program}: apt-get install {package} (as root)")
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]
+        if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:  # stale package lists
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600, check=True)
+            subprocess.run(install, capture_output=True, timeout=900, check=True)
+    return shutil.which(program)
+
+
 @pytest.fixture(scope="session")
 def cfg() -> Config:
     return Config()

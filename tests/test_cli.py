@@ -31,7 +31,7 @@ def test_only_working_commands_are_registered():
 
     group = typer.main.get_command(app)
     assert set(group.commands) == {"config", "synth", "validate", "annotate", "models", "extract", "stores", "train",
-                                   "eval", "score", "report", "predict", "attention", "demo"}
+                                   "eval", "score", "report", "predict", "attention", "serve", "demo"}
     assert set(group.commands["models"].commands) == {"tiny"}
     assert set(group.commands["stores"].commands) == {"info", "verify", "export", "import"}
     result = run("models", "--help")

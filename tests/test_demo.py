@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,9 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path):
     assert html.count("_attention.jpg") == test_clips
     assert "features zeroed" in first.stdout and "attention maps:" in first.stdout and "chance" in first.stdout
     assert "modality check" in first.stdout and "elapsed:" in first.stdout
+    served = shlex.split(summary["serve"])  # the command that puts A+V+T, V+T and A+T side by side in a browser
+    assert served[:2] == ["xmei", "serve"] and served[2::2] == ["--checkpoint"] * 3
+    assert served[3::2] == [summary["checkpoints"][k] for k in ("A+V+T", "V+T", "A+T")] and summary["serve"] in first.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| A+V+T, features zeroed |" in report and "| Q-Former (learned queries) |" in report
     assert "| chance |" in report and "Modality check" in report and "No-audio test clips" in report

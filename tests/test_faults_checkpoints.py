@@ -104,6 +104,24 @@ def test_eval_names_the_damaged_file(case, run, patch_store, tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
+def test_a_checkpoint_from_before_a_config_section_existed_still_loads(run):
+    """config.yaml of an earlier xmei lacks the sections added since (checkpoint.LATER_SECTIONS):
+    they take their defaults; one cut before its last section is still damaged."""
+    import yaml
+
+    from xmei.checkpoint import LATER_SECTIONS, CheckpointError, verify_checkpoint
+    from xmei.predictor import checkpoint_config
+
+    path = run / LAST / "config.yaml"
+    written = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({k: v for k, v in written.items() if k not in LATER_SECTIONS}, sort_keys=False))
+    verify_checkpoint(run / LAST)
+    assert checkpoint_config(run / LAST).serve.max_seconds == 60
+    path.write_text(yaml.safe_dump({k: v for k, v in written.items() if k != "labels"}, sort_keys=False))
+    with pytest.raises(CheckpointError, match=r"lacks the config sections \['labels'\]"):
+        verify_checkpoint(run / LAST)
+
+
 # Runs `xmei ARGS` for each ARGS in argv[1] (JSON) in one fresh interpreter, as main does, and
 # prints for each: its exit status, its stderr and which of torch, transformers, peft were imported.
 CHECKS_FIRST = """

@@ -1,7 +1,7 @@
 """Which package may import which (README, "Repository layout"), checked on the source with ``ast``.
 
     cli.py, xmei.{predict, predictor, attention,      run stage 1 for a user: may import anything
-      report, demo}, xmei (its lazy Predictor)
+      report, demo, serve, serve_page}, xmei (its lazy Predictor)
     pipeline/ (stage 1)  |  the rest of xmei/ (stage 2)  never import each other
     stores/                                            imports neither stage
     xmei.{errors, labels, config, prompt, interrupt}   shared leaves: import only each other
@@ -19,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LEAVES = {"xmei.errors", "xmei.labels", "xmei.config", "xmei.prompt", "xmei.interrupt"}
 # "xmei" is the package's __init__, which exports xmei.predictor's Predictor (on first use)
-ORCHESTRATION = {"cli", "xmei", "xmei.predict", "xmei.predictor", "xmei.attention", "xmei.report", "xmei.demo"}
+ORCHESTRATION = {"cli", "xmei", "xmei.predict", "xmei.predictor", "xmei.attention", "xmei.report", "xmei.demo",
+                 "xmei.serve", "xmei.serve_page"}
 # The project groups a group may import besides itself.
 ALLOWED = {
     "orchestration": {"pipeline", "xmei", "stores", "leaves"},

@@ -95,6 +95,16 @@ def test_predict_is_the_one_clip_command_and_typed(predictor, checkpoint, corpus
     assert result.audio_attention  # the model uses audio and the clip has some
 
 
+def test_the_answer_streams_as_it_is_generated(predictor, corpus):
+    """``on_text`` sees the answer grow token by token to the text of the result, which is the
+    answer without streaming (`xmei serve` shows the explanation so)."""
+    video, said = corpus / "videos" / "synth_00001.mp4", []
+    streamed = predictor.predict(video, "Hi.", on_text=said.append)
+    assert streamed.to_json() == predictor.predict(video, "Hi.").to_json() and len(said) > 3
+    assert all(later.startswith(earlier.rstrip()) for earlier, later in zip(said, said[1:]))
+    assert said[-1].strip() == streamed.text.strip()
+
+
 def test_predict_many_equals_predict_one_by_one(predictor, corpus, annotations):
     from pipeline.annotations import read_annotations
 

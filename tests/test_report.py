@@ -11,8 +11,6 @@ cards from the URL's fragment, read back from the DOM it leaves.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 from html.parser import HTMLParser
@@ -21,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import LAST
+from conftest import LAST, debian_program
 from faults import xmei
 from stores import create_store
 from test_reader import SPECS
@@ -558,13 +556,7 @@ def test_a_predictions_own_checkpoint_draws_the_attention(trained_run, patch_sto
 @pytest.fixture(scope="session")
 def chromium() -> list[str]:
     """Headless chromium's command line; Debian's package is installed when missing (as root)."""
-    if shutil.which("chromium") is None:
-        if os.geteuid() != 0:
-            pytest.fail("the browser tests need chromium: apt-get install chromium (as root)")
-        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-        if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:  # stale package lists
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600, check=True)
-            subprocess.run(install, capture_output=True, timeout=900, check=True)
+    debian_program("chromium", "chromium")
     return ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
             "--virtual-time-budget=5000"]
 

@@ -147,14 +147,20 @@ def read_json(path: Path, what: str = "a checkpoint file") -> dict:
     return errors.read_json(path, what, CheckpointError)
 
 
+# config sections added after checkpoints were first written: an earlier checkpoint's config.yaml
+# lacks them and takes their defaults (each is written before `labels`, so a cut-off file still shows)
+LATER_SECTIONS = ("serve",)
+
+
 def _check_config(path: Path) -> None:
-    """config.yaml parses to a mapping with every section xmei writes (a cut-off file lacks the last)."""
+    """config.yaml parses to a mapping with every section xmei writes (a cut-off file lacks the
+    last), but those of LATER_SECTIONS."""
     try:
         raw = yaml.safe_load(errors.read_text(path, "the run's config", CheckpointError))
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path}: not valid YAML ({DAMAGED}): {' '.join(str(e).split())}") from None
     sections = list(Config.model_fields)
-    lacking = [s for s in sections if not isinstance(raw, dict) or s not in raw]
+    lacking = [s for s in sections if (not isinstance(raw, dict) or s not in raw) and s not in LATER_SECTIONS]
     if lacking:
         raise CheckpointError(f"{path}: lacks the config sections {lacking} that xmei writes ({DAMAGED})")
 

@@ -30,7 +30,7 @@ from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, DEFAULT_SYNONYMS, Lab
 
 __all__ = [
     "Config", "ConfigError", "ConfigWarning", "DatasetConfig", "EvalConfig", "ExtractConfig", "LabelsConfig",
-    "ModelConfig", "RunConfig", "MODEL_SUBDIRS", "OPTIONAL_SUBDIRS", "load_config",
+    "ModelConfig", "RunConfig", "ServeConfig", "MODEL_SUBDIRS", "OPTIONAL_SUBDIRS", "load_config",
 ]
 
 # Layout of a models folder as `xmei models tiny` writes it; `--models DIR` maps each
@@ -256,6 +256,14 @@ class EvalConfig(_Section):
     bleurt_checkpoint: _Path | None = None  # local converted PyTorch BLEURT checkpoint (e.g. bleurt-base-128)
 
 
+class ServeConfig(_Section):
+    """`xmei serve`: the limits of what its page takes."""
+
+    # a longer clip is refused with a message: stage 1 samples num_frames over any length, so a long
+    # clip is mostly unseen, and decoding it holds the one generation slot of the device meanwhile
+    max_seconds: float = Field(60.0, gt=0)
+
+
 class LabelsConfig(_Section):
     emotions: list[str] = list(DEFAULT_EMOTIONS)
     intents: list[str] = list(DEFAULT_INTENTS)
@@ -285,6 +293,7 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
 
     @property

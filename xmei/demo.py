@@ -15,6 +15,7 @@ reverse. The report says whether it does.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from typing import Callable
 from xmei.config import load_config
 from xmei.errors import read_json, write_whole
 
-__all__ = ["DEFAULT_CONFIG", "DemoSettings", "MODELS", "run_demo"]
+__all__ = ["DEFAULT_CONFIG", "DemoSettings", "MODELS", "run_demo", "serve_command"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -155,12 +156,18 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), say: Callable[[
                "confusion": [str(out / "eval" / _slug("A+V+T") / f"confusion_{k}.png") for k in ("emotion", "intent")],
                "attention": [str(p) for p in attention], "page": str(page),
                "checkpoints": {k: str(v) for k, v in finished.items()},
+               "serve": serve_command(finished[k] for k in ("A+V+T", "V+T", "A+T")),
                "seconds": time.perf_counter() - began}
     summary["check"] = _modality_check(summary)
     summary["probability_check"] = _probability_check(summary)
     write_whole(out / "summary.json", json.dumps(summary, indent=1) + "\n", "the demo's summary")
     summary["report"] = str(_write_report(out, summary))
     return summary
+
+
+def serve_command(checkpoints) -> str:
+    """The `xmei serve` command that puts ``checkpoints`` side by side in a browser."""
+    return shlex.join(["xmei", "serve", *(arg for c in checkpoints for arg in ("--checkpoint", str(c)))])
 
 
 def _slug(name: str) -> str:
@@ -250,6 +257,7 @@ def _write_report(out: Path, summary: dict) -> Path:
               "BERTScore: all-MiniLM-L6-v2, layer 6 (a stand-in for roberta-large).", "", "## Files", ""]
     lines += [f"- report ({k}): {v}" for k, v in summary["reports"].items()]
     lines += [f"- browsable page (A+V+T beside the Q-Former, every clip): {summary['page']}"]
+    lines += [f"- the models on your own clips, side by side in a browser: `{summary['serve']}`"]
     lines += [f"- confusion matrix: {p}" for p in summary["confusion"]] + [f"- attention map: {p}" for p in summary["attention"]] + [""]
     return write_whole(out / "report.md", "\n".join(lines), "the demo's report")
 

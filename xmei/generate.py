@@ -134,16 +134,19 @@ def _label_trie(model: XMEIQwen, settings: GenerationSettings) -> LabelConstrain
 
 @torch.no_grad()
 def answer(model: XMEIQwen, batch: dict[str, torch.Tensor], settings: GenerationSettings,
-           constraint: LabelConstraint | None = None) -> list[Answer]:
+           constraint: LabelConstraint | None = None, streamer=None) -> list[Answer]:
     """The generated answer of each sample, with its label probabilities, on the model's device.
     ``constraint``: the trie of ``settings``' labels (default: built here), which constrains the
-    answer under ``settings.constrained`` and is what the probabilities are over either way."""
+    answer under ``settings.constrained`` and is what the probabilities are over either way.
+    ``streamer``: a transformers streamer given the new ids as they come (one sample, greedy)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     config = generation_config(model, settings)
     if constraint is None:
         constraint = label_constraint(model, settings) if settings.constrained else _label_trie(model, settings)
     extra = {"logits_processor": LogitsProcessorList([constraint.processor()])} if settings.constrained else {}
+    if streamer is not None:
+        extra["streamer"] = streamer
     ids = model.generate(batch, config, **extra)  # (B, new tokens); rows that ended are padded
     texts = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
     ended = (ids == config.eos_token_id).any(1).tolist()

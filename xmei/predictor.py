@@ -21,10 +21,11 @@ import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from pipeline.annotate import Transcriber, find_subtitle
 from pipeline.annotations import Record
@@ -163,11 +164,13 @@ class Predictor:
     # ------------------------------------------------------------------ the clips
 
     def predict(self, video: str | Path, subtitle: str | None = None, audio: str | Path | None = None,
-                video_description: str = "", audio_description: str = "") -> Prediction:
+                video_description: str = "", audio_description: str = "",
+                on_text: Callable[[str], None] | None = None) -> Prediction:
         """One clip (audio: its own track unless ``audio`` names a file). An unreadable file is a
-        MediaError naming it; ``subtitle`` None: :meth:`subtitle_of` finds one."""
+        MediaError naming it; ``subtitle`` None: :meth:`subtitle_of` finds one. ``on_text(answer so
+        far)`` is called as the answer is generated (greedy decoding; with beams, once at its end)."""
         request = self._request(video, subtitle, audio, video_description, audio_description)
-        return self._answer([request], [self._prepare_one(request)])[0]
+        return self._answer([request], [self._prepare_one(request)], on_text)[0]
 
     def predict_many(self, records: Iterable[Mapping[str, Any] | Record],
                      media_root: str | Path | None = None) -> list[Prediction]:
@@ -236,6 +239,13 @@ class Predictor:
 
     # ------------------------------------------------------------------ stage 1 on the clips
 
+    def use_encoders_of(self, other: "Predictor") -> None:
+        """Encode with ``other``'s frozen encoders (one copy in memory for both): their stage-1
+        settings must be equal, so the features are the same."""
+        if other.encoder_settings != self.encoder_settings:
+            raise ValueError("the two predictors extract different features; each needs its own encoders")
+        self._encoders = other.encoders
+
     @property
     def encoders(self) -> Encoders:
         if self._encoders is None:
@@ -289,12 +299,17 @@ class Predictor:
 
     # ------------------------------------------------------------------ stage 2
 
-    def _answer(self, requests: list[_Request], prepared: list[Prepared]) -> list[Prediction]:
+    def _answer(self, requests: list[_Request], prepared: list[Prepared],
+                on_text: Callable[[str], None] | None = None) -> list[Prediction]:
         """The clips' predictions, once they were read (``prepared``): a clip given no subtitle gets
-        one here, so an unreadable file is named as such, never as audio speech recognition cannot read."""
+        one here, so an unreadable file is named as such, never as audio speech recognition cannot read.
+        ``on_text``: one clip's answer so far, as it is generated (:meth:`predict`)."""
         requests = [self._with_subtitle(r) for r in requests]
         samples = self.features(requests, prepared)
-        rows = answer_rows(self.model, samples, self.generation, self.constraint, self.cfg, self.builder)
+        streamer = _TextStream(self.model.tokenizer, on_text) if on_text and self.generation.num_beams == 1 else None
+        rows = answer_rows(self.model, samples, self.generation, self.constraint, self.cfg, self.builder, streamer)
+        if on_text and streamer is None:
+            on_text(rows[0]["text"])
         return [self._prediction(r, s, row) for r, s, row in zip(requests, samples, rows)]
 
     def _prediction(self, request: _Request, sample: dict, row: dict) -> Prediction:
@@ -319,11 +334,28 @@ class Predictor:
 
 
 def answer_rows(model: XMEIQwen, samples: list[dict], settings: GenerationSettings, constraint, cfg,
-                builder) -> list[dict]:
+                builder, streamer=None) -> list[dict]:
     """The answer fields of each sample (text, cut_off, emotion, intent, explanation and, where
     xmei.generate computes them, emotion_probs / intent_probs): one batch through ``answer`` and
     ``_parsed``, as `xmei eval` makes them."""
-    answers = answer(model, prompt_batch(model, samples, builder), settings, constraint)
+    answers = answer(model, prompt_batch(model, samples, builder), settings, constraint, streamer)
     return [_parsed(one, cfg.emotions, cfg.intents) for one in answers]
 
 
+
+
+class _TextStream(BaseStreamer):
+    """Calls ``on_text`` with one sample's answer so far (special tokens dropped) as ``generate``
+    makes it; the prompt was given as embeddings, so every id put here is a new one."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text, self.ids = tokenizer, on_text, []
+
+    def put(self, value: torch.Tensor) -> None:  # (1, n) or (n,) ids
+        new = value.reshape(-1).tolist()
+        if new:
+            self.ids += new
+            self.on_text(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def end(self) -> None:
+        pass

@@ -66,7 +66,8 @@ from xmei.labels import DEFAULT_SYNONYMS, LabelSet
 if TYPE_CHECKING:
     from xmei.model import LQFormers, XMEIQwen
 
-__all__ = ["ASSETS", "PAGE", "Prediction", "ReportError", "build_report", "clip_rouge_l", "prediction_folder"]
+__all__ = ["ASSETS", "PAGE", "Prediction", "ReportError", "attention_strip", "audio_strip", "build_report", "clip_rouge_l",
+           "frames_strip", "prediction_folder"]
 
 PAGE = "report.html"
 ASSETS = "report_files"  # the cards' images, linked relative to the page
@@ -462,14 +463,14 @@ def _add_images(card: Card, index: int, paths: dict[str, str], media_root: Path,
     except MediaError as err:
         card.notes.append(f"frames not shown: {err}")
     else:
-        card.images["frames"] = _save(_frames_strip(frames), assets / f"{index:06d}_frames.jpg")
+        card.images["frames"] = _save(frames_strip(frames), assets / f"{index:06d}_frames.jpg")
         if model is not None and "video" in model.settings.modalities:
             try:
                 maps = attention_maps(model, clip)  # {group: (F, P, P)}
             except ValueError as err:
                 card.notes.append(f"attention over the frames not drawn: {err}")
             else:
-                card.images["attention"] = _save(_attention_strip(frames, maps), assets / f"{index:06d}_attention.jpg")
+                card.images["attention"] = _save(attention_strip(frames, maps), assets / f"{index:06d}_attention.jpg")
                 card.attention_rows = list(maps)
     try:
         wave = read_audio(media_root / paths["audio_path"] if paths["audio_path"] else None, video)
@@ -486,7 +487,7 @@ def _add_images(card: Card, index: int, paths: dict[str, str], media_root: Path,
         except ValueError as err:
             card.notes.append(f"attention over the audio windows not drawn: {err}")
     windows, seconds = int(facts.get("num_audio_clips", 8)), float(facts.get("audio_clip_seconds", 1.0))
-    card.images["audio"] = _save(_audio_strip(wave, windows, seconds, weights), assets / f"{index:06d}_audio.png")
+    card.images["audio"] = _save(audio_strip(wave, windows, seconds, weights), assets / f"{index:06d}_audio.png")
     card.audio_lanes = (f"{len(wave) / SAMPLE_RATE:.1f} s; below, the {windows} sampled windows of {seconds:g} s" +
                         ("" if weights is None else ", coloured by their share of the attention (green: an even "
                          "share, red: twice it or more): " + "; ".join(
@@ -494,7 +495,7 @@ def _add_images(card: Card, index: int, paths: dict[str, str], media_root: Path,
                             for group, v in weights.items())))
 
 
-def _frames_strip(frames: np.ndarray) -> Image.Image:
+def frames_strip(frames: np.ndarray) -> Image.Image:
     """The frames side by side, ``FRAME_HEIGHT`` px high."""
     images = [Image.fromarray(f) for f in frames]
     images = [im.resize((max(1, round(im.width * FRAME_HEIGHT / im.height)), FRAME_HEIGHT), Image.BILINEAR)
@@ -507,7 +508,7 @@ def _frames_strip(frames: np.ndarray) -> Image.Image:
     return strip
 
 
-def _attention_strip(frames: np.ndarray, maps: dict[str, np.ndarray]) -> Image.Image:
+def attention_strip(frames: np.ndarray, maps: dict[str, np.ndarray]) -> Image.Image:
     """One row per query group: each frame's center crop (224 px, as CLIP sees it) at ``CELL`` px
     under its attention map (normalized per frame, jet, half transparent): `xmei attention`'s maps."""
     from matplotlib import colormaps
@@ -525,7 +526,7 @@ def _attention_strip(frames: np.ndarray, maps: dict[str, np.ndarray]) -> Image.I
     return strip
 
 
-def _audio_strip(wave: np.ndarray, windows: int, seconds: float, weights: dict[str, np.ndarray] | None) -> Image.Image:
+def audio_strip(wave: np.ndarray, windows: int, seconds: float, weights: dict[str, np.ndarray] | None) -> Image.Image:
     """The waveform's envelope, then per query group (or once, grey, without a model) one lane per
     window over its span, as stage 1 spreads the windows (:func:`pipeline.decode.window_starts`),
     coloured by the window's share of the group's attention."""
