@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -1016,6 +1017,7 @@ def serve(
 
     hf_logging.disable_progress_bar()  # the console is the server's log: one line a request
     service = Service.load(checkpoint, None, config, sets or [], models)
+    signal.signal(signal.SIGTERM, _as_ctrl_c)  # a scheduler's stop closes the server as Ctrl-C does
     try:
         names = ", ".join(m.name for m in service.models)
         console.print(f"serving {names} on http://{host}:{port} ({service.models[0].predictor.device}, clips up to "
@@ -1023,6 +1025,10 @@ def serve(
         serve_page(service, host, port)
     finally:
         service.close()
+
+
+def _as_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _check_port(host: str, port: int) -> None:
