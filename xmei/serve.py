@@ -35,11 +35,13 @@ from PIL import Image
 
 from pipeline.decode import MediaError, clip_seconds, read_audio, read_frames
 from xmei.config import Config
-from xmei.errors import UserError
+from xmei.errors import UserError, write_whole
 from xmei.predictor import Prediction, Predictor
 from xmei.report import attention_strip, audio_strip, frames_strip
 
 __all__ = ["Answered", "Model", "Partial", "ServeError", "Service", "model_name"]
+
+KEEP_ANSWERS_S = 3600  # an answer's JSON file is kept this long (a long-running server stays small)
 
 
 class ServeError(UserError, ValueError):
@@ -185,9 +187,18 @@ class Service:
             frames, audio = evidence.images(model, prediction)
             answered = Answered(index, model.name, model.checkpoint, prediction,
                                 _notes(model, prediction, evidence), frames, audio, time.perf_counter() - started)
+            self._forget_old_answers()
             path = self.files / f"answer_{request:05d}_{index}.json"
-            path.write_text(json.dumps(answered.to_json(), indent=1) + "\n")
+            write_whole(path, json.dumps(answered.to_json(), indent=1) + "\n", "an answer's JSON file")  # full disk: a message
             yield replace(answered, json_path=path)
+
+    def _forget_old_answers(self) -> None:
+        """The JSON files of answers older than KEEP_ANSWERS_S go (the page's links to them are
+        Gradio's copies, which its own cache cleaning removes as old)."""
+        now = time.time()
+        for old in self.files.glob("answer_*.json"):
+            if now - old.stat().st_mtime > KEEP_ANSWERS_S:
+                old.unlink(missing_ok=True)
 
     def _generate(self, index: int, model: Model, video: Path, subtitle: str, video_description: str,
                   audio_description: str):

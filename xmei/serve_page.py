@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from xmei.errors import UserError
-from xmei.serve import Answered, Partial, ServeError, Service
+from xmei.serve import KEEP_ANSWERS_S, Answered, Partial, ServeError, Service
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: nothing leaves the machine
 import gradio as gr  # noqa: E402
@@ -70,7 +70,8 @@ class _Column:
 
 def build_page(service: Service) -> gr.Blocks:
     """The page of ``service`` (module docstring), with its ``/predict`` API endpoint."""
-    with gr.Blocks(title="xmei serve", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+    with gr.Blocks(title="xmei serve", analytics_enabled=False,
+                   delete_cache=(KEEP_ANSWERS_S, KEEP_ANSWERS_S)) as page:  # uploads and copies of answers
         gr.Markdown(INTRO + f" Clips up to {service.max_seconds:g} s.")
         with gr.Row():
             video = gr.Video(label="clip", sources=["upload", "webcam"], include_audio=True, height=300,
@@ -83,7 +84,7 @@ def build_page(service: Service) -> gr.Blocks:
                     video_description = gr.Textbox(label="video description", lines=1)
                     audio_description = gr.Textbox(label="audio description", lines=1)
                 ask = gr.Button("Answer", variant="primary", elem_id="ask")
-                status = gr.Markdown(elem_id="status")
+                status = gr.HTML(elem_id="status")  # what the page is doing, or why it cannot
         columns = []
         with gr.Row(equal_height=False):
             for index, model in enumerate(service.models):
@@ -92,25 +93,26 @@ def build_page(service: Service) -> gr.Blocks:
         outputs = [status] + [o for c in columns for o in c.outputs]
 
         def fill_subtitle(clip: str | None):
+            """(subtitle, its source, status) of a new clip."""
             if not clip:
                 return "", "given", ""
             try:
                 text, found = service.transcript(clip)
             except UserError as err:
                 log.info("upload %s: %s", Path(clip).name, err)
-                return "", "given", f"**{err}**"
+                return "", "given", _said(str(err), bold=True)
             said = {"none": "no sidecar file and no speech recognized: type the subtitle, or answer without one",
                     "asr": "subtitle from speech recognition: check it"}.get(found, f"subtitle from the {found} file")
-            return text, found, said
+            return text, found, _said(said)
 
         def answer_page(clip, text, found, described_video, described_audio):
             yield from _page_updates(service, columns, clip, text, found, described_video, described_audio)
 
         video.change(fill_subtitle, video, [subtitle, source, status], concurrency_id=DEVICE,
-                     api_visibility="private")
+                     show_progress_on=subtitle, api_visibility="private")
         subtitle.input(lambda: "given", None, source, queue=False, api_visibility="private")
         ask.click(answer_page, [video, subtitle, source, video_description, audio_description], outputs,
-                  concurrency_id=DEVICE, api_visibility="private")
+                  concurrency_id=DEVICE, show_progress_on=[c.explanation for c in columns], api_visibility="private")
 
         api_video = gr.File(visible=False)
         api_answers = gr.JSON(visible=False)
@@ -130,19 +132,24 @@ def _page_updates(service: Service, columns: list[_Column], clip, text, found, d
         for event in events:
             updates: list[Any] = [gr.skip()] * (1 + len(blank) * len(columns))
             if first:
-                updates = ["answering..."] + blank * len(columns)
+                updates = [_said("answering...")] + blank * len(columns)
                 first = False
             k = 1 + event.index * len(blank)
             if isinstance(event, Partial):
                 updates[k + 1] = event.text
             else:
                 updates[k:k + len(blank)] = _shown(event)
-                updates[0] = "" if event.index == len(columns) - 1 else "answering..."
+                updates[0] = "" if event.index == len(columns) - 1 else _said("answering...")
             yield updates
     except UserError as err:  # the message on the page (a notice and the status line), never a failed event
         message = _refused(clip, err)
         gr.Warning(message, duration=None, title="xmei")
-        yield [f"**{escape(message)}**"] + blank * len(columns)
+        yield [_said(message, bold=True)] + blank * len(columns)
+
+
+def _said(text: str, bold: bool = False) -> str:
+    """The status line's HTML."""
+    return f"<b>{escape(text)}</b>" if bold else f"<span>{escape(text)}</span>"
 
 
 def _shown(answer: Answered) -> list:
