@@ -16,7 +16,8 @@ import numpy as np
 
 from xmei.errors import UserError
 
-__all__ = ["SAMPLE_RATE", "MediaError", "audio_windows", "clip_seconds", "frame_indices", "read_audio", "read_frames", "window_starts"]
+__all__ = ["SAMPLE_RATE", "MediaError", "audio_windows", "clip_seconds", "frame_indices", "read_audio", "read_frames",
+           "window_starts"]
 
 SAMPLE_RATE = 16_000
 SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg"}
