@@ -44,6 +44,33 @@ def debian_program(program: str, package: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible HTTP server on 127.0.0.1 (moto's ThreadedMotoServer) with a bucket "xmei",
+    and fake credentials in the environment for the session: (endpoint URL, bucket)."""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    fake = {"AWS_ACCESS_KEY_ID": "xmei-test", "AWS_SECRET_ACCESS_KEY": "xmei-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    before = {k: os.environ.get(k) for k in fake}
+    os.environ.update(fake)
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="xmei")
+    yield url, "xmei"
+    server.stop()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
 def cfg() -> Config:
     return Config()
 
