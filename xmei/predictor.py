@@ -195,9 +195,14 @@ class Predictor:
         """(subtitle, source) of a clip given none, by `xmei annotate`'s rules: a sidecar .srt / .vtt /
         .txt beside the video, else speech recognition with the Whisper of model.asr_path (loaded on
         first use, once), else ("", "none"): the model answers without a subtitle."""
+        return find_subtitle(video, transcriber=self.transcriber, audio=audio)
+
+    @property
+    def transcriber(self) -> Transcriber | None:
+        """The Whisper of model.asr_path, loaded on first use (None when the key is not set)."""
         if self._transcriber is None and self.cfg.model.asr_path is not None:
             self._transcriber = Transcriber(self.cfg.model.asr_path, self.cfg.run.device)
-        return find_subtitle(video, transcriber=self._transcriber, audio=audio)
+        return self._transcriber
 
     def _request(self, video, subtitle, audio, video_description: str, audio_description: str,
                  subtitle_source: str = GIVEN) -> _Request:

@@ -2,8 +2,8 @@
 
 Process model: one process. At start every checkpoint loads once onto run.device as a
 :class:`~xmei.predictor.Predictor` (the very path of `xmei predict` and the Python API, so an
-answer here is the one `xmei eval` would score); checkpoints whose stage-1 settings agree share
-one set of frozen encoders. The page (xmei.serve_page, Gradio) hands each request to
+answer here is the one `xmei eval` would score), with the first one's Whisper for transcripts;
+checkpoints whose stage-1 settings agree share one set of frozen encoders. The page (xmei.serve_page, Gradio) hands each request to
 :meth:`Service.answers` one at a time (its queue, concurrency 1: the models share one device):
 
     check the clip (a video PyAV can open, at most serve.max_seconds long)
@@ -137,6 +137,7 @@ class Service:
                 predictor.encoders  # noqa: B018 - loaded now, not by the first request
             name = names[i] if names.count(names[i]) == 1 else f"{names[i]} ({i + 1})"
             loaded.append(Model(name, Path(checkpoint), predictor))
+        loaded[0].predictor.transcriber  # noqa: B018 - its Whisper (when configured) loaded now, for transcripts
         return cls(loaded)
 
     def close(self) -> None:
