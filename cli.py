@@ -120,6 +120,12 @@ def _open_fitting(store: Path, checkpoints: dict[Path, XMEISettings]) -> Feature
     return opened
 
 
+def _config_source(config: Path | None, sets: list[str] | None, models: Path | None) -> str:
+    """Where a checkpoint command's config came from, as its errors name it."""
+    changed = " and ".join(flag for flag, given in (("--set", sets), ("--models", models)) if given)
+    return (f"--config {config}" if config else "the checkpoint's config") + (f" with {changed}" if changed else "")
+
+
 def _check_clip_features(cfg: Config, checkpoint: Path, source: str) -> None:
     """xmei.predictor.check_clip_features, a missing model folder ending the command with status 2."""
     from xmei.predictor import check_clip_features
@@ -819,9 +825,7 @@ def _predict_clip(checkpoint: Path, video: Path, subtitle: str | None, audio: Pa
                   models: Path | None) -> None:
     """`xmei predict VIDEO`: one Predictor.predict, printed."""
     cfg, _ = _load_checkpoint(checkpoint, config, sets, models)
-    changed = " and ".join(flag for flag, given in (("--set", sets), ("--models", models)) if given)
-    _check_clip_features(cfg, checkpoint, (f"--config {config}" if config else "the checkpoint's config")
-                         + (f" with {changed}" if changed else ""))
+    _check_clip_features(cfg, checkpoint, _config_source(config, sets, models))
     from pipeline.decode import MediaError
     from xmei.distributed import Distributed
     from xmei.predictor import Predictor
@@ -1002,7 +1006,7 @@ def serve(
     """
     for folder in checkpoint:  # every checkpoint's files, and the clip features it needs, before torch loads
         cfg, _ = _load_checkpoint(folder, config, sets, models)
-        _check_clip_features(cfg, folder, f"--config {config}" if config else "the checkpoint's config")
+        _check_clip_features(cfg, folder, _config_source(config, sets, models))
     _check_port(host, port)
     import logging
 
