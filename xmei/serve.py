@@ -20,6 +20,7 @@ no subtitle, no description) rides with the answer as notes.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import shutil
 import tempfile
@@ -41,6 +42,7 @@ from xmei.report import attention_strip, audio_strip, frames_strip
 
 __all__ = ["Answered", "Model", "Partial", "ServeError", "Service", "model_name"]
 
+log = logging.getLogger("xmei.serve")  # one line per answer (`xmei serve` prints them)
 KEEP_ANSWERS_S = 3600  # an answer's JSON file is kept this long (a long-running server stays small)
 
 
@@ -191,6 +193,8 @@ class Service:
             self._forget_old_answers()
             path = self.files / f"answer_{request:05d}_{index}.json"
             write_whole(path, json.dumps(answered.to_json(), indent=1) + "\n", "an answer's JSON file")  # full disk: a message
+            log.info("answered %s with %s: %s / %s in %.1f s", video.name, model.name, prediction.emotion,
+                     prediction.intent, answered.seconds)
             yield replace(answered, json_path=path)
 
     def _forget_old_answers(self) -> None:

@@ -156,7 +156,6 @@ def _shown(answer: Answered) -> list:
     """A column's outputs: the labels (a bar per label where the answer has probabilities), the
     explanation, the evidence (images and notes) and the JSON file."""
     p = answer.prediction
-    _log(answer)
     labels = "".join(_label_html(kind, label, probs)
                      for kind, label, probs in (("emotion", p.emotion, p.emotion_probs),
                                                 ("intent", p.intent, p.intent_probs)))
@@ -208,8 +207,6 @@ def _api_answers(service: Service, clip, text, described_video, described_audio)
                     if isinstance(e, Answered)]
     except UserError as err:  # gradio_client raises AppError with the message
         raise gr.Error(_refused(clip, err), print_exception=False) from None
-    for a in answered:
-        _log(a)
     return [a.to_json() for a in answered]
 
 
@@ -217,12 +214,6 @@ def _refused(clip, err: UserError) -> str:
     """The message of a refused request, logged in one line."""
     log.info("refused %s: %s", Path(clip).name if clip else "(no clip)", err)
     return str(err) if isinstance(err, ServeError) else f"cannot answer: {err}"
-
-
-def _log(answer: Answered) -> None:
-    p = answer.prediction
-    log.info("answered %s with %s: %s / %s in %.1f s", Path(p.video).name, answer.name, p.emotion, p.intent,
-             answer.seconds)
 
 
 def serve(service: Service, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
