@@ -27,6 +27,7 @@ import pytest
 from conftest import KEEP_EVERY_3, ROOT, TRAIN
 from faults import flat, xmei
 from test_train import assert_same_weights, losses_by_step
+from xmei.checkpoint import checkpoints
 from xmei.preempt import REPEAT_S, StopSignals
 
 HOOK = "XMEI_TEST_SIGNAL"
@@ -96,7 +97,10 @@ def test_a_second_signal_exits_at_once_leaving_the_last_whole_checkpoint(tiny_mo
     last = out / "checkpoints" / "step_0000003"
     assert (f"stopped: a second SIGINT: exiting at once; the last whole checkpoint is {last} (resume from it with "
             "--resume)") in said, f"{where}: {said[-3000:]}"
-    assert kept(out) == ["step_0000003"], where
+    # The main thread may begin step N's checkpoint before the watcher thread's exit lands: its
+    # step_N.partial folder may stay, never taken for whole (xmei.checkpoint.checkpoints).
+    assert [p.name for p in checkpoints(out)] == ["step_0000003"], f"{where}: {kept(out)}"
+    assert set(kept(out)) <= {"step_0000003", f"step_{step:07d}.partial"}, f"{where}: {kept(out)}"
     assert max(losses_by_step(out)) == step, where  # no step after the signals
 
 
