@@ -38,6 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 from xmei.config import Config, ConfigError, load_config
+from stores.location import Location, use_endpoint
 from xmei.errors import DEBUG_VARIABLE, UserError, debugging, message_of
 from xmei.interrupt import Interrupted
 
@@ -49,7 +50,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="xmei: joint multimodal emotion-intent classification and explanation (JX4MEI).")
 models_app = typer.Typer(no_args_is_help=True, help="Model folders for tests, demos and smoke runs.")
 app.add_typer(models_app, name="models")
-stores_app = typer.Typer(no_args_is_help=True, help="Inspect, check and move feature stores.")
+stores_app = typer.Typer(no_args_is_help=True, help=(
+    "Inspect, check and move feature stores: folders, or s3:// gs:// az:// URLs (credentials and an S3-compatible "
+    "server's endpoint from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL ...)."))
 app.add_typer(stores_app, name="stores")
 console = Console(soft_wrap=True)  # long lines stay whole: logs and greps read them
 err = Console(stderr=True, soft_wrap=True)
@@ -91,6 +94,7 @@ def _load(config: Path | None, sets: list[str] | None, models: Path | None, *,
             cfg.require_paths(require)
         except ConfigError as e:
             _fail(e)
+    use_endpoint(cfg.stores.endpoint_url)  # into the environment: this process's stores and those it starts
     return cfg
 
 
@@ -181,7 +185,7 @@ def config_cmd(config: ConfigOpt = None, sets: SetOpt = None, models: ModelsOpt 
                check: Annotated[bool, typer.Option(help="Also check that every configured path exists.")] = False):
     """Print the resolved config as YAML (after --set and --models)."""
     cfg = _load(config, sets, models)
-    console.print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="", highlight=False)
+    console.print(yaml.safe_dump(cfg.to_dict(machine=True), sort_keys=False), end="", highlight=False)
     if check:
         keys = _configured_paths(cfg)
         try:
@@ -394,7 +398,7 @@ def _store_media_root(cfg: Config, given: Path | None, store: Path) -> Path | No
 def extract(
     ctx: typer.Context,
     annotations: Annotated[Path, typer.Option(help="Annotation file of one split (JSON list or JSONL).")],
-    out: Annotated[Path, typer.Option(help="The feature store to write (a folder); rerun to resume it.")],
+    out: Annotated[str, typer.Option(help="The feature store to write (a folder or an s3:// gs:// az:// URL); rerun to resume it.")],
     media_root: Annotated[Optional[Path], typer.Option(
         help="Folder the media paths are relative to (default as in `xmei validate`).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split name kept in the store (default: file stem).")] = None,
@@ -425,7 +429,8 @@ def extract(
                    unlabeled=unlabeled)
 
 
-def _extract_store(ctx: typer.Context, cfg: Config, annotations: Path, root: Path, out: Path, **options) -> None:
+def _extract_store(ctx: typer.Context, cfg: Config, annotations: Path, root: Path, out: str | Path,
+                   **options) -> None:
     """Stage 1 of `xmei extract` (and of `xmei predict --annotations`) into the store ``out``,
     holding its lock: a progress bar, then the summary and each failed clip. ``options``: those
     of pipeline.extract.extract (split, scheduler, workers, strict, unlabeled)."""
@@ -464,15 +469,18 @@ def _extract_store(ctx: typer.Context, cfg: Config, annotations: Path, root: Pat
     for row in summary.failed:
         err.print(f"  failed {row['video_id']} ({row['stage']}): {row['reason']}", highlight=False, soft_wrap=True)
     if summary.failed:
-        err.print(f"failures log: {out / 'failures.jsonl'}")
+        from stores.files import store_files
+
+        err.print(f"failures log: {store_files(out).name('failures.jsonl')}")
 
 
 @app.command()
 def train(
     ctx: typer.Context,
-    store: Annotated[list[Path], typer.Option(help="Feature store(s) to train on (repeatable).")],
+    store: Annotated[list[str], typer.Option(help="Feature store(s) to train on (a folder or an s3:// gs:// az:// URL; repeatable).")],
     output_dir: Annotated[Path, typer.Option(help="Checkpoints, logs/train.jsonl and TensorBoard events go here.")],
-    val_store: Annotated[Optional[Path], typer.Option(help="Store for the validation loss at each epoch end.")] = None,
+    val_store: Annotated[Optional[str], typer.Option(help="Store for the validation loss at each epoch end "
+                                                          "(a folder or an s3:// gs:// az:// URL).")] = None,
     engine: Annotated[str, typer.Option(help="torch: one process (CPU or one GPU); deepspeed: ZeRO-2 under the "
                                              "deepspeed or torchrun launcher.")] = "torch",
     resume: Annotated[bool, typer.Option(help="Continue exactly from the last checkpoint in --output-dir.")] = False,
@@ -572,7 +580,7 @@ def _print_training(trainer, last: dict, output_dir: Path) -> None:
 def eval_cmd(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder (DIR/checkpoints/step_N of `xmei train`).")],
-    store: Annotated[Path, typer.Option(help="The feature store of the held-out split.")],
+    store: Annotated[str, typer.Option(help="The feature store of the held-out split (a folder or an s3:// gs:// az:// URL).")],
     out: Annotated[Path, typer.Option(help="Folder for predictions.jsonl, results.json, report.md, PNGs.")],
     constrained: Annotated[Optional[bool], typer.Option(
         "--constrained/--free", help="Emotion and intent only from the labels, or decoded freely "
@@ -645,7 +653,7 @@ def eval_cmd(
     dist.close()
     if not dist.main:  # rank 0 scores and writes
         return
-    results = write_evaluation(rows, out, cfg.emotions, cfg.intents, cfg.eval, f"xmei eval: {store.name}", {
+    results = write_evaluation(rows, out, cfg.emotions, cfg.intents, cfg.eval, f"xmei eval: {Location.parse(store).name}", {
         "clips_per_s": rate, "checkpoint": str(checkpoint), "store": str(store), "model": "XMEI-Qwen",
         "generation": generation_config(model, generation).to_diff_dict(), "constrained": generation.constrained})
     _print_results(results)
@@ -665,8 +673,8 @@ def report_cmd(
     eval_dir: Annotated[Path, typer.Argument(metavar="DIR", help="An evaluation folder (`xmei eval --out` or "
                                                                  "`xmei score --out`) or a prediction folder "
                                                                  "(`xmei predict --out`).")],
-    store: Annotated[Optional[Path], typer.Option(help="The evaluated store: subtitles, captions and frames "
-                                                       "(a prediction folder: default DIR/store).")] = None,
+    store: Annotated[Optional[str], typer.Option(help="The evaluated store (a folder or an s3:// gs:// az:// URL): subtitles, captions and "
+                                                      "frames (a prediction folder: default DIR/store).")] = None,
     media_root: Annotated[Optional[Path], typer.Option(
         help="Where the clips' videos are (default as in `xmei attention`, from the store's annotation file; a "
              "prediction folder: the one its predict.json names).")] = None,
@@ -708,7 +716,7 @@ def report_cmd(
     _write_page(cfg, eval_dir, store, root, compare, model)
 
 
-def _write_page(cfg: Config, eval_dir: Path, store: Path | None, root: Path | None, compare: Path | None,
+def _write_page(cfg: Config, eval_dir: Path, store: str | None, root: Path | None, compare: Path | None,
                 model=None) -> None:
     from xmei.report import ASSETS, build_report
 
@@ -772,7 +780,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="One clip: print one JSON object.")] = False,
     annotations: Annotated[Optional[Path], typer.Option(
         help="In bulk: an annotation file (labels may be empty); its clips are extracted into OUT/store.")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="In bulk: an existing store (labeled or not).")] = None,
+    store: Annotated[Optional[str], typer.Option(help="In bulk: an existing store (labeled or not; a folder or an s3:// gs:// az:// URL).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="In bulk: folder for predictions.jsonl, predictions.csv, failures.jsonl, predict.json (and store/); "
              "rerun to resume.")] = None,
@@ -925,7 +933,7 @@ def _predict_bulk(ctx: typer.Context, checkpoint: Path, annotations: Path | None
     from xmei.predict import predict_store, start_run, subtitle_sources, write_outputs
 
     made_from = annotations.resolve() if annotations is not None else Path(opened.attrs.get("annotations", ""))
-    facts = {"checkpoint": str(checkpoint.resolve()), "store": str(store.resolve()),
+    facts = {"checkpoint": str(checkpoint.resolve()), "store": Location.parse(store).absolute(),
              "store_fingerprint": opened.attrs.get("fingerprint"), "annotations": str(made_from),
              "media_root": str(root.resolve()) if root else None,  # the generation settings but the batch size
              "generation": {k: v for k, v in asdict(generation).items() if k != "batch_size"}}
@@ -950,7 +958,7 @@ def _predict_bulk(ctx: typer.Context, checkpoint: Path, annotations: Path | None
 def attention(
     checkpoint: Annotated[list[Path], typer.Option(help="Checkpoint folder; give two (language vs learned) "
                                                         "to draw them side by side.")],
-    store: Annotated[Path, typer.Option(help="A store with patch features.")],
+    store: Annotated[str, typer.Option(help="A store with patch features (a folder or an s3:// gs:// az:// URL).")],
     clip: Annotated[list[str], typer.Option(help="video_id of a clip to draw (repeatable).")],
     out: Annotated[Path, typer.Option(help="Folder for attention_<video_id>.png (frames) and "
                                            "audio_attention_<video_id>.png (audio windows).")],
@@ -1119,7 +1127,7 @@ def _print_demo(summary: dict) -> None:
 
 
 @stores_app.command("info")
-def stores_info(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
+def stores_info(store: Annotated[str, typer.Argument(help="A feature store (a folder or an s3:// gs:// az:// URL).")],
                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
     """Shapes, bytes, status counts and encoders of a store."""
     from stores import FeatureStore, store_info
@@ -1141,7 +1149,7 @@ def stores_info(store: Annotated[Path, typer.Argument(help="A feature store fold
 
 
 @stores_app.command("verify")
-def stores_verify(store: Annotated[Path, typer.Argument(help="A feature store folder.")]):
+def stores_verify(store: Annotated[str, typer.Argument(help="A feature store (a folder or an s3:// gs:// az:// URL).")]):
     """Read every chunk of every array: shapes and dtypes, damaged or missing shard files, NaN/Inf, and that
     status agrees with the data and the failures log; lists every problem, exit 1 on any."""
     from stores import FeatureStore, verify_store
@@ -1154,7 +1162,7 @@ def stores_verify(store: Annotated[Path, typer.Argument(help="A feature store fo
 
 
 @stores_app.command("export")
-def stores_export(store: Annotated[Path, typer.Argument(help="A feature store folder.")],
+def stores_export(store: Annotated[str, typer.Argument(help="A feature store (a folder or an s3:// gs:// az:// URL).")],
                   h5: Annotated[Path, typer.Argument(metavar="OUT.h5", help="HDF5 file to write.")],
                   overwrite: Annotated[bool, typer.Option(
                       help="Replace OUT.h5 if it exists (once the new file is whole).")] = False):
@@ -1167,7 +1175,7 @@ def stores_export(store: Annotated[Path, typer.Argument(help="A feature store fo
 
 @stores_app.command("import")
 def stores_import(h5: Annotated[Path, typer.Argument(metavar="IN.h5", help="HDF5 file in the export layout.")],
-                  store: Annotated[Path, typer.Argument(help="The store folder to create.")]):
+                  store: Annotated[str, typer.Argument(help="The store to create (a folder or an s3:// gs:// az:// URL).")]):
     """Create a store from an HDF5 file, then check it as `stores verify` does."""
     from stores import import_hdf5, verify_store
 

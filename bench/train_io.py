@@ -25,9 +25,16 @@ extract(workers=0) and shard_size 16, so there are several shards), then measure
     cache warm (one untimed pass each); the best of 5 interleaved passes is kept, by wall clock and,
     with num_workers=0, by this process's CPU time (steadier when other processes share the cores).
     ~1.1 GB of disk per layout, in a temporary folder removed at the end.
+    And the same store in object storage: uploaded to an S3 endpoint on 127.0.0.1 (moto's server,
+    its own process, objects in memory) and read by StoreSamples over its s3:// URL
+    (stores.reader.ObjectClipReader: range requests, indexes kept, shards concurrently; DataLoader
+    workers by forkserver), with the requests a batch of visual + audio costs, against the
+    server's own ceiling: plain range requests of one clip each, 16 at a time, timed in the same
+    run. The local server has no network latency; moto, written in Python, serves range requests
+    far slower than a real object store, so the ratio to that ceiling is what speaks for the reader.
 (e) EpochSampler.order() over 1M clip positions in shards of 64.
 
-Run:  .venv/bin/python bench/train_io.py [--clips 64] [--out DIR] [--real-clips 256] [--workers 0 2]
+Run:  .venv/bin/python bench/train_io.py [--clips 64] [--out DIR] [--real-clips 256] [--workers 0 2] [--no-url]
       .venv/bin/python bench/train_io.py --real-size-only       (d) and (e) alone, under a minute
 (--out keeps the corpus, models and stores; by default a temporary folder is removed.)
 """
@@ -37,6 +44,7 @@ import argparse
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -293,14 +301,61 @@ def stack_seconds(data: Dataset, positions: list[int]) -> dict[str, float]:
     return {name: best_of(way) for name, way in ways.items()}
 
 
-def bench_real_size(folder: Path, clips: int, workers: list[int], repeats: int = 5) -> dict:
+URL_LAYOUT = "store in S3 (StoreSamples, s3:// URL)"
+
+
+def serve_s3(store: Path):
+    """An S3 endpoint on 127.0.0.1 (moto's server, a process of its own) holding ``store`` as
+    s3://bench/store: (server process, URL, seconds of the upload)."""
+    import socket
+
+    import boto3
+
+    from stores.location import use_endpoint
+    from stores.store import upload_store
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"})
+    use_endpoint(endpoint)  # this process and its DataLoader workers
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for _ in range(100):  # the server starts
+        try:
+            client.create_bucket(Bucket="bench")
+            break
+        except Exception:  # noqa: BLE001 - not listening yet
+            time.sleep(0.1)
+    began = time.perf_counter()
+    upload_store(store, "s3://bench/store")
+    return server, "s3://bench/store", time.perf_counter() - began
+
+
+def plain_range_rate(where: str) -> float:
+    """Clips/s of plain range requests of one visual clip each (and nothing else: no index, no
+    crc32c, no copy), 16 at a time: what the server itself delivers."""
+    reader = FeatureStore(where).clip_reader("visual")
+    files, size = reader.files, reader.stored_bytes
+    jobs = [(reader.shard_key(k), i * size) for k in range(-(-reader.num_clips // reader.shard_size))
+            for i in range(min(reader.shard_size, reader.num_clips - k * reader.shard_size))]
+    began = time.perf_counter()
+    list(files.pool.map(lambda job: files.ranges(job[0], [job[1]], [job[1] + size]), jobs))
+    return len(jobs) / (time.perf_counter() - began)
+
+
+def bench_real_size(folder: Path, clips: int, workers: list[int], repeats: int = 5, url: bool = True) -> dict:
     """(d): {(layout, workers): {"wall": clips/s, "cpu": clips per CPU second of this process}}, best
     of ``repeats`` interleaved passes after a warm-up pass each. CPU seconds count all the work only
-    with num_workers=0; they do not grow when other processes share the cores, wall seconds do."""
+    with num_workers=0; they do not grow when other processes share the cores, wall seconds do.
+    With ``url``, the store read from an S3 endpoint too (module docstring)."""
     began = time.perf_counter()
     paths = write_layouts(folder, clips)
     os.sync()  # no write-back of the new files while reading them
     written = time.perf_counter() - began
+    server, uploaded = None, None
     store = StoreSamples([paths["store"]])
     if not FeatureStore(paths["store"]).clip_reader("visual").direct:
         raise SystemExit("the store is read through Zarr: the direct path did not apply")
@@ -310,23 +365,44 @@ def bench_real_size(folder: Path, clips: int, workers: list[int], repeats: int =
     plan = list(BatchSampler(sampler, REAL_BATCH, drop_last=False))  # positions = clip numbers here
     layouts = {"store (StoreSamples)": store, ".npy per clip and feature (np.load)": NpyClips(paths["npy"]),
                "raw per clip (one pread)": PreadClips(paths["raw"])}
+    plain = None
+    if url:
+        server, where, uploaded = serve_s3(paths["store"])
+        layouts[URL_LAYOUT] = StoreSamples([where])
+        plain = max(plain_range_rate(where) for _ in range(2))
     rates: dict[tuple[str, int], dict[str, float]] = {}
-    for n in workers:
-        loaders = {name: loader(data, plan, stack_features, num_workers=n) for name, data in layouts.items()}
-        for batches in loaders.values():  # warm-up: page cache, worker start-up paths, allocator
-            for _ in batches:
-                pass
-        for _ in range(repeats):
-            for name, batches in loaders.items():
-                wall, cpu = time.perf_counter(), time.process_time()
-                for _ in batches:
-                    pass
-                best = rates.setdefault((name, n), {"wall": 0.0, "cpu": 0.0})
-                best["wall"] = max(best["wall"], clips / (time.perf_counter() - wall))
-                best["cpu"] = max(best["cpu"], clips / (time.process_time() - cpu))
+    requests = None  # per batch, of the URL store's readers (num_workers=0: they are in this process)
+    try:
+        for n in workers:
+            requests = _passes(layouts, plan, n, repeats, clips, rates) or requests
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
     size = sum(f.stat().st_size for f in (paths["store"] / "visual").rglob("*") if f.is_file())
     return {"rates": rates, "written": written, "gb": size * 1e-9, "clips": clips, "repeats": repeats,
-            "stack": stack_seconds(store, plan[0])}
+            "stack": stack_seconds(store, plan[0]), "uploaded": uploaded, "requests": requests, "plain": plain}
+
+
+def _passes(layouts: dict, plan: list, n: int, repeats: int, clips: int, rates: dict) -> float | None:
+    """The interleaved passes of every layout with num_workers ``n`` into ``rates``; the URL
+    store's requests per batch when they were counted here (``n`` 0)."""
+    loaders = {name: loader(data, plan, stack_features, num_workers=n) for name, data in layouts.items()}
+    for batches in loaders.values():  # warm-up: page cache, worker start-up paths, allocator
+        for _ in batches:
+            pass
+    for _ in range(repeats):
+        for name, batches in loaders.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in batches:
+                pass
+            best = rates.setdefault((name, n), {"wall": 0.0, "cpu": 0.0})
+            best["wall"] = max(best["wall"], clips / (time.perf_counter() - wall))
+            best["cpu"] = max(best["cpu"], clips / (time.process_time() - cpu))
+    if n or URL_LAYOUT not in layouts:
+        return None
+    readers = layouts[URL_LAYOUT]._open()[0].values()  # this process's: warm-up + repeats passes
+    return sum(r.requests for r in readers) / ((repeats + 1) * len(plan))
 
 
 def time_order(positions: int = 1_000_000, shard_size: int = 64) -> float:
@@ -355,9 +431,16 @@ def report_real_size(real: dict, order_seconds: float) -> None:
             cpu = f"  {rates[(name, n)]['cpu']:6.0f} clips per CPU s" if n == 0 else ""
             print(f"    {name:<38} num_workers={n}  {rates[(name, n)]['wall']:6.0f} clips/s{cpu}")
         for clock in ("wall", "cpu") if n == 0 else ("wall",):
-            store, npy, raw = (rates[(name, n)][clock] for name in names)
+            store, npy, raw = (rates[(name, n)][clock] for name in names[:3])
             print(f"    => num_workers={n}, {clock:>4}: store / .npy = {store / npy:.2f}, store / raw pread = "
-                  f"{store / raw:.2f}")
+                  f"{store / raw:.2f}" + (f", store in S3 / store on disk = {rates[(URL_LAYOUT, n)][clock] / store:.2f}"
+                                          if URL_LAYOUT in names else ""))
+    if real["uploaded"] is not None:
+        best = max(rate["wall"] for (name, _), rate in rates.items() if name == URL_LAYOUT)
+        print(f"    the store in S3: uploaded in {real['uploaded']:.1f} s; {real['requests']:.1f} requests per batch of "
+              f"{REAL_BATCH} (visual + audio: indexes once per shard, then one range request per run of clips "
+              f"in a shard; num_workers=0); the server's own ceiling, plain range requests of one clip, 16 at a "
+              f"time: {real['plain']:.0f} clips/s => store in S3 / that ceiling = {best / real['plain']:.2f}")
     stack = real["stack"]
     print(f"    stacking one batch of {REAL_BATCH}: np.stack {stack['np.stack'] * 1e3:.0f} ms, torch.stack (what "
           f"collate did before) {stack['torch.stack'] * 1e3:.0f} ms = {REAL_BATCH / stack['torch.stack']:.0f} clips/s")
@@ -419,11 +502,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                         help="DataLoader num_workers of the real-size reads (default 0 2)")
     parser.add_argument("--real-size-only", action="store_true", help="only (d) and (e): real-size reads, order()")
+    parser.add_argument("--no-url", action="store_true", help="(d) without the store in S3 (moto on 127.0.0.1)")
     args = parser.parse_args()
     began, load = time.perf_counter(), os.getloadavg()[0]
     folder = (args.out or Path(tempfile.mkdtemp(prefix="xmei-bench-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    real_folder = Path(tempfile.mkdtemp(prefix="xmei-bench-real-"))  # ~3.3 GB: never kept
+    real_folder = Path(tempfile.mkdtemp(prefix="xmei-bench-real-"))  # ~3.3 GB: never kept (and ~1.1 GB of memory in S3)
     try:
         if not args.real_size_only:
             cfg, corpus, records, store = build_inputs(folder, args.clips)
@@ -431,7 +515,7 @@ def main() -> None:
             reads, size = bench_readers(cfg, store)
             epochs = bench_epochs(cfg, store, corpus, records)
             report(cfg, len(records), FeatureStore(store).num_shards, load, reads, size, epochs)
-        real = bench_real_size(real_folder, args.real_clips, args.workers)
+        real = bench_real_size(real_folder, args.real_clips, args.workers, url=not args.no_url)
         report_real_size(real, time_order())
     finally:
         shutil.rmtree(real_folder, ignore_errors=True)

@@ -50,7 +50,8 @@ from pipeline.encoders import (EncoderSettings, Encoders, encoder_identity, feat
 from pipeline.farm import (PRECISIONS, QuietTaskErrors, check_farm, compute_dtype, decode_shares, local_device,
                            local_infos, start_cluster, worker_devices, worker_gpu_info)
 from stores import FAILED, OK, FeatureStore, StoreError, create_store
-from stores.store import clip_bytes
+from stores.location import Location, use_endpoint
+from stores.store import clip_bytes, store_exists
 from xmei.errors import DiskFullError, UserError, check_space
 from xmei.interrupt import Interrupted, StopRequest
 
@@ -85,11 +86,12 @@ class ShardJob:
     settings: EncoderSettings
     strict: bool
     decode_processes: dict[str, int] = field(default_factory=dict)  # by host: each worker's share of its cores
+    endpoint_url: str | None = None  # stores.endpoint_url: a farm's workers open an s3:// store there too
 
 
 @dataclass
 class ExtractSummary:
-    store: Path
+    store: str  # a folder (absolute) or a URL
     clips: int
     shards: int
     shards_skipped: int  # finished by an earlier run
@@ -100,12 +102,13 @@ class ExtractSummary:
     space: str | None = None  # a warning: the store's filesystem has little more room than the shards to do need
 
 
-def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | None = None,
+def extract(cfg, annotations: Path, media_root: Path, out: str | Path, split: str | None = None,
             scheduler: str | None = None, workers: int | None = None, strict: bool = False, unlabeled: bool = False,
             progress: Callable[[int, int], None] | None = None,
             on_start: Callable[[ExtractSummary], None] | None = None,
             stop: StopRequest | None = None) -> ExtractSummary:
-    """Extract every clip of ``annotations`` into the store ``out`` (created, or resumed).
+    """Extract every clip of ``annotations`` into the store ``out`` (created, or resumed): a folder,
+    or a URL of object storage (stores.location) that every worker reaches.
 
     ``workers`` = 0 runs in this process without dask; otherwise a LocalCluster on 127.0.0.1 of
     that many workers (None: one per GPU slot, see pipeline.farm; 1 on a CPU machine), each
@@ -120,7 +123,7 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
     """
     cfg.require_paths(MODEL_KEYS)
     # workers of a farm need absolute paths (their working folder is not ours)
-    out, media_root = Path(out).resolve(), Path(media_root).resolve()
+    out, media_root = Location.parse(out).absolute(), Path(media_root).resolve()
     records = read_annotations(annotations, cfg.emotions, cfg.intents, media_root=None, labeled=not unlabeled,
                                allow_absolute=cfg.extract.allow_absolute_paths)
     x, client = cfg.extract, None
@@ -139,8 +142,8 @@ def extract(cfg, annotations: Path, media_root: Path, out: Path, split: str | No
         store = _open_or_create(cfg, out, records, settings, split or Path(annotations).stem, annotations)
         done = store.done_shards()
         shares = {} if x.decode_workers else decode_shares(infos)
-        jobs = [ShardJob(str(out), k, [_clip_files(records[i], media_root) for i in store.shard_range(k)], settings,
-                         strict, shares) for k in range(store.num_shards) if k not in done]
+        jobs = [ShardJob(out, k, [_clip_files(records[i], media_root) for i in store.shard_range(k)], settings,
+                         strict, shares, cfg.stores.endpoint_url) for k in range(store.num_shards) if k not in done]
         summary = ExtractSummary(out, len(records), store.num_shards, len(done), space=_check_space(store, jobs))
         start, abandoned = time.perf_counter(), None
         try:
@@ -180,7 +183,10 @@ AGAIN = {MachineError: "run the same command again (on a working machine)",
 
 def _check_space(store: FeatureStore, jobs: list[ShardJob]) -> str | None:
     """Refuse (DiskFullError) when the store's filesystem has less room than the features of the
-    shards to do take uncompressed; the text of a warning when it has little more."""
+    shards to do take uncompressed; the text of a warning when it has little more. (Object storage
+    has no such limit to see.)"""
+    if store.path is None:
+        return None
     clips = sum(len(job.clips) for job in jobs)
     return check_space(store.path, clips * clip_bytes(store.attrs["features"]),
                        f"the features of the {clips} clips of its {len(jobs)} shards still to extract",
@@ -189,7 +195,7 @@ def _check_space(store: FeatureStore, jobs: list[ShardJob]) -> str | None:
 
 
 def _kept(store: FeatureStore) -> str:
-    return (f"{len(store.done_shards())} of {store.num_shards} shards are finished and kept in {store.path}, the "
+    return (f"{len(store.done_shards())} of {store.num_shards} shards are finished and kept in {store.where}, the "
             "clips of the others stay pending")
 
 
@@ -262,9 +268,9 @@ def _shard_task(job: ShardJob, halt: str) -> dict[str, Any] | None:
     return None if Event(halt).is_set() else extract_shard(job)
 
 
-def _run_name(store: Path) -> str:
+def _run_name(store: str) -> str:
     """The dask name of an extraction into ``store`` (its task keys and progress topic)."""
-    return f"xmei-{store.name}-{_sha(str(store))[:8]}"
+    return f"xmei-{Location.parse(store).name}-{_sha(store)[:8]}"
 
 
 def _clip_files(record: Record, media_root: Path) -> tuple[str, str, str]:
@@ -274,7 +280,7 @@ def _clip_files(record: Record, media_root: Path) -> tuple[str, str, str]:
 
 # --------------------------------------------------------------------------- store creation
 
-def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSettings, split: str,
+def _open_or_create(cfg, out: str, records: list[Record], settings: EncoderSettings, split: str,
                     annotations: Path) -> FeatureStore:
     fingerprint = {
         "clips": _sha([[getattr(r, f) for f in FIELDS] for r in records]),
@@ -283,7 +289,7 @@ def _open_or_create(cfg, out: Path, records: list[Record], settings: EncoderSett
                           for k, v in encoder_identity(settings, str(cfg.model.caption_tokenizer_path)).items()}),
         "labels": _sha([cfg.emotions.labels, cfg.intents.labels]),
     }
-    if out.exists():
+    if store_exists(out):
         store = FeatureStore(out, mode="r+")
         differs = [f"other {k} than this run's" for k, v in fingerprint.items()
                    if store.attrs.get("fingerprint", {}).get(k) != v]
@@ -332,7 +338,7 @@ def _stored_settings(cfg) -> dict[str, Any]:
     return json.loads(json.dumps(settings, default=str))
 
 
-def _other_dtype(out: Path, made: str | None, now: str) -> list[str]:
+def _other_dtype(out: str, made: str | None, now: str) -> list[str]:
     """[why the store ``out``, computed in ``made``, cannot be resumed in ``now``], or []. A store
     made before the dtype was recorded resumes, with an ExtractWarning."""
     if made is None:
@@ -382,7 +388,7 @@ def _report(job: ShardJob, progress: Callable[[int, int], None] | None, clips: i
     from distributed import get_worker
 
     try:
-        get_worker().log_event(_run_name(Path(job.store)), (clips, failed))
+        get_worker().log_event(_run_name(job.store), (clips, failed))
     except ValueError:  # not on a dask worker, nobody is listening
         pass
 
@@ -409,6 +415,7 @@ def extract_shard(job: ShardJob, progress: Callable[[int, int], None] | None = N
     ``progress(clips, failed)`` is called after each batch (on a dask worker: an event). An error
     of the machine (see machine_fault) raises a MachineError before anything is written."""
     start = time.perf_counter()
+    use_endpoint(job.endpoint_url)
     try:
         encoders = _encoders(job.settings)
     except Exception as err:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,22 +11,25 @@ from stores.store import FAILED, OK, PENDING, STATUS_NAMES, FeatureStore, StoreE
 __all__ = ["store_info", "verify_store"]
 
 
-def _bytes_on_disk(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def _sizes(store: FeatureStore) -> dict[str, int]:
+    """Every file (object) of the store, by key: its size in bytes."""
+    if store.files.remote:
+        return store.files.sizes()
+    return {p.relative_to(store.path).as_posix(): p.stat().st_size for p in store.path.rglob("*") if p.is_file()}
 
 
 def store_info(store: FeatureStore) -> dict[str, Any]:
     status = Counter(STATUS_NAMES[int(s)] for s in store.status())
-    arrays = {}
+    sizes, arrays = _sizes(store), {}
     for name in [*store.features, "status", *store.texts, *store.ints]:
         array = store.array(name)
         arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype),
-                        "bytes": _bytes_on_disk(store.path / name)}
+                        "bytes": sum(size for key, size in sizes.items() if key.startswith(f"{name}/"))}
     return {
-        "path": str(store.path), "split": store.attrs.get("split"), "clips": len(store),
+        "path": store.where, "split": store.attrs.get("split"), "clips": len(store),
         "shards": store.num_shards, "shard_size": store.shard_size,
         "status": {name: status.get(name, 0) for name in STATUS_NAMES.values()},
-        "bytes": _bytes_on_disk(store.path), "arrays": arrays,
+        "bytes": sum(sizes.values()), "arrays": arrays,
         "encoders": store.attrs.get("encoders"), "compute_dtype": store.attrs.get("compute_dtype"),
         "extract": store.attrs.get("extract"),
         "labels": store.attrs.get("labels"), "failures": len(store.failures()),
@@ -78,8 +80,8 @@ def verify_store(store: FeatureStore) -> list[str]:
                         f"misses {sorted(failed_ids - logged)}")
     try:
         log = {row["video_id"] for row in store.logged_failures()}
-        if (store.path / "failures.jsonl").exists() and not pending and log != logged:
-            problems.append(f"{store.path / 'failures.jsonl'}: lists {sorted(log - logged)} not in failures/, "
+        if store.files.exists("failures.jsonl") and not pending and log != logged:
+            problems.append(f"{store.files.name('failures.jsonl')}: lists {sorted(log - logged)} not in failures/, "
                             f"misses {sorted(logged - log)}: rerun xmei extract to rewrite it")
     except StoreError as err:
         problems.append(str(err))

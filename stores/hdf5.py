@@ -7,7 +7,10 @@ Both write beside their target (``OUT.partial-<pid>``) and rename into place whe
 export leaves no half-written file (an existing one is replaced only when asked, and only by a
 whole export), a failed import no half-filled store. Both refuse to start when the target's
 filesystem has less room than the features take uncompressed, and a disk that fills on the way is
-a DiskFullError naming the filesystem (:func:`xmei.errors.writing`)."""
+a DiskFullError naming the filesystem (:func:`xmei.errors.writing`). A store in object storage
+(stores.location) is exported from as from a folder; an import into one is made whole in a local
+temporary folder, then uploaded in the order a creation writes (stores.store.upload_store): the
+temporary folder's filesystem needs the room."""
 from __future__ import annotations
 
 import json
@@ -16,13 +19,15 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from stores.location import Location
 from stores.store import (FAILED, PARTIAL, FeatureSpec, FeatureStore, StoreError, check_attributes, clip_bytes,
-                          create_store, remove_dead_partials)
+                          create_store, remove_dead_partials, store_exists, upload_store)
 from xmei.errors import check_space, writing
 
 __all__ = ["export_hdf5", "import_hdf5"]
@@ -43,18 +48,18 @@ def export_hdf5(store: FeatureStore, out: Path, overwrite: bool = False) -> None
     if not out.parent.is_dir():
         raise StoreError(f"{out.parent} does not exist: no folder to write {out.name} into")
     kept = f"the earlier {out.name} is as it was" if out.exists() else "nothing of it is kept"
-    what = f"the HDF5 export of {store.path}"
+    what = f"the HDF5 export of {store.where}"
     check_space(out, len(store) * clip_bytes(store.attrs["features"]), f"{what}, its features", kept)
     partial = out.with_name(f"{out.name}{PARTIAL}{os.getpid()}")
     try:
         with writing(partial, f"{what}, renamed to {out.name} once whole", kept):
-            _apart(store.path, partial)
+            _apart(store.where, partial)
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
 
 
-def _apart(store_path: Path, out: Path) -> None:
+def _apart(store_path: str, out: Path) -> None:
     """:func:`_write_hdf5` in a fresh process, its exception raised here. HDF5 that met a full disk
     cannot close its file, and h5py then crashes the process that holds it (a segfault, at once or
     when the file's objects are freed): the child sends its error back and exits without freeing
@@ -77,7 +82,7 @@ def _child() -> None:
     result = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     try:
-        _write_hdf5(Path(sys.argv[1]), Path(sys.argv[2]))
+        _write_hdf5(sys.argv[1], Path(sys.argv[2]))
     except BaseException as err:  # noqa: BLE001 - every error goes to the parent
         try:
             result.write(pickle.dumps(err))
@@ -87,7 +92,7 @@ def _child() -> None:
         os._exit(1)  # nothing freed, closed or flushed: see _apart
 
 
-def _write_hdf5(store_path: Path, out: Path) -> None:
+def _write_hdf5(store_path: str, out: Path) -> None:
     """The export of the store at ``store_path`` into the new HDF5 file ``out``."""
     store = FeatureStore(store_path)
     with h5py.File(out, "w") as h5:
@@ -133,10 +138,16 @@ def _read_texts(h5: h5py.File, name: str, path: Path) -> list[str]:
     return texts
 
 
-def import_hdf5(path: Path, out: Path) -> FeatureStore:
-    """Create the store ``out`` from an HDF5 file written by :func:`export_hdf5` (or laid out so);
-    a file that is not such an export, or is damaged, is a StoreError naming it."""
-    path, out = Path(path), Path(out)
+def import_hdf5(path: Path, out: str | Path) -> FeatureStore:
+    """Create the store ``out`` (a folder or a URL) from an HDF5 file written by :func:`export_hdf5`
+    (or laid out so); a file that is not such an export, or is damaged, is a StoreError naming it."""
+    where = Location.parse(out)
+    if where.remote:
+        if store_exists(where):
+            raise StoreError(f"{where} exists already: choose another store")
+        with tempfile.TemporaryDirectory(prefix="xmei-import-") as staging:
+            return upload_store(import_hdf5(path, Path(staging) / where.name).path, where)
+    path, out = Path(path), where.path
     if not path.is_file():
         raise StoreError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: give an HDF5 file")
     if out.exists():

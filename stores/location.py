@@ -21,15 +21,20 @@ Processes that read a URL store (DataLoader workers, decode pools) are started s
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from xmei.errors import UserError
 
-__all__ = ["SCHEMES", "Location", "LocationError"]
+__all__ = ["SCHEMES", "Location", "LocationError", "use_endpoint"]
 
 SCHEMES = ("s3", "gs", "az", "file")  # what a store argument may start with (then ://)
+# a request is tried again for a minute at most (obstore's default: 3 minutes), so that a wrong
+# endpoint or a server gone ends a command with its error within a minute
+RETRIES = {"max_retries": 5, "retry_timeout": timedelta(seconds=60)}
 
 
 class LocationError(UserError, ValueError):
@@ -85,12 +90,27 @@ class Location:
         return bool(self.scheme)
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{self.bucket}/{self.key}" if self.remote else str(self.path)
+        return f"{self.scheme}://{self.bucket}/{self.key}".rstrip("/") if self.remote else str(self.path)
+
+    @property
+    def parent(self) -> "Location":
+        """The location holding this one (for a URL, the key one level up, perhaps the bucket's root)."""
+        if self.remote:
+            return Location(self.scheme, self.bucket, self.key.rpartition("/")[0])
+        return Location("", path=self.path.parent)
+
+    @property
+    def name(self) -> str:
+        return self.key.rpartition("/")[2] if self.remote else self.path.name
+
+    def absolute(self) -> str:
+        """The URL, or the folder's absolute path (links resolved): what a worker elsewhere is given."""
+        return str(self) if self.remote else str(self.path.resolve())
 
     def child(self, name: str) -> "Location":
         """The location of ``name`` inside this one (a subfolder, or a longer key)."""
         if self.remote:
-            return Location(self.scheme, self.bucket, f"{self.key}/{name.strip('/')}")
+            return Location(self.scheme, self.bucket, "/".join(filter(None, (self.key, name.strip("/")))))
         return Location("", path=self.path / name)
 
     def object_store(self, endpoint_url: str | None = None, read_only: bool = False):
@@ -109,7 +129,18 @@ class Location:
                 raise LocationError(f"stores.endpoint_url is for S3-compatible servers; {self} is {self.scheme}://")
             options = {"endpoint": endpoint_url,
                        "client_options": {"allow_http": endpoint_url.startswith("http://")}}
-        return from_url(str(self), **options)
+        return from_url(str(self), retry_config=RETRIES, **options)
+
+
+def use_endpoint(endpoint_url: str | None) -> None:
+    """Make ``endpoint_url`` (``stores.endpoint_url``: an S3-compatible server) the endpoint of every
+    s3:// store this process opens, and of the processes it starts (DataLoader workers, a local
+    dask cluster), as AWS_ENDPOINT_URL (and AWS_ALLOW_HTTP for an http:// one). None: as the
+    environment says. It goes into the environment, never into a store, log or checkpoint."""
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
+        if endpoint_url.startswith("http://"):
+            os.environ["AWS_ALLOW_HTTP"] = "true"
 
 
 def _shown(text: str) -> str:

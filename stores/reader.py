@@ -25,6 +25,17 @@ value). Each shard index is checked (crc32c) when it is read and kept, per shard
 changes; each clip's crc32c when the clip is read. A damaged file is a StoreError naming the
 array, the shard file, the shard and its clips. Reads are ``os.preadv`` on files opened per call:
 no threads, no open handles, so a reader can be forked into DataLoader workers.
+
+A store in object storage (stores.location) is read by :class:`ObjectClipReader`, the same layout
+by range requests: each shard's index by one suffix-range request (its last 16*S+4 bytes), kept
+per shard for the reader's life; the clips of one read that lie in one shard object by one
+request per run of clips that lie back to back (or with less than GAP_BYTES between them); the
+shards of one read concurrently (stores.files.CONCURRENT at a time). Each range request asks for
+the object's version (ETag) whose index is kept: an object rewritten since (a clip's crc32c would
+not tell: a read shifted by whole clips meets another clip and its own crc32c) has its index
+fetched again and is read once more. ``requests`` counts what it sent.
+Its process must not have been forked from one that used object storage (stores.location):
+DataLoader workers reading such a store start by forkserver (xmei.data.loader).
 """
 from __future__ import annotations
 
@@ -36,10 +47,10 @@ import google_crc32c
 import numpy as np
 import zarr
 
+from stores.files import FolderFiles, ObjectChanged, ObjectFiles
 from stores.store import DECODE_ERRORS, StoreError
-from xmei.errors import read_json
 
-__all__ = ["ClipReader"]
+__all__ = ["ClipReader", "ObjectClipReader"]
 
 MISSING = 2**64 - 1  # index entry of an inner chunk that was not written
 IOV_MAX = 1024  # buffers one preadv takes on Linux
@@ -48,6 +59,7 @@ NUMERIC = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32
            "float16", "float32", "float64"}
 LITTLE = {"name": "bytes", "configuration": {"endian": "little"}}
 CRC32C = {"name": "crc32c"}
+GAP_BYTES = 256 * 1024  # clips of one shard object this close are read by one range request, the gap discarded
 
 
 def _sharding(meta: dict) -> dict:
@@ -103,11 +115,16 @@ class ClipReader:
         reader.check_shard(2)               # shard 2 has a file, its index sound (else StoreError)
     """
 
-    def __init__(self, array: zarr.Array, folder: str | Path):
-        self.folder = Path(folder)
-        self.name = self.folder.name
+    @staticmethod
+    def of(array: zarr.Array, files: FolderFiles | ObjectFiles, name: str) -> "ClipReader":
+        """The reader of array ``name`` of the store whose files are ``files``: of a folder or of object storage."""
+        return (ObjectClipReader if files.remote else ClipReader)(array, files, name)
+
+    def __init__(self, array: zarr.Array, files: FolderFiles | ObjectFiles, name: str):
+        self.files, self.name = files, name
+        self.folder = None if files.remote else files.path(name)  # a local array's folder
         self.array = array
-        meta = read_json(self.folder / "zarr.json", f"the metadata of array {self.name!r}", StoreError)
+        meta = files.json(f"{name}/zarr.json", f"the metadata of array {self.name!r}", StoreError)
         self.why_not_direct = _direct_layout(meta)  # None: shard files are read directly
         self.num_clips = int(array.shape[0])
         self.clip_shape: tuple[int, ...] = tuple(array.shape[1:])
@@ -150,8 +167,20 @@ class ClipReader:
         self._read_direct(clips, [a.reshape(-1).view(np.uint8) for a in out])
         return out
 
+    def shard_key(self, shard: int) -> str:
+        return "/".join([self.name, "c", str(shard), *["0"] * len(self.clip_shape)])
+
     def shard_file(self, shard: int) -> Path:
-        return self.folder.joinpath("c", str(shard), *["0"] * len(self.clip_shape))
+        """The shard's file of a local store."""
+        return self.files.path(self.shard_key(shard))
+
+    def shard_name(self, shard: int) -> str:
+        """The shard's file or object, as messages name it."""
+        return self.files.name(self.shard_key(shard))
+
+    def has_file(self, shard: int) -> bool:
+        """Whether the shard has a file (object): none when no clip of it was written."""
+        return self.files.exists(self.shard_key(shard))
 
     def span(self, shard: int) -> str:
         """"shard 3, clips 24-31": what a message about a shard file names besides the file."""
@@ -172,7 +201,7 @@ class ClipReader:
         except OSError as err:
             raise StoreError(f"{self.name}: shard file {path} ({self.span(shard)}) cannot be read: {err}") from err
         try:
-            self._index(shard, fd, path)
+            self._index(shard, fd)
         finally:
             os.close(fd)
         return True
@@ -202,7 +231,7 @@ class ClipReader:
                 values = self.array.oindex[unique]  # (unique clips, *clip shape)
             except DECODE_ERRORS as err:
                 bad = ", ".join(map(str, self._undecodable(unique)))
-                raise StoreError(f"{self.name}: shard file {self.shard_file(shard)} ({self.span(shard)}): clip(s) "
+                raise StoreError(f"{self.name}: shard file {self.shard_name(shard)} ({self.span(shard)}): clip(s) "
                                  f"{bad} do not decode, damaged ({err})") from err
             out[slots] = values[inverse]
         return out
@@ -238,7 +267,7 @@ class ClipReader:
             raise StoreError(f"{self.name}: shard file {path} ({self.span(shard)}) cannot be read: {err}") from err
         bad: list[int] = []  # clips whose crc32c does not match
         try:
-            starts = self._index(shard, fd, path)[local, 0]  # (n,) byte offsets, MISSING if not written
+            starts = self._index(shard, fd)[local, 0]  # (n,) byte offsets, MISSING if not written
             written = starts != MISSING
             joins = (written[1:] & written[:-1] & (np.diff(slots) == 1)  # (n-1,): clip k+1 goes on k's read
                      & (starts[1:] == starts[:-1] + np.uint64(self.stored_bytes)))
@@ -295,19 +324,28 @@ class ClipReader:
             if got:
                 buffers[0] = buffers[0][got:]
 
-    def _index(self, shard: int, fd: int, path: Path) -> np.ndarray:
+    def _index(self, shard: int, fd: int) -> np.ndarray:
         """(S, 2) uint64 (offset, nbytes) of each clip of the shard, checked; kept per file version."""
         stat = os.fstat(fd)
         version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         cached = self._indexes.get(shard)
         if cached is not None and cached[0] == version:
             return cached[1]
-        data_end = stat.st_size - self.index_bytes
-        if data_end < 0:
-            raise StoreError(f"{self.name}: shard file {path} ({self.span(shard)}) has {stat.st_size} bytes, "
-                             f"shorter than its index ({self.index_bytes} bytes): emptied or cut short")
-        raw = os.pread(fd, self.index_bytes, data_end)
-        stored, computed = int.from_bytes(raw[-4:], "little"), google_crc32c.value(raw[:-4])
+        if stat.st_size < self.index_bytes:
+            raise self._short(shard, stat.st_size)
+        index = self._checked_index(shard, os.pread(fd, self.index_bytes, stat.st_size - self.index_bytes),
+                                    stat.st_size)
+        self._indexes[shard] = (version, index)
+        return index
+
+    def _short(self, shard: int, size: int) -> StoreError:
+        return StoreError(f"{self.name}: shard file {self.shard_name(shard)} ({self.span(shard)}) has {size} bytes, "
+                          f"shorter than its index ({self.index_bytes} bytes): emptied or cut short")
+
+    def _checked_index(self, shard: int, raw: bytes | memoryview, size: int) -> np.ndarray:
+        """The (S, 2) index of a shard file of ``size`` bytes from its last ``raw`` bytes, checked."""
+        path, data_end = self.shard_name(shard), size - self.index_bytes
+        stored, computed = int.from_bytes(raw[-4:], "little"), google_crc32c.value(bytes(raw[:-4]))
         if stored != computed:
             raise StoreError(f"{self.name}: the index of shard file {path} is damaged ({self.span(shard)}; crc32c "
                              f"{computed:#010x}, stored {stored:#010x}): the file was changed, cut short or replaced")
@@ -318,5 +356,99 @@ class ClipReader:
                 or (sizes > end).any() or (index[written, 0] > end - np.minimum(sizes, end)).any()):
             raise StoreError(f"{self.name}: the index of shard file {path} does not match the array "
                              f"({self.span(shard)}; clips before byte {data_end})")
-        self._indexes[shard] = (version, index)
         return index
+
+
+class ObjectClipReader(ClipReader):
+    """A :class:`ClipReader` of a store in object storage (the module docstring): range requests,
+    indexes kept per shard, shards concurrently. ``requests``: how many it has sent."""
+
+    def __init__(self, array: zarr.Array, files: ObjectFiles, name: str):
+        super().__init__(array, files, name)
+        self.requests = 0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_indexes": {}}  # a process it goes to fetches indexes anew
+
+    def check_shard(self, shard: int) -> bool:
+        return not self.indexed or self._object_index(shard) is not None
+
+    def _object_index(self, shard: int, again: bool = False) -> np.ndarray | None:
+        """The shard's index, checked (one suffix-range request the first time, or ``again``); None
+        when the shard has no object. Kept with the object's version (ETag)."""
+        if again or shard not in self._indexes:
+            try:
+                raw, size, version = self.files.tail(self.shard_key(shard), self.index_bytes)
+            except FileNotFoundError:
+                return None
+            except OSError as err:
+                raise StoreError(f"{self.name}: shard object {self.shard_name(shard)} ({self.span(shard)}) cannot "
+                                 f"be read: {err}") from err
+            finally:
+                self.requests += 1
+            if size < self.index_bytes:
+                raise self._short(shard, size)
+            self._indexes[shard] = (version, self._checked_index(shard, raw, size))
+        return self._indexes[shard][1]
+
+    def _read_direct(self, clips: np.ndarray, rows: np.ndarray | list[np.ndarray]) -> None:
+        """Clip ``clips[i]`` into ``rows[i]``: the shards' indexes first, then each shard's clips,
+        the shards concurrently; every clip whose crc32c fails named in one error."""
+        shards = list(self._by_shard(clips))
+        list(self.files.pool.map(self._object_index, [s for s, _ in shards if s not in self._indexes]))
+        bad = [b for found in self.files.pool.map(lambda job: self._fetch_shard(*job, clips, rows), shards)
+               for b in found]
+        if bad:
+            raise StoreError(f"{self.name}: {'; '.join(bad)}: they fail their checksum (crc32c), damaged")
+
+    def _fetch_shard(self, shard: int, slots: np.ndarray, clips: np.ndarray,
+                     rows: np.ndarray | list[np.ndarray]) -> list[str]:
+        """The clips of ``slots`` (all in ``shard``) into their rows, one request per run of clips
+        close together in the object, each asking for the version whose index is kept: an object
+        rewritten since has its index fetched again, once. Those whose crc32c fails, as a message."""
+        local = clips[slots] - shard * self.shard_size
+        try:
+            failing = self._fetch_clips(shard, self._object_index(shard), local, slots, rows)
+        except ObjectChanged:
+            failing = self._fetch_clips(shard, self._object_index(shard, again=True), local, slots, rows)
+        if not failing:
+            return []
+        names = ", ".join(str(shard * self.shard_size + c) for c in sorted(set(local[failing].tolist())))
+        return [f"shard object {self.shard_name(shard)} ({self.span(shard)}): clip(s) {names}"]
+
+    def _fetch_clips(self, shard: int, index: np.ndarray | None, local: np.ndarray, slots: np.ndarray,
+                     rows: np.ndarray | list[np.ndarray]) -> list[int]:
+        """Positions (into ``local``) of the clips whose crc32c fails; the others are in their rows."""
+        starts = np.full(len(local), MISSING, np.uint64) if index is None else index[local, 0]
+        for i in np.flatnonzero(starts == MISSING):  # not written: the fill value
+            rows[slots[i]].view(self.dtype)[...] = self.fill
+        written = np.flatnonzero(starts != MISSING)
+        if not len(written):
+            return []
+        order = written[np.argsort(starts[written], kind="stable")]  # by offset in the object
+        first = starts[order].astype(np.int64)
+        last = first + self.stored_bytes
+        cuts = np.flatnonzero(first[1:] - last[:-1] > GAP_BYTES) + 1  # a new request where the gap is too big
+        runs = np.split(np.arange(len(order)), cuts)
+        begins, ends = [int(first[r[0]]) for r in runs], [int(last[r].max()) for r in runs]
+        try:
+            got = self.files.ranges(self.shard_key(shard), begins, ends, self._indexes[shard][0])
+        except OSError as err:
+            raise StoreError(f"{self.name}: shard object {self.shard_name(shard)} ({self.span(shard)}) cannot be "
+                             f"read: {err}") from err
+        finally:
+            self.requests += len(runs)
+        failing = []
+        for run, begin, data in zip(runs, begins, got):
+            for position in order[run]:
+                at = int(starts[position]) - begin
+                if at + self.stored_bytes > len(data):
+                    raise StoreError(f"{self.name}: shard object {self.shard_name(shard)} ({self.span(shard)}) "
+                                     f"ends inside clip {shard * self.shard_size + int(local[position])}: cut short")
+                target = rows[slots[position]]
+                target[...] = np.frombuffer(data[at:at + self.chunk_bytes], np.uint8)
+                if self.checksummed:
+                    stored = int.from_bytes(data[at + self.chunk_bytes:at + self.stored_bytes], "little")
+                    if google_crc32c.value(target) != stored:
+                        failing.append(int(position))
+        return failing

@@ -17,7 +17,11 @@ Layout (N clips, S clips per shard):
 
 The store is created whole in ``STORE.partial-<pid>`` beside it and renamed into place once its
 arrays, texts, ints and attributes are written, so ``STORE`` never exists half-made; a partial
-folder left by a killed creation is removed by the next one. Texts and ints are written once,
+folder left by a killed creation is removed by the next one. In object storage (``s3://`` ``gs://``
+``az://``, stores.location), which has no rename, the store's attributes are what is written last:
+Zarr writes the root ``zarr.json`` first with none, and it gets them once everything else is
+written. A store whose root has no attributes is refused as cut off, and the next creation deletes
+its objects and starts again (the caller holds the store's lock, xmei.runlock). Texts and ints are written once,
 then. Features are written a whole shard at a time by whoever extracts that shard, and its
 ``status`` last: a shard whose status is not all done is redone on the next run, so the workers of
 a run need no lock between them and a killed run resumes cleanly (Zarr's local store writes each
@@ -37,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -46,13 +51,15 @@ import zarr
 from numcodecs import VLenUTF8, Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from xmei.errors import UserError, json_lines, read_json, write_whole, writing
+from stores.files import FolderFiles, ObjectFiles, store_files
+from stores.location import Location
+from xmei.errors import UserError, writing
 
 if TYPE_CHECKING:
     from stores.reader import ClipReader
 
 __all__ = ["FAILED", "OK", "PENDING", "PARTIAL", "SCHEMA_VERSION", "FeatureStore", "StoreError", "clip_bytes",
-           "create_store", "remove_dead_partials", "unstorable"]
+           "create_store", "remove_dead_partials", "store_exists", "unstorable", "upload_store"]
 
 SCHEMA_VERSION = 1
 PENDING, OK, FAILED = 0, 1, 2
@@ -92,15 +99,18 @@ def clip_bytes(features: dict[str, dict[str, Any]]) -> int:
                for spec in [*features.values(), {"shape": [], "dtype": "uint8"}])
 
 
-def create_store(path: str | Path, n: int, shard_size: int, features: dict[str, FeatureSpec],
+def create_store(path: str | Path | Location, n: int, shard_size: int, features: dict[str, FeatureSpec],
                  texts: dict[str, list[str]], ints: dict[str, np.ndarray], attrs: dict[str, Any],
                  compression: str = "none") -> "FeatureStore":
     """Create an empty store for ``n`` clips (all pending) holding ``texts`` and ``ints``.
 
-    It is built in ``PATH.partial-<pid>`` and renamed to ``path`` when complete (same parent,
-    so the rename is atomic): a kill leaves no half-made store, only a partial folder that the
-    next creation removes."""
-    path = Path(path)
+    In a folder it is built in ``PATH.partial-<pid>`` and renamed to ``path`` when complete (same
+    parent, so the rename is atomic): a kill leaves no half-made store, only a partial folder that
+    the next creation removes. At a URL its attributes are written last (module docstring)."""
+    files = store_files(path)
+    if isinstance(files, ObjectFiles):
+        return _create_objects(files, n, shard_size, features, texts, ints, attrs, compression)
+    path = files.root
     if path.exists():
         raise StoreError(f"{path} exists already")
     remove_dead_partials(path)
@@ -108,7 +118,7 @@ def create_store(path: str | Path, n: int, shard_size: int, features: dict[str, 
     try:
         with writing(partial, f"the store {path}, made whole here before it is renamed into place",
                      "nothing of it is kept"):
-            _write_store(partial, n, shard_size, features, texts, ints, attrs, compression)
+            _write_store(FolderFiles(partial), n, shard_size, features, texts, ints, attrs, compression)
         os.rename(partial, path)  # fails if another process created ``path`` meanwhile
     except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
@@ -119,6 +129,68 @@ def create_store(path: str | Path, n: int, shard_size: int, features: dict[str, 
 
 
 PARTIAL = ".partial-"  # PATH.partial-<pid>: a store being created by process <pid>
+
+
+def _create_objects(files: ObjectFiles, n: int, shard_size: int, features: dict[str, FeatureSpec],
+                    texts: dict[str, list[str]], ints: dict[str, np.ndarray], attrs: dict[str, Any],
+                    compression: str) -> "FeatureStore":
+    """create_store at a URL."""
+    _make_room(files)
+    try:
+        _write_store(files, n, shard_size, features, texts, ints, attrs, compression)
+    except BaseException:
+        files.remove_all()
+        raise
+    return FeatureStore(files.location, mode="r+")
+
+
+def upload_store(folder: Path, where: str | Location) -> "FeatureStore":
+    """Copy the whole local store ``folder`` to object storage at ``where`` (nothing there yet, or
+    what a cut-off creation left), in the order a creation writes: the root zarr.json without
+    attributes first, every other file (concurrently), then the root's attributes."""
+    folder = Path(folder)
+    source, files = FeatureStore(folder), store_files(where)
+    if not isinstance(files, ObjectFiles):
+        raise StoreError(f"{where}: not a URL of object storage")
+    _make_room(files)
+    meta = source.files.json("zarr.json", "the store's attributes", StoreError)
+    files.write("zarr.json", json.dumps({**meta, "attributes": {}}), "the store's root, without its attributes")
+    keys = [p.relative_to(folder).as_posix() for p in sorted(Path(folder).rglob("*")) if p.is_file()]
+    keys = [k for k in keys if k != "zarr.json"]
+    try:
+        list(files.pool.map(lambda key: files.write(key, (folder / key).read_bytes(), "a file of the store"), keys))
+        files.write("zarr.json", json.dumps(meta, indent=2), "the store's attributes (written last)")
+    except BaseException:
+        files.remove_all()
+        raise
+    return FeatureStore(files.location)
+
+
+def store_exists(where: str | Path | Location) -> bool:
+    """Whether a store is at ``where`` for a run to resume: a folder that exists (whatever it holds:
+    opening it says what is wrong), or a URL with a root zarr.json not cut off (module docstring)."""
+    files = store_files(where)
+    if not files.remote:
+        return files.root.exists()
+    return files.exists("zarr.json") and not _cut_off(files)
+
+
+def _make_room(files: ObjectFiles) -> None:
+    """Before a store is created at a URL: what a cut-off creation left is deleted; a store there
+    or objects that are no store's are never touched (a StoreError)."""
+    if files.exists("zarr.json"):
+        if not _cut_off(files):
+            raise StoreError(f"{files.where} exists already")
+        files.remove_all()  # a creation cut off before its attributes: nothing of it is a store yet
+    elif files.exists():
+        raise StoreError(f"{files.where} holds objects but no zarr.json: not a feature store; choose another place")
+
+
+def _cut_off(files: FolderFiles | ObjectFiles) -> bool:
+    """Whether the store's root zarr.json is that of a creation cut off before its attributes
+    (a Zarr group without any: they are written last)."""
+    meta = files.json("zarr.json", "the store's attributes", StoreError)
+    return meta.get("node_type") == "group" and not meta.get("attributes")
 
 
 def remove_dead_partials(path: Path) -> None:
@@ -147,10 +219,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write_store(path: Path, n: int, shard_size: int, features: dict[str, FeatureSpec],
+def _write_store(files: FolderFiles | ObjectFiles, n: int, shard_size: int, features: dict[str, FeatureSpec],
                  texts: dict[str, list[str]], ints: dict[str, np.ndarray], attrs: dict[str, Any],
                  compression: str) -> None:
-    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    """The store's arrays, texts and ints, its attributes last (the root's zarr.json is written
+    again with them)."""
+    group = zarr.open_group(files.zarr_store(read_only=False), mode="w-", zarr_format=3)
     # every clip's bytes carry a checksum (crc32c, or zstd's own), as each shard's index does: a
     # damaged file is an error when it is read, never other features
     compressors = [ZstdCodec(level=1, checksum=True)] if compression == "zstd" else [Crc32cCodec()]
@@ -175,7 +249,6 @@ def _write_store(path: Path, n: int, shard_size: int, features: dict[str, Featur
     group.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "num_clips": n, "shard_size": shard,
                         "features": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in features.items()},
                         "texts": list(texts), "ints": list(ints)})
-    (path / "failures").mkdir()
 
 
 def unstorable(text: str) -> str | None:
@@ -193,10 +266,13 @@ def unstorable(text: str) -> str | None:
 STORE_ATTRIBUTES = {"num_clips": int, "shard_size": int, "features": dict, "texts": list, "ints": list}
 
 
-def _store_attributes(path: Path) -> dict[str, Any]:
+def _store_attributes(files: FolderFiles | ObjectFiles) -> dict[str, Any]:
     """The attributes in the store's zarr.json, checked: schema version, and the keys this code reads."""
-    meta_path = path / "zarr.json"
-    meta = read_json(meta_path, "the store's attributes", StoreError)
+    meta_path = files.name("zarr.json")
+    meta = files.json("zarr.json", "the store's attributes", StoreError)
+    if files.remote and meta.get("node_type") == "group" and not meta.get("attributes"):
+        raise StoreError(f"{files.where} was cut off while being created (its attributes, written last, are "
+                         "missing): run the same xmei extract again to create it")
     if meta.get("zarr_format") != 3 or meta.get("node_type") != "group" or not isinstance(meta.get("attributes"), dict):
         raise StoreError(f"{meta_path}: not the attributes of a Zarr v3 group (zarr_format "
                          f"{meta.get('zarr_format')!r}, node_type {meta.get('node_type')!r}), damaged")
@@ -255,17 +331,18 @@ class FeatureStore:
     file; :meth:`check_files` finds missing and damaged shard files without decoding a clip.
     """
 
-    def __init__(self, path: str | Path, mode: str = "r"):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").exists():
-            what = ("it does not exist" if not self.path.exists() else "a file, not a folder" if not self.path.is_dir()
-                    else "an empty folder" if not any(self.path.iterdir()) else "a folder without zarr.json")
-            raise StoreError(f"{self.path} is not a feature store (a folder xmei extract makes): {what}")
-        self.attrs: dict[str, Any] = _store_attributes(self.path)
+    def __init__(self, path: str | Path | Location, mode: str = "r"):
+        self.files = store_files(path)
+        self.where = self.files.where  # what messages name: the folder, or the URL
+        self.path: Path | None = None if self.files.remote else self.files.root  # a local store's folder
+        if not self.files.exists("zarr.json"):
+            raise StoreError(f"{self.where} is not a feature store (a folder or URL xmei extract makes): "
+                             f"{self._not_a_store()}")
+        self.attrs: dict[str, Any] = _store_attributes(self.files)
         try:
-            self.group = zarr.open_group(self.path, mode=mode, zarr_format=3)
+            self.group = zarr.open_group(self.files.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
         except (ValueError, TypeError, KeyError) as err:
-            raise StoreError(f"{self.path / 'zarr.json'}: not a readable Zarr group ({err}), damaged") from err
+            raise StoreError(f"{self.files.name('zarr.json')}: not a readable Zarr group ({err}), damaged") from err
         self.features: list[str] = list(self.attrs["features"])
         self.texts: list[str] = list(self.attrs["texts"])
         self.ints: list[str] = list(self.attrs["ints"])
@@ -273,6 +350,14 @@ class FeatureStore:
         self._arrays: dict[str, zarr.Array] = {}  # opening an array reads its zarr.json: once is enough
         self._readers: dict[str, ClipReader] = {}
         self._whole: dict[str, np.ndarray] = {}  # texts and ints of an old store (one chunk over all clips)
+
+    def _not_a_store(self) -> str:
+        """What is at the store's place instead of a store."""
+        if self.files.remote:
+            return "no object there" if not self.files.exists() else "objects but no zarr.json"
+        path = self.path
+        return ("it does not exist" if not path.exists() else "a file, not a folder" if not path.is_dir()
+                else "an empty folder" if not any(path.iterdir()) else "a folder without zarr.json")
 
     def __len__(self) -> int:
         return int(self.attrs["num_clips"])
@@ -287,9 +372,9 @@ class FeatureStore:
     def array(self, name: str) -> zarr.Array:
         """Array ``name``, its zarr.json read and checked once."""
         if name not in self._arrays:
-            meta_path = self.path / name / "zarr.json"
+            meta_path = self.files.name(f"{name}/zarr.json")
             what = f"the metadata of array {name!r}"
-            meta = read_json(meta_path, what, StoreError)
+            meta = self.files.json(f"{name}/zarr.json", what, StoreError)
             if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
                 raise StoreError(f"{meta_path}: not a Zarr v3 array (zarr_format {meta.get('zarr_format')!r}, "
                                  f"node_type {meta.get('node_type')!r}): {what}, damaged")
@@ -305,8 +390,8 @@ class FeatureStore:
 
         if name not in self._readers:
             if name not in (*self.features, "status"):
-                raise StoreError(f"{self.path}: no per-clip array {name!r} (features: {self.features})")
-            self._readers[name] = ClipReader(self.array(name), self.path / name)
+                raise StoreError(f"{self.where}: no per-clip array {name!r} (features: {self.features})")
+            self._readers[name] = ClipReader.of(self.array(name), self.files, name)
         return self._readers[name]
 
     def status(self) -> np.ndarray:
@@ -318,22 +403,22 @@ class FeatureStore:
         numcodecs, as Zarr does) when the array is laid out as :func:`create_store` makes it; any
         other layout through Zarr. ~0.9 s for 1M strings in chunks of 64, where Zarr takes 3-6 s."""
         array = self.array(name)
-        folder = self.path / name
-        meta = read_json(folder / "zarr.json", f"the metadata of array {name!r}", StoreError)
+        meta = self.files.json(f"{name}/zarr.json", f"the metadata of array {name!r}", StoreError)
         if not _plain_chunks(meta):
             return self._zarr_rows(name, slice(None))
         decompress = Zstd().decode if len(meta["codecs"]) == 2 else bytes
         decode = VLenUTF8().decode if meta["data_type"] == "string" else lambda raw: np.frombuffer(raw, "<i4")
         out = np.full(array.shape, array.fill_value, array.dtype)
         rows = array.chunks[0]
-        for k, start in enumerate(range(0, len(out), rows)):
-            path = self._chunk_file(name, k)  # chunk (k, 0, ..., 0); a chunk all fill value is not written
-            try:
-                raw = path.read_bytes()
-            except FileNotFoundError:
+        starts = range(0, len(out), rows)
+        # chunk (k, 0, ..., 0); a chunk all fill value is not written. Objects are fetched concurrently
+        raws = self.files.read_many(self._chunk_key(name, k) for k in range(len(starts)))
+        for k, (start, raw) in enumerate(zip(starts, raws)):
+            path = self.files.name(self._chunk_key(name, k))
+            if raw is None:
                 continue
-            except OSError as err:
-                raise StoreError(f"{name}: chunk file {path} (clips {start}-{start + rows - 1}) cannot be read: {err}")
+            if isinstance(raw, OSError):
+                raise StoreError(f"{name}: chunk file {path} (clips {start}-{start + rows - 1}) cannot be read: {raw}")
             stop = min(start + rows, len(out))
             try:
                 out[start:stop] = decode(decompress(raw)).reshape(array.chunks)[:stop - start]  # a last chunk is whole
@@ -342,9 +427,9 @@ class FeatureStore:
                                  f"damaged: {err}") from err
         return out
 
-    def _chunk_file(self, name: str, k: int) -> Path:
-        """The file of chunk (k, 0, ..., 0) of a text or int array (rows k*S ... k*S + S-1)."""
-        return self.path.joinpath(name, "c", str(k), *["0"] * (self.array(name).ndim - 1))
+    def _chunk_key(self, name: str, k: int) -> str:
+        """The key of chunk (k, 0, ..., 0) of a text or int array (rows k*S ... k*S + S-1)."""
+        return "/".join([name, "c", str(k), *["0"] * (self.array(name).ndim - 1)])
 
     def _zarr_rows(self, name: str, rows: slice | int):
         """Rows of a text or int array through Zarr; a chunk that does not decode is a StoreError
@@ -357,7 +442,7 @@ class FeatureStore:
             n, per_chunk = len(self), self.array(name).chunks[0]
             first, stop = (rows, rows + 1) if isinstance(rows, int) else rows.indices(n)[:2]
             chunks = range(first // per_chunk, (stop - 1) // per_chunk + 1)
-            files = ", ".join(str(self._chunk_file(name, k)) for k in chunks)
+            files = ", ".join(self.files.name(self._chunk_key(name, k)) for k in chunks)
             raise StoreError(f"{name}: clips {first}-{stop - 1} do not decode from chunk file(s) {files}, "
                              f"damaged: {err}") from err
 
@@ -412,10 +497,10 @@ class FeatureStore:
             spec = {**self.attrs["features"], "status": {"shape": [], "dtype": "uint8"}}.get(name)
             if spec is not None and (tuple(array.shape) != (n, *spec["shape"]) or str(array.dtype) != spec["dtype"]):
                 problems.append(f"{name}: shape {tuple(array.shape)} dtype {array.dtype} in "
-                                f"{self.path / name / 'zarr.json'}, the store's attributes say "
+                                f"{self.files.name(name + '/zarr.json')}, the store's attributes say "
                                 f"{(n, *spec['shape'])} {spec['dtype']}")
             elif array.shape[0] != n:
-                problems.append(f"{name}: {array.shape[0]} rows in {self.path / name / 'zarr.json'} for {n} clips")
+                problems.append(f"{name}: {array.shape[0]} rows in {self.files.name(name + '/zarr.json')} for {n} clips")
         return problems
 
     def file_problems(self, names: list[str] | None = None) -> dict[tuple[str, int], str]:
@@ -442,7 +527,7 @@ class FeatureStore:
                 rows = self.shard_range(shard)
                 oks = int(ok[rows.start:rows.stop].sum())
                 if oks and self._needs_file(name, shard, has_audio):
-                    problems[name, shard] = (f"{name}: shard file {reader.shard_file(shard)} ({reader.span(shard)}) "
+                    problems[name, shard] = (f"{name}: shard file {reader.shard_name(shard)} ({reader.span(shard)}) "
                                              f"is missing, yet {oks} of its clips are ok: they would read as zeros")
         return problems
 
@@ -456,7 +541,7 @@ class FeatureStore:
             return True
         # has_audio and audio_lengths are non-zero for the same clips, audio features only where has_audio is 1
         partners = {"has_audio": ("audio_lengths", "audio"), "audio_lengths": ("has_audio",), "audio": ()}[name]
-        return any(p in self.features and self.clip_reader(p).shard_file(shard).exists() for p in partners)
+        return any(p in self.features and self.clip_reader(p).has_file(shard) for p in partners)
 
     def _read_each_shard(self, name: str, problems: dict[tuple[str, int], str]) -> np.ndarray:
         """(N, ...): a per-clip array whole; a shard that cannot be read goes into ``problems`` and
@@ -484,7 +569,7 @@ class FeatureStore:
             problems += self.file_problems(names).values()
         if problems:
             shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-            raise StoreError(f"{self.path} is damaged (`xmei stores verify {self.path}` checks every clip):\n  "
+            raise StoreError(f"{self.where} is damaged (`xmei stores verify {self.where}` checks every clip):\n  "
                              + "\n  ".join(shown))
 
     # ------------------------------------------------------------------ writing
@@ -499,24 +584,27 @@ class FeatureStore:
         for name, values in features.items():
             if values.shape[0] != expected:
                 raise StoreError(f"shard {shard}: {name} has {values.shape[0]} clips, the shard {expected}")
-        # Zarr writes each file whole or not at all: a full disk leaves the shard's status unwritten
-        with writing(self.path, f"shard {shard} of the store, clips {rows.start}-{rows.stop - 1}"):
+        # Zarr writes each file (object) whole or not at all: a full disk leaves the shard's status unwritten
+        what = f"shard {shard} of the store, clips {rows.start}-{rows.stop - 1}"
+        with nullcontext() if self.files.remote else writing(self.path, what):
             for name, values in features.items():
                 self.array(name)[rows] = values
-                if not self.clip_reader(name).shard_file(shard).exists():
+                if not self.clip_reader(name).has_file(shard):
                     # all its clips are zeros (silence an encoder maps to zeros): written all the same, so
                     # a missing shard file always means a lost one (Zarr skips chunks of the fill value)
                     self.array(name).with_config({"write_empty_chunks": True})[rows] = values
-            (self.path / "failures" / f"shard_{shard:05d}.json").write_text(json.dumps(failures, ensure_ascii=False))
+            self.files.write(f"failures/shard_{shard:05d}.json", json.dumps(failures, ensure_ascii=False),
+                             f"the failed clips of {what}")
             self.array("status")[rows] = status
 
     def failures(self) -> list[dict[str, str]]:
         """Failed clips of the finished shards, in clip order."""
         rows = []
         for shard in sorted(self.done_shards()):  # a pending shard's file may be left by a killed run
-            path = self.path / "failures" / f"shard_{shard:05d}.json"
-            if path.exists():
-                found = read_json(path, f"the failed clips of shard {shard}", StoreError, list)
+            key = f"failures/shard_{shard:05d}.json"
+            if self.files.exists(key):
+                found = self.files.json(key, f"the failed clips of shard {shard}", StoreError, list)
+                path = self.files.name(key)
                 if not all(isinstance(row, dict) and "video_id" in row for row in found):
                     raise StoreError(f"{path}: expected a list of failed clips, each with its video_id, damaged")
                 rows += found
@@ -525,18 +613,18 @@ class FeatureStore:
     def logged_failures(self) -> list[dict[str, str]]:
         """The rows of ``failures.jsonl`` (empty when there is none); a line that is not a failed
         clip's JSON is a StoreError naming it."""
-        log, rows = self.path / "failures.jsonl", []
-        if not log.exists():
+        log, rows = self.files.name("failures.jsonl"), []
+        if not self.files.exists("failures.jsonl"):
             return rows
-        for number, row in json_lines(log, "the failures log", StoreError, hint=REWRITE_LOG):
+        for number, row in self.files.lines("failures.jsonl", "the failures log", StoreError, hint=REWRITE_LOG):
             if not isinstance(row, dict) or "video_id" not in row:
                 raise StoreError(f"{log} (the failures log): line {number} is not a failed clip (no video_id); "
                                  f"{REWRITE_LOG}")
             rows.append(row)
         return rows
 
-    def write_failures_log(self) -> Path:
-        """failures.jsonl rebuilt from the finished shards' files, whole or not at all."""
-        return write_whole(self.path / "failures.jsonl",
-                           "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.failures()),
-                           "the failures log", "the earlier log is kept; " + REWRITE_LOG)
+    def write_failures_log(self) -> str:
+        """failures.jsonl rebuilt from the finished shards' files, whole or not at all; its name."""
+        self.files.write("failures.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.failures()),
+                         "the failures log", "the earlier log is kept; " + REWRITE_LOG)
+        return self.files.name("failures.jsonl")

@@ -46,18 +46,22 @@ def debian_program(program: str, package: str) -> str:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """An S3-compatible HTTP server on 127.0.0.1 (moto's ThreadedMotoServer) with a bucket "xmei",
-    and fake credentials in the environment for the session: (endpoint URL, bucket)."""
+    and fake credentials and the endpoint in the environment for the session (the processes tests
+    start inherit them): (endpoint URL, bucket)."""
+    import logging
     import os
 
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
     fake = {"AWS_ACCESS_KEY_ID": "xmei-test", "AWS_SECRET_ACCESS_KEY": "xmei-test-secret",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url,
+            "AWS_ALLOW_HTTP": "true"}
     before = {k: os.environ.get(k) for k in fake}
     os.environ.update(fake)
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket="xmei")

@@ -17,6 +17,7 @@ import pytest
 from conftest import LAST, ROOT
 from faults import assert_clean_error, assert_kept, snapshot, xmei
 from stores import ClipReader, FeatureSpec, FeatureStore, StoreError, create_store
+from stores.files import FolderFiles
 from xmei.data import StoreSamples
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -350,7 +351,7 @@ def test_a_store_written_before_clips_carried_checksums_reads_the_same(patch_sto
     group.create_array("visual", shape=values.shape, dtype=values.dtype, chunks=(1, *values.shape[1:]),
                        shards=(8, *values.shape[1:]), compressors=None, fill_value=0)[...] = values
     reader = store.clip_reader("visual")
-    old_reader = ClipReader(group["visual"], old / "visual")
+    old_reader = ClipReader(group["visual"], FolderFiles(old), "visual")
     assert old_reader.direct and not old_reader.checksummed and reader.checksummed
     np.testing.assert_array_equal(old_reader.read([5, 20, 0]), values[[5, 20, 0]])
 

@@ -149,7 +149,7 @@ def read_json(path: Path, what: str = "a checkpoint file") -> dict:
 
 # config sections added after checkpoints were first written: an earlier checkpoint's config.yaml
 # lacks them and takes their defaults (each is written before `labels`, so a cut-off file still shows)
-LATER_SECTIONS = ("serve",)
+LATER_SECTIONS = ("serve", "stores")
 
 
 def _check_config(path: Path) -> None:

@@ -20,10 +20,11 @@ import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
-                      ValidationError, model_validator)
+                      ValidationError, field_validator, model_validator)
 
 from xmei.errors import UserError, read_text
 from xmei.labels import DEFAULT_EMOTIONS, DEFAULT_INTENTS, DEFAULT_SYNONYMS, LabelSet
@@ -264,6 +265,28 @@ class ServeConfig(_Section):
     max_seconds: float = Field(60.0, gt=0)
 
 
+class StoresConfig(_Section):
+    """Where this machine finds stores in object storage: not part of a run, so never saved with a
+    checkpoint nor hashed (Config.to_dict leaves it out)."""
+
+    # an S3-compatible server (MinIO, Ceph, moto...) for s3:// stores, e.g. http://127.0.0.1:9000;
+    # None: AWS's, or AWS_ENDPOINT_URL. Credentials never go here: AWS_ACCESS_KEY_ID ... (README)
+    endpoint_url: str | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _plain_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL of a server")
+        if parts.username or parts.password or parts.query:
+            raise ValueError("an endpoint URL holds no credentials or query: credentials come from "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return value
+
+
 class LabelsConfig(_Section):
     emotions: list[str] = list(DEFAULT_EMOTIONS)
     intents: list[str] = list(DEFAULT_INTENTS)
@@ -294,6 +317,7 @@ class Config(_Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    stores: StoresConfig = Field(default_factory=StoresConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
 
     @property
@@ -304,10 +328,11 @@ class Config(_Section):
     def intents(self) -> LabelSet:
         return self.labels.label_set("intent")
 
-    def to_dict(self, absolute: bool = False) -> dict[str, Any]:
+    def to_dict(self, absolute: bool = False, machine: bool = False) -> dict[str, Any]:
         """Plain YAML/JSON-ready dict (paths as strings; made absolute when ``absolute``, so that a
-        config saved with a checkpoint still points at the same folders from anywhere)."""
-        return self.model_dump(mode="json", context={"absolute": absolute})
+        config saved with a checkpoint still points at the same folders from anywhere). ``stores``
+        (where this machine finds object storage) only when ``machine``: never in a checkpoint."""
+        return self.model_dump(mode="json", context={"absolute": absolute}, exclude=None if machine else {"stores"})
 
     def hash(self) -> str:
         """Short stable hash of the resolved config."""

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stores import OK, ClipReader, FeatureStore
+from stores.location import Location
 from xmei.errors import UserError
 from xmei.preempt import held, quiet_worker
 from xmei.prompt import IGNORE, PromptBuilder
@@ -131,6 +132,14 @@ class StoreSamples(Dataset):
         """(store, shard of that store) of a position."""
         store = int(self.store_ids[position])
         return store, int(self.clips[position]) // self.shard_size[store]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_readers": {}}  # a worker started by forkserver opens its own
+
+    @property
+    def remote(self) -> bool:
+        """Whether a store is in object storage (its workers cannot be forked: stores.location)."""
+        return any(Location.parse(p).remote for p in self.paths)
 
     def _open(self) -> list[dict[str, ClipReader]]:
         """Per store, the feature readers, made once per process (DataLoader workers make their own)."""
@@ -243,11 +252,14 @@ def loader(data: Dataset, batch_sampler, collate_fn, num_workers: int = 0, pin_m
     """The one DataLoader of training (and of the reader benchmark): whole batches of positions
     go to ``data.__getitems__``; its own generator, so making an iterator does not draw from the
     global RNG (exact resume). Workers are forked (the default): the store reader holds no threads
-    and no open files, and the per-clip arrays are shared, not copied. Workers ignore SIGTERM and
-    SIGINT (a terminal's Ctrl-C reaches them too): the main process decides (xmei.preempt)."""
+    and no open files, and the per-clip arrays are shared, not copied. Of stores in object storage
+    they start by forkserver instead (a forked child of a process that used its client hangs:
+    stores.location), each given a pickled copy of ``data``. Workers ignore SIGTERM and SIGINT (a
+    terminal's Ctrl-C reaches them too): the main process decides (xmei.preempt)."""
+    context = "forkserver" if num_workers and getattr(data, "remote", False) else None
     return _QuietLoader(data, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
                         collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed),
-                        worker_init_fn=quiet_worker)
+                        worker_init_fn=quiet_worker, multiprocessing_context=context)
 
 
 class _QuietLoader(DataLoader):

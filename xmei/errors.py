@@ -43,9 +43,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JSON_TYPES", "DiskFullError", "UserError", "byte_size", "check_space", "debugging", "disk_full",
-           "filesystem", "json_lines", "json_type", "message_of", "parse_json", "read_json", "read_text", "write_whole",
-           "writing"]
+__all__ = ["JSON_TYPES", "DiskFullError", "UserError", "byte_size", "check_space", "debugging", "decode_text",
+           "disk_full", "filesystem", "json_lines", "json_type", "json_value", "message_of", "parse_json", "read_json",
+           "read_text", "text_lines", "write_whole", "writing"]
 
 DEBUG_VARIABLE = "XMEI_DEBUG"
 JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
@@ -81,7 +81,7 @@ def json_type(value: Any) -> str:
     return JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def _failure(path: Path, what: str, error: type[UserError], hint: str,
+def _failure(path: str | Path, what: str, error: type[UserError], hint: str,
              line: int | None = None) -> Callable[[str], UserError]:
     """A function making ``error`` from a problem, worded as the module docstring shows."""
     where = f"{path} ({what})" + ("" if line is None else f": line {line}")
@@ -102,6 +102,12 @@ def read_text(path: str | Path, what: str, error: type[UserError] = UserError, h
         data = path.read_bytes()
     except OSError as err:
         raise fail(f"cannot be read: {err.strerror or err}") from None
+    return decode_text(data, path, what, error, hint)
+
+
+def decode_text(data: bytes, path: str | Path, what: str, error: type[UserError] = UserError, hint: str = "") -> str:
+    """``data``, the whole of file (or object) ``path``, as :func:`read_text` gives it."""
+    fail = _failure(path, what, error, hint)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -120,7 +126,7 @@ def parse_json(text: str, path: str | Path, what: str, error: type[UserError] = 
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        fail = _failure(Path(path), what, error, hint, line)
+        fail = _failure(path, what, error, hint, line)
         problem = f"is not valid JSON: {err.msg.removesuffix(' at')} at"  # "Unterminated string starting at"
         if line is not None:
             raise fail(f"{problem} column {err.colno}") from None
@@ -135,8 +141,13 @@ def read_json(path: str | Path, what: str, error: type[UserError] = UserError, k
     """The JSON value in a file, a ``kind`` (dict: an object, list: an array; None: any); ``error``
     naming the file when it cannot be read (:func:`read_text`), is empty, is not valid JSON (line
     and column) or holds another type."""
-    text = read_text(path, what, error, hint)
-    fail = _failure(Path(path), what, error, hint)
+    return json_value(read_text(path, what, error, hint), path, what, error, kind, hint)
+
+
+def json_value(text: str, path: str | Path, what: str, error: type[UserError] = UserError, kind: type | None = dict,
+               hint: str = "") -> Any:
+    """The JSON value of ``text``, the whole of file (or object) ``path``, as :func:`read_json` gives it."""
+    fail = _failure(path, what, error, hint)
     if not text.strip():
         raise fail("is empty")
     value = parse_json(text, path, what, error, hint)
@@ -149,7 +160,12 @@ def json_lines(path: str | Path, what: str, error: type[UserError] = UserError,
                hint: str = "") -> Iterator[tuple[int, Any]]:
     """(line number from 1, value) of each non-blank line of a JSON Lines file; ``error`` naming the
     file when it cannot be read (:func:`read_text`) and the line and column of one that is not JSON."""
-    text = read_text(path, what, error, hint)
+    return text_lines(read_text(path, what, error, hint), path, what, error, hint)
+
+
+def text_lines(text: str, path: str | Path, what: str, error: type[UserError] = UserError,
+               hint: str = "") -> Iterator[tuple[int, Any]]:
+    """The lines of ``text``, the whole of a JSON Lines file (or object) ``path``, as :func:`json_lines` gives them."""
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit in a string
         if line.strip():
             yield number, parse_json(line, path, what, error, hint, line=number)

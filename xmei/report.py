@@ -57,6 +57,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.decode import SAMPLE_RATE
+from stores.location import Location
 from stores.store import PARTIAL, remove_dead_partials  # the stores' partial folders: one convention
 from xmei.classification import INVALID
 from xmei.errors import JSON_TYPES, UserError, json_lines, json_type, read_json, writing
@@ -173,7 +174,7 @@ def build_report(eval_dir: Path, store: Path | None = None, media_root: Path | N
     assets = eval_dir / f".{ASSETS}{PARTIAL}{os.getpid()}"  # renamed to ASSETS with the page
     try:
         with writing(eval_dir, "the report page and its images", f"the earlier page in {eval_dir} is as it was"):
-            media_note = _add_store(cards, Path(store), media_root, assets, model, progress) if store is not None \
+            media_note = _add_store(cards, store, media_root, assets, model, progress) if store is not None \
                 else "no store given: no subtitles, captions, frames or audio (xmei report EVAL_DIR --store STORE)"
             sortable = {kind: any(c.sure(kind) is not None for c in cards) for kind in ("emotion", "intent")}
             html = _render(page.pop("source"), **page, media_note=media_note, outcomes=OUTCOMES, invalid=INVALID,
@@ -237,8 +238,9 @@ def prediction_folder(folder: Path) -> Prediction | None:
             raise ReportError(f"{record_path} (the prediction's record): {key} is a JSON {json_type(record[key])}, "
                               "expected a string (a path): damaged?")
         named[key] = Path(record[key]) if record.get(key) else None
-    store = folder / "store" if (folder / "store").is_dir() else named["store"]
-    found = {"store": store if store is not None and store.is_dir() else None,
+    url = record.get("store") if Location.parse(record.get("store") or ".").remote else None  # seen when opened
+    store = folder / "store" if (folder / "store").is_dir() else url or named["store"]
+    found = {"store": store if url or (store is not None and store.is_dir()) else None,
              "media_root": named["media_root"] if named["media_root"] and named["media_root"].is_dir() else None,
              "checkpoint": named["checkpoint"] if named["checkpoint"] and named["checkpoint"].is_dir() else None}
     missing = tuple(f"{record_path} names the {key.replace('_', ' ')} {named[key]}, which is not a folder"
@@ -414,7 +416,7 @@ def _add_other(cards: list[Card], others: list[Card]) -> None:
         card.disagree = any(other.pred[k] != card.pred[k] for k in ("emotion", "intent"))
 
 
-def _add_store(cards: list[Card], store_path: Path, media_root: Path | None, assets: Path,
+def _add_store(cards: list[Card], store_path: str | Path, media_root: Path | None, assets: Path,
                model: XMEIQwen | LQFormers | None, progress: Callable[[int, int], None] | None) -> str:
     """Each card's subtitle and captions from the store, and its images when the media can be read;
     returns the page's note on the images."""

@@ -29,6 +29,11 @@ local kernel enforces whatever the shared filesystem (NFS ``nolock``, Lustre ``l
 exclusive creation decides again. Two hosts that call themselves by one name (containers with
 a fixed hostname) would take each other's locks for their own host's: give them distinct names.
 
+A store in object storage (s3:// gs:// az://, stores.location) has its lock beside it as an
+object (``.STORE.xmei.lock`` under the same parent key), created by a conditional PUT that fails
+when the object exists (``If-None-Match: *``; S3, GCS and Azure honour it): the same exclusivity,
+the same holders and takeovers.
+
 Under several ranks (torchrun, deepspeed, SLURM; one node or many) a run is one lock: only
 global rank 0 takes it and ``share`` (``Distributed.broadcast``) tells every rank the outcome, so
 a refusal ends every rank with the same error and none waits on the others.
@@ -50,6 +55,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from stores.location import Location
 from xmei.errors import UserError
 
 __all__ = ["LOCK_NAME", "RunLockError", "run_lock", "store_lock"]
@@ -63,26 +69,30 @@ class RunLockError(UserError, RuntimeError):
     """Another run holds the folder's lock (named in the message), or the lock cannot be taken."""
 
 
-def store_lock(store: Path) -> Path:
+def store_lock(store: str | Path) -> Path | Location:
     """The lock file of a store: beside it, as the store appears only at the end of its creation
-    (links resolved: two spellings of one store are one lock)."""
-    store = Path(store).resolve()
+    (links resolved: two spellings of one store are one lock); for a URL, the lock object beside it."""
+    where = Location.parse(store)
+    if where.remote:
+        return where.parent.child(f".{where.name}.xmei.lock")
+    store = where.path.resolve()
     return store.with_name(f".{store.name}.xmei.lock")
 
 
 @contextmanager
-def run_lock(lock: Path, folder: Path, option: str, *, rank: int = 0, share: Callable[[Any], Any] | None = None,
-             say: Callable[[str], None] = print) -> Iterator[None]:
+def run_lock(lock: Path | Location, folder: str | Path, option: str, *, rank: int = 0,
+             share: Callable[[Any], Any] | None = None, say: Callable[[str], None] = print) -> Iterator[None]:
     """Hold ``lock``, the lock of ``folder`` (given as ``option``, e.g. "--output-dir"), while inside.
     ``rank`` 0 takes it; ``share(value)`` returns rank 0's value on every rank, so each rank
     raises the same RunLockError when it is refused. ``say`` gets the note of a takeover. The
     folder holding ``lock`` is created; on leaving, the lock is removed, and so is that folder
     if this run created it and left it empty."""
-    lock, held, refused = Path(lock).absolute(), None, None
-    created = not lock.parent.exists()
+    lock = lock if isinstance(lock, Location) else Path(lock).absolute()
+    held, refused = None, None
+    created = isinstance(lock, Path) and not lock.parent.exists()
     if rank == 0:
         try:
-            held = _acquire(lock, Path(folder), option, say)
+            held = _acquire(lock, folder, option, say)
         except RunLockError as err:
             refused = str(err)
         except Exception as err:  # a bug: it keeps its traceback, but no rank may wait for rank 0's answer
@@ -106,10 +116,11 @@ def run_lock(lock: Path, folder: Path, option: str, *, rank: int = 0, share: Cal
 
 # --------------------------------------------------------------------------- taking and releasing
 
-def _acquire(lock: Path, folder: Path, option: str, say: Callable[[str], None]) -> bytes:
+def _acquire(lock: Path | Location, folder: str | Path, option: str, say: Callable[[str], None]) -> bytes:
     """Create ``lock`` for this process (its bytes are returned), taking over a stale one of this host."""
     try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(lock, Path):
+            lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunLockError(f"{option} {folder}: cannot create {lock.parent}: {err.strerror or err}") from None
     mine = json.dumps(_this_run(), indent=1).encode() + b"\n"
@@ -135,8 +146,10 @@ def _acquire(lock: Path, folder: Path, option: str, say: Callable[[str], None]) 
     raise RunLockError(f"{option} {folder}: the lock {lock} kept changing hands; run again")
 
 
-def _create(lock: Path, data: bytes) -> bool:
+def _create(lock: Path | Location, data: bytes) -> bool:
     """Create ``lock`` holding ``data``, whole and only if it does not exist; False when it does."""
+    if isinstance(lock, Location):
+        return _objects(lock).create(lock.name, data)
     temporary = lock.with_name(f"{lock.name}.{socket.gethostname()}.{os.getpid()}")
     temporary.write_bytes(data)
     try:
@@ -158,19 +171,33 @@ def _create(lock: Path, data: bytes) -> bool:
     return True
 
 
-def _release(lock: Path, mine: bytes) -> None:
+def _release(lock: Path | Location, mine: bytes) -> None:
     """Remove ``lock`` if it is still this run's (a run taken for dead may have lost it)."""
     if _read(lock, wait=False) == mine:
+        _unlink(lock)
+
+
+def _unlink(lock: Path | Location) -> None:
+    if isinstance(lock, Location):
+        _objects(lock).delete(lock.name)
+    else:
         lock.unlink(missing_ok=True)
 
 
-def _remove_stale(lock: Path, stale: bytes) -> bool:
+def _objects(lock: Location):
+    """The objects beside a lock object (its parent key), where it is created, read and deleted."""
+    from stores.files import ObjectFiles
+
+    return ObjectFiles(lock.parent)
+
+
+def _remove_stale(lock: Path | Location, stale: bytes) -> bool:
     """Remove ``lock`` if it still holds ``stale``, under this host's takeover mutex (the module
     docstring); True when this run removed it."""
     with _takeover_mutex():
         if _read(lock, wait=False) != stale:
             return False
-        lock.unlink(missing_ok=True)
+        _unlink(lock)
         return True
 
 
@@ -217,13 +244,13 @@ def _requeued(holder: dict[str, Any]) -> bool:
     return job is not None and holder.get("slurm_job") == job and isinstance(restart, int) and restart < _restarts()
 
 
-def _read(lock: Path, wait: bool = True) -> bytes | None:
+def _read(lock: Path | Location, wait: bool = True) -> bytes | None:
     """The bytes of ``lock`` (None when it does not exist); an empty file, one being written after
     an O_EXCL creation, is read again for up to READ_WAIT_S."""
     deadline = time.monotonic() + (READ_WAIT_S if wait else 0)
     while True:
         try:
-            raw = lock.read_bytes()
+            raw = _objects(lock).read(lock.name) if isinstance(lock, Location) else lock.read_bytes()
         except FileNotFoundError:
             return None
         if raw.endswith(b"\n") or time.monotonic() >= deadline:

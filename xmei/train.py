@@ -159,13 +159,13 @@ def target_tokens(labels: torch.Tensor) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg, stores: list[Path], val_store: Path | None, output_dir: Path, engine: str = "torch",
+    def __init__(self, cfg, stores: list[str | Path], val_store: str | Path | None, output_dir: Path, engine: str = "torch",
                  resume: bool = False, rebatch: bool = False, progress=None, strict: bool = False):
         """Check the inputs; nothing heavy happens before :meth:`setup`. Every store it will read is
         checked here, before a model is built (:meth:`_check_stores`)."""
         if engine not in ("torch", "deepspeed"):
             raise TrainError(f"--engine must be 'torch' or 'deepspeed', got {engine!r}")
-        self.cfg, self.stores, self.val_store = cfg, [Path(p) for p in stores], val_store
+        self.cfg, self.stores, self.val_store = cfg, [str(p) for p in stores], val_store  # folders or URLs
         self.checked_stores = self._check_stores()
         self.output_dir, self.engine_name, self.resume, self.rebatch = Path(output_dir), engine, resume, rebatch
         self.progress = progress  # callable(step, total, record) or None
