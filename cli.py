@@ -398,7 +398,8 @@ def _store_media_root(cfg: Config, given: Path | None, store: Path) -> Path | No
 def extract(
     ctx: typer.Context,
     annotations: Annotated[Path, typer.Option(help="Annotation file of one split (JSON list or JSONL).")],
-    out: Annotated[str, typer.Option(help="The feature store to write (a folder or an s3:// gs:// az:// URL); rerun to resume it.")],
+    out: Annotated[str, typer.Option(help="The feature store to write (a folder or an s3:// gs:// az:// URL); rerun "
+                                          "to resume it.")],
     media_root: Annotated[Optional[Path], typer.Option(
         help="Folder the media paths are relative to (default as in `xmei validate`).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split name kept in the store (default: file stem).")] = None,
@@ -477,7 +478,8 @@ def _extract_store(ctx: typer.Context, cfg: Config, annotations: Path, root: Pat
 @app.command()
 def train(
     ctx: typer.Context,
-    store: Annotated[list[str], typer.Option(help="Feature store(s) to train on (a folder or an s3:// gs:// az:// URL; repeatable).")],
+    store: Annotated[list[str], typer.Option(help="Feature store(s) to train on (a folder or an s3:// gs:// az:// "
+                                                  "URL; repeatable).")],
     output_dir: Annotated[Path, typer.Option(help="Checkpoints, logs/train.jsonl and TensorBoard events go here.")],
     val_store: Annotated[Optional[str], typer.Option(help="Store for the validation loss at each epoch end "
                                                           "(a folder or an s3:// gs:// az:// URL).")] = None,
@@ -580,7 +582,8 @@ def _print_training(trainer, last: dict, output_dir: Path) -> None:
 def eval_cmd(
     ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Option(help="A checkpoint folder (DIR/checkpoints/step_N of `xmei train`).")],
-    store: Annotated[str, typer.Option(help="The feature store of the held-out split (a folder or an s3:// gs:// az:// URL).")],
+    store: Annotated[str, typer.Option(help="The feature store of the held-out split (a folder or an s3:// gs:// "
+                                            "az:// URL).")],
     out: Annotated[Path, typer.Option(help="Folder for predictions.jsonl, results.json, report.md, PNGs.")],
     constrained: Annotated[Optional[bool], typer.Option(
         "--constrained/--free", help="Emotion and intent only from the labels, or decoded freely "
@@ -653,7 +656,8 @@ def eval_cmd(
     dist.close()
     if not dist.main:  # rank 0 scores and writes
         return
-    results = write_evaluation(rows, out, cfg.emotions, cfg.intents, cfg.eval, f"xmei eval: {Location.parse(store).name}", {
+    title = f"xmei eval: {Location.parse(store).name}"
+    results = write_evaluation(rows, out, cfg.emotions, cfg.intents, cfg.eval, title, {
         "clips_per_s": rate, "checkpoint": str(checkpoint), "store": str(store), "model": "XMEI-Qwen",
         "generation": generation_config(model, generation).to_diff_dict(), "constrained": generation.constrained})
     _print_results(results)
@@ -673,8 +677,9 @@ def report_cmd(
     eval_dir: Annotated[Path, typer.Argument(metavar="DIR", help="An evaluation folder (`xmei eval --out` or "
                                                                  "`xmei score --out`) or a prediction folder "
                                                                  "(`xmei predict --out`).")],
-    store: Annotated[Optional[str], typer.Option(help="The evaluated store (a folder or an s3:// gs:// az:// URL): subtitles, captions and "
-                                                      "frames (a prediction folder: default DIR/store).")] = None,
+    store: Annotated[Optional[str], typer.Option(help="The evaluated store (a folder or an s3:// gs:// az:// URL): "
+                                                      "subtitles, captions and frames (a prediction folder: default "
+                                                      "DIR/store).")] = None,
     media_root: Annotated[Optional[Path], typer.Option(
         help="Where the clips' videos are (default as in `xmei attention`, from the store's annotation file; a "
              "prediction folder: the one its predict.json names).")] = None,
@@ -780,7 +785,8 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="One clip: print one JSON object.")] = False,
     annotations: Annotated[Optional[Path], typer.Option(
         help="In bulk: an annotation file (labels may be empty); its clips are extracted into OUT/store.")] = None,
-    store: Annotated[Optional[str], typer.Option(help="In bulk: an existing store (labeled or not; a folder or an s3:// gs:// az:// URL).")] = None,
+    store: Annotated[Optional[str], typer.Option(help="In bulk: an existing store (labeled or not; a folder or an "
+                                                      "s3:// gs:// az:// URL).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="In bulk: folder for predictions.jsonl, predictions.csv, failures.jsonl, predict.json (and store/); "
              "rerun to resume.")] = None,
@@ -1127,7 +1133,7 @@ def _print_demo(summary: dict) -> None:
 
 
 @stores_app.command("info")
-def stores_info(store: Annotated[str, typer.Argument(help="A feature store (a folder or an s3:// gs:// az:// URL).")],
+def stores_info(store: Annotated[str, typer.Argument(help="A feature store: a folder or an s3:// gs:// az:// URL.")],
                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
     """Shapes, bytes, status counts and encoders of a store."""
     from stores import FeatureStore, store_info
@@ -1149,7 +1155,7 @@ def stores_info(store: Annotated[str, typer.Argument(help="A feature store (a fo
 
 
 @stores_app.command("verify")
-def stores_verify(store: Annotated[str, typer.Argument(help="A feature store (a folder or an s3:// gs:// az:// URL).")]):
+def stores_verify(store: Annotated[str, typer.Argument(help="A feature store: a folder or an s3:// gs:// az:// URL.")]):
     """Read every chunk of every array: shapes and dtypes, damaged or missing shard files, NaN/Inf, and that
     status agrees with the data and the failures log; lists every problem, exit 1 on any."""
     from stores import FeatureStore, verify_store
@@ -1162,7 +1168,7 @@ def stores_verify(store: Annotated[str, typer.Argument(help="A feature store (a 
 
 
 @stores_app.command("export")
-def stores_export(store: Annotated[str, typer.Argument(help="A feature store (a folder or an s3:// gs:// az:// URL).")],
+def stores_export(store: Annotated[str, typer.Argument(help="A feature store: a folder or an s3:// gs:// az:// URL.")],
                   h5: Annotated[Path, typer.Argument(metavar="OUT.h5", help="HDF5 file to write.")],
                   overwrite: Annotated[bool, typer.Option(
                       help="Replace OUT.h5 if it exists (once the new file is whole).")] = False):
@@ -1175,7 +1181,8 @@ def stores_export(store: Annotated[str, typer.Argument(help="A feature store (a 
 
 @stores_app.command("import")
 def stores_import(h5: Annotated[Path, typer.Argument(metavar="IN.h5", help="HDF5 file in the export layout.")],
-                  store: Annotated[str, typer.Argument(help="The store to create (a folder or an s3:// gs:// az:// URL).")]):
+                  store: Annotated[str, typer.Argument(help="The store to create: a folder or an s3:// gs:// az:// "
+                                                            "URL.")]):
     """Create a store from an HDF5 file, then check it as `stores verify` does."""
     from stores import import_hdf5, verify_store
 

@@ -3,7 +3,7 @@ a local folder's files, or the objects of a bucket under the store's key (stores
 
     files = store_files("s3://bucket/stores/train")      # or a folder, or a Location
     files.read("zarr.json")                             # bytes; FileNotFoundError when there is none
-    files.write("failures.jsonl", data)                 # whole: a reader sees the old or the new
+    files.write("failures.jsonl", data, "the failures log")  # whole: a reader sees the old or the new
     files.name("zarr.json")                             # what messages show: s3://bucket/stores/train/zarr.json
     zarr.open_group(files.zarr_store(read_only=True))
 
@@ -11,13 +11,12 @@ Writes are whole on both: a folder's file goes through a partial file and a rena
 (xmei.errors.write_whole), an object is one PUT (or a multipart upload, which the server makes
 visible only when complete). Object storage has no folders and no rename; a store there says it is
 complete by what it writes last (stores.store). Many small objects are read concurrently
-(:meth:`Files.read_many`). A :class:`ObjectFiles` pickles as its location and opens its client anew
+(:meth:`ObjectFiles.read_many`). A :class:`ObjectFiles` pickles as its location and opens its client anew
 in the process that unpickles it (a DataLoader worker, a dask worker); its endpoint and
 credentials come from that process's environment (stores.location).
 """
 from __future__ import annotations
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,11 +90,7 @@ class FolderFiles:
     def write(self, key: str, data: bytes | str, what: str, hint: str = "") -> None:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = data if isinstance(data, str) else None
-        write_whole(path, text if text is not None else (lambda partial: partial.write_bytes(data)), what, hint)
-
-    def remove_all(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        write_whole(path, data if isinstance(data, str) else (lambda partial: partial.write_bytes(data)), what, hint)
 
     def zarr_store(self, read_only: bool) -> Any:
         from zarr.storage import LocalStore

@@ -40,6 +40,7 @@ DataLoader workers reading such a store start by forkserver (xmei.data.loader).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -206,6 +207,16 @@ class ClipReader:
             os.close(fd)
         return True
 
+    def check_shards(self, shards: Sequence[int]) -> dict[int, bool | StoreError]:
+        """:meth:`check_shard` of each shard: whether it has a file, or the StoreError of a damaged one."""
+        return dict(zip(shards, map(self._check_or_error, shards)))
+
+    def _check_or_error(self, shard: int) -> bool | StoreError:
+        try:
+            return self.check_shard(shard)
+        except StoreError as err:
+            return err
+
     def _checked(self, clips: Sequence[int] | np.ndarray) -> np.ndarray:
         clips = np.asarray(clips, dtype=np.int64).reshape(-1)  # (n,)
         outside = (clips < 0) | (clips >= self.num_clips)
@@ -366,12 +377,24 @@ class ObjectClipReader(ClipReader):
     def __init__(self, array: zarr.Array, files: ObjectFiles, name: str):
         super().__init__(array, files, name)
         self.requests = 0
+        self._counting = threading.Lock()  # the shards of a read are fetched in threads
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_indexes": {}}  # a process it goes to fetches indexes anew
+        return {**self.__dict__, "_indexes": {}, "_counting": None}  # a process it goes to fetches indexes anew
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _counting=threading.Lock())
+
+    def _sent(self, requests: int) -> None:
+        with self._counting:
+            self.requests += requests
 
     def check_shard(self, shard: int) -> bool:
         return not self.indexed or self._object_index(shard) is not None
+
+    def check_shards(self, shards: Sequence[int]) -> dict[int, bool | StoreError]:
+        """:meth:`ClipReader.check_shards`, the shards' indexes fetched concurrently."""
+        return dict(zip(shards, self.files.pool.map(self._check_or_error, shards)))
 
     def _object_index(self, shard: int, again: bool = False) -> np.ndarray | None:
         """The shard's index, checked (one suffix-range request the first time, or ``again``); None
@@ -385,7 +408,7 @@ class ObjectClipReader(ClipReader):
                 raise StoreError(f"{self.name}: shard object {self.shard_name(shard)} ({self.span(shard)}) cannot "
                                  f"be read: {err}") from err
             finally:
-                self.requests += 1
+                self._sent(1)
             if size < self.index_bytes:
                 raise self._short(shard, size)
             self._indexes[shard] = (version, self._checked_index(shard, raw, size))
@@ -437,7 +460,7 @@ class ObjectClipReader(ClipReader):
             raise StoreError(f"{self.name}: shard object {self.shard_name(shard)} ({self.span(shard)}) cannot be "
                              f"read: {err}") from err
         finally:
-            self.requests += len(runs)
+            self._sent(len(runs))
         failing = []
         for run, begin, data in zip(runs, begins, got):
             for position in order[run]:

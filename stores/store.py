@@ -17,12 +17,12 @@ Layout (N clips, S clips per shard):
 
 The store is created whole in ``STORE.partial-<pid>`` beside it and renamed into place once its
 arrays, texts, ints and attributes are written, so ``STORE`` never exists half-made; a partial
-folder left by a killed creation is removed by the next one. In object storage (``s3://`` ``gs://``
-``az://``, stores.location), which has no rename, the store's attributes are what is written last:
-Zarr writes the root ``zarr.json`` first with none, and it gets them once everything else is
-written. A store whose root has no attributes is refused as cut off, and the next creation deletes
-its objects and starts again (the caller holds the store's lock, xmei.runlock). Texts and ints are written once,
-then. Features are written a whole shard at a time by whoever extracts that shard, and its
+folder left by a killed creation is removed by the next one. In object storage (``s3://``
+``gs://`` ``az://``, stores.location), which has no rename, the store's attributes are what is
+written last: Zarr writes the root ``zarr.json`` first with none, and it gets them once everything
+else is written. A store whose root has no attributes is refused as cut off, and the next creation
+deletes its objects and starts again (the caller holds the store's lock, xmei.runlock). Texts and
+ints are written once, then. Features are written a whole shard at a time by whoever extracts that shard, and its
 ``status`` last: a shard whose status is not all done is redone on the next run, so the workers of
 a run need no lock between them and a killed run resumes cleanly (Zarr's local store writes each
 file atomically). Two runs into one store are kept apart by `xmei extract`'s lock (xmei.runlock).
@@ -515,14 +515,12 @@ class FeatureStore:
         has_audio = self._read_each_shard("has_audio", problems) == 1 if "has_audio" in self.features else None
         for name in names:
             reader = self.clip_reader(name)
-            for shard in range(self.num_shards):
-                if (name, shard) in problems:
+            checked = reader.check_shards([k for k in range(self.num_shards) if (name, k) not in problems])
+            for shard, found in checked.items():
+                if isinstance(found, StoreError):
+                    problems[name, shard] = str(found)
                     continue
-                try:
-                    if reader.check_shard(shard):
-                        continue
-                except StoreError as err:
-                    problems[name, shard] = str(err)
+                if found:
                     continue
                 rows = self.shard_range(shard)
                 oks = int(ok[rows.start:rows.stop].sum())
@@ -625,6 +623,6 @@ class FeatureStore:
 
     def write_failures_log(self) -> str:
         """failures.jsonl rebuilt from the finished shards' files, whole or not at all; its name."""
-        self.files.write("failures.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.failures()),
-                         "the failures log", "the earlier log is kept; " + REWRITE_LOG)
+        log = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.failures())
+        self.files.write("failures.jsonl", log, "the failures log", "the earlier log is kept; " + REWRITE_LOG)
         return self.files.name("failures.jsonl")

@@ -47,9 +47,10 @@ def test_two_dask_workers_extract_into_s3_and_two_torchrun_nodes_train_from_it(
     farm = [started([DASK, "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"], tmp_path / "scheduler",
                     node_env)]
     try:
+        cpu = {**node_env, "XMEI_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
         farm += [started([DASK, "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--no-dashboard",
-                          "--local-directory", tmp_path / f"node{i}" / "dask", "--name", f"node{i}"], tmp_path / f"node{i}",
-                         {**node_env, "XMEI_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}) for i in (1, 2)]
+                          "--local-directory", tmp_path / f"node{i}" / "dask", "--name", f"node{i}"],
+                         tmp_path / f"node{i}", cpu) for i in (1, 2)]
         from distributed import Client
 
         with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:

@@ -159,8 +159,9 @@ def target_tokens(labels: torch.Tensor) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg, stores: list[str | Path], val_store: str | Path | None, output_dir: Path, engine: str = "torch",
-                 resume: bool = False, rebatch: bool = False, progress=None, strict: bool = False):
+    def __init__(self, cfg, stores: list[str | Path], val_store: str | Path | None, output_dir: Path,
+                 engine: str = "torch", resume: bool = False, rebatch: bool = False, progress=None,
+                 strict: bool = False):
         """Check the inputs; nothing heavy happens before :meth:`setup`. Every store it will read is
         checked here, before a model is built (:meth:`_check_stores`)."""
         if engine not in ("torch", "deepspeed"):
