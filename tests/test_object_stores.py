@@ -230,3 +230,15 @@ def test_the_endpoint_is_a_plain_server_url(tiny_models):
         assert said in str(caught.value) and "secret" not in str(caught.value).replace("SECRET", "")
     given = config(tiny_models, "stores.endpoint_url=http://127.0.0.1:9000")
     assert "stores" not in given.to_dict() and given.to_dict(machine=True)["stores"]["endpoint_url"]
+
+
+def test_a_server_that_cannot_be_reached_is_an_error_naming_the_object_not_the_secret(s3_endpoint):
+    """Within seconds (stores.location.RETRIES), with where the credentials come from."""
+    from test_train import free_port
+
+    gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = xmei("stores", "info", url("patch"), env={"AWS_ENDPOINT_URL": gone})
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 1 and "Traceback" not in said
+    assert f"error: {url('patch')}/zarr.json: cannot look it up" in said and "AWS_ACCESS_KEY_ID" in said
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in said
