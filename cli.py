@@ -1179,6 +1179,28 @@ def stores_export(store: Annotated[str, typer.Argument(help="A feature store: a 
     console.print(f"wrote {h5} ({h5.stat().st_size / 1e6:.1f} MB)")
 
 
+@stores_app.command("copy")
+def stores_copy(ctx: typer.Context,
+                source: Annotated[str, typer.Argument(help="The store to copy: a folder or an s3:// gs:// az:// URL.")],
+                dest: Annotated[str, typer.Argument(help="Where the copy goes (nothing there yet): a folder or a "
+                                                         "URL.")]):
+    """Copy a whole store between a folder and object storage (either way, or two of a kind), file by
+    file, streamed: to move stores made on one machine into a bucket, or back. Into a folder through
+    DEST.partial-<pid>, renamed when whole; to a URL with its attributes written last, so a copy cut
+    off is refused as incomplete and the same command starts it again. `xmei stores verify DEST`
+    then reads every clip."""
+    from stores.store import copy_store
+    from xmei.runlock import store_lock
+
+    _one_run(ctx, store_lock(dest), dest, "DEST")  # two copies (or an extraction) into one place: one at a time
+    with _progress(unit="MB") as bar:
+        task = bar.add_task("copying", total=None)
+        copied = copy_store(source, dest, progress=lambda done, total: bar.update(task, completed=round(done / 1e6),
+                                                                                  total=round(total / 1e6)))
+    console.print(f"copied {source} to {copied.where} ({len(copied)} clips); `xmei stores verify {copied.where}` reads "
+                  "every clip")
+
+
 @stores_app.command("import")
 def stores_import(h5: Annotated[Path, typer.Argument(metavar="IN.h5", help="HDF5 file in the export layout.")],
                   store: Annotated[str, typer.Argument(help="The store to create: a folder or an s3:// gs:// az:// "

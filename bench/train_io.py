@@ -313,7 +313,7 @@ def serve_s3(store: Path):
     import boto3
 
     from stores.location import use_endpoint
-    from stores.store import upload_store
+    from stores.store import copy_store
 
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
@@ -331,7 +331,7 @@ def serve_s3(store: Path):
         except Exception:  # noqa: BLE001 - not listening yet
             time.sleep(0.1)
     began = time.perf_counter()
-    upload_store(store, "s3://bench/store")
+    copy_store(store, "s3://bench/store")
     return server, "s3://bench/store", time.perf_counter() - began
 
 

@@ -30,6 +30,7 @@ from xmei.errors import UserError, decode_text, json_lines, json_value, read_jso
 __all__ = ["CONCURRENT", "FolderFiles", "ObjectChanged", "ObjectFiles", "ObjectStorageError", "store_files"]
 
 CONCURRENT = 16  # requests in flight at once from one process (objects, shards of a batch)
+STREAM_BYTES = 8 * 2**20  # the pieces a copy streams a shard file in (one may be 270 MB: 64 clips of 4.2 MB)
 MISSING = (FileNotFoundError, obstore.exceptions.NotFoundError)
 CREDENTIALS = {
     "s3": "credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), the endpoint of an "
@@ -86,6 +87,25 @@ class FolderFiles:
 
     def exists(self, key: str = "") -> bool:
         return (self.root / key).exists()
+
+    def sizes(self) -> dict[str, int]:
+        """Every file under the folder, by key: its size in bytes."""
+        return {p.relative_to(self.root).as_posix(): p.stat().st_size for p in self.root.rglob("*") if p.is_file()}
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        """The file's bytes, a piece at a time (a copy streams them: stores.store.copy_store)."""
+        with open(self.root / key, "rb") as f:
+            while piece := f.read(STREAM_BYTES):
+                yield piece
+
+    def put(self, key: str, source: "FolderFiles | ObjectFiles") -> None:
+        """The same key of ``source`` streamed into this folder (the caller writes into a folder
+        renamed into place when whole)."""
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            for piece in source.chunks(key):
+                f.write(piece)
 
     def write(self, key: str, data: bytes | str, what: str, hint: str = "") -> None:
         path = self.root / key
@@ -186,6 +206,19 @@ class ObjectFiles:
         """Every object under the store's key: its size."""
         with self._request("", "list it"):
             return {o["path"]: int(o["size"]) for batch in obstore.list(self.objects, chunk_size=1000) for o in batch}
+
+    def chunks(self, key: str) -> Iterator[memoryview]:
+        """The object's bytes, a piece at a time (one request, streamed)."""
+        with self._request(key, "read it"):
+            for piece in obstore.get(self.objects, key).stream(min_chunk_size=STREAM_BYTES):
+                yield memoryview(piece)
+
+    def put(self, key: str, source: "FolderFiles | ObjectFiles") -> None:
+        """The same key of ``source`` streamed into one object here (a multipart upload past 5 MB,
+        which the server shows only whole)."""
+        with self._request(key, "write it"):
+            data = source.path(key) if isinstance(source, FolderFiles) else source.chunks(key)
+            obstore.put(self.objects, key, data)
 
     def write(self, key: str, data: bytes | str, what: str, hint: str = "") -> None:
         with self._request(key, f"write it ({what})"):

@@ -9,7 +9,7 @@ whole export), a failed import no half-filled store. Both refuse to start when t
 filesystem has less room than the features take uncompressed, and a disk that fills on the way is
 a DiskFullError naming the filesystem (:func:`xmei.errors.writing`). A store in object storage
 (stores.location) is exported from as from a folder; an import into one is made whole in a local
-temporary folder, then uploaded in the order a creation writes (stores.store.upload_store): the
+temporary folder, then uploaded in the order a creation writes (stores.store.copy_store): the
 temporary folder's filesystem needs the room."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from stores.location import Location
 from stores.store import (FAILED, PARTIAL, FeatureSpec, FeatureStore, StoreError, check_attributes, clip_bytes,
-                          create_store, remove_dead_partials, store_exists, upload_store)
+                          copy_store, create_store, remove_dead_partials, store_exists)
 from xmei.errors import check_space, writing
 
 __all__ = ["export_hdf5", "import_hdf5"]
@@ -146,7 +146,7 @@ def import_hdf5(path: Path, out: str | Path) -> FeatureStore:
         if store_exists(where):
             raise StoreError(f"{where} exists already: choose another store")
         with tempfile.TemporaryDirectory(prefix="xmei-import-") as staging:
-            return upload_store(import_hdf5(path, Path(staging) / where.name).path, where)
+            return copy_store(import_hdf5(path, Path(staging) / where.name).path, where)
     path, out = Path(path), where.path
     if not path.is_file():
         raise StoreError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: give an HDF5 file")

@@ -41,10 +41,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import zarr
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from stores.reader import ClipReader
 
 __all__ = ["FAILED", "OK", "PENDING", "PARTIAL", "SCHEMA_VERSION", "FeatureStore", "StoreError", "clip_bytes",
-           "create_store", "remove_dead_partials", "store_exists", "unstorable", "upload_store"]
+           "copy_store", "create_store", "remove_dead_partials", "store_exists", "unstorable"]
 
 SCHEMA_VERSION = 1
 PENDING, OK, FAILED = 0, 1, 2
@@ -129,6 +130,7 @@ def create_store(path: str | Path | Location, n: int, shard_size: int, features:
 
 
 PARTIAL = ".partial-"  # PATH.partial-<pid>: a store being created by process <pid>
+COPIES = 4  # files a store copy streams at once (a shard file may be 270 MB: a few in memory at most)
 
 
 def _create_objects(files: ObjectFiles, n: int, shard_size: int, features: dict[str, FeatureSpec],
@@ -144,26 +146,49 @@ def _create_objects(files: ObjectFiles, n: int, shard_size: int, features: dict[
     return FeatureStore(files.location, mode="r+")
 
 
-def upload_store(folder: Path, where: str | Location) -> "FeatureStore":
-    """Copy the whole local store ``folder`` to object storage at ``where`` (nothing there yet, or
-    what a cut-off creation left), in the order a creation writes: the root zarr.json without
-    attributes first, every other file (concurrently), then the root's attributes."""
-    folder = Path(folder)
-    source, files = FeatureStore(folder), store_files(where)
-    if not isinstance(files, ObjectFiles):
-        raise StoreError(f"{where}: not a URL of object storage")
-    _make_room(files)
-    meta = source.files.json("zarr.json", "the store's attributes", StoreError)
-    files.write("zarr.json", json.dumps({**meta, "attributes": {}}), "the store's root, without its attributes")
-    keys = [p.relative_to(folder).as_posix() for p in sorted(Path(folder).rglob("*")) if p.is_file()]
-    keys = [k for k in keys if k != "zarr.json"]
+def copy_store(source: str | Path | Location, dest: str | Path | Location,
+               progress: Callable[[int, int], None] | None = None) -> "FeatureStore":
+    """The whole store at ``source`` copied to ``dest`` (nothing there yet; for a URL, or what a
+    cut-off creation left), between a folder and object storage either way, file by file, each
+    streamed. Into a folder through ``DEST.partial-<pid>``, renamed into place when whole; to a URL
+    in the order a creation writes: the root zarr.json without attributes first, the other files
+    (COPIES at a time), then the root as it is. ``progress(bytes, total)`` after each file."""
+    store, target = FeatureStore(source), store_files(dest)
+    sizes = store.files.sizes()
+    keys = [k for k in sorted(sizes) if k != "zarr.json" and PARTIAL not in k]  # not a write_whole left by a kill
+    total = sum(sizes[k] for k in keys) + sizes["zarr.json"]
+
+    def copy_all(files: FolderFiles | ObjectFiles, keys: list[str], done: int = 0) -> int:
+        with ThreadPoolExecutor(COPIES) as pool:
+            for key in pool.map(lambda key: files.put(key, store.files) or key, keys):
+                done += sizes[key]
+                if progress:
+                    progress(done, total)
+        return done
+
+    if isinstance(target, ObjectFiles):
+        _make_room(target)
+        meta = store.files.json("zarr.json", "the store's attributes", StoreError)
+        target.write("zarr.json", json.dumps({**meta, "attributes": {}}), "the store's root, without its attributes")
+        try:
+            copy_all(target, ["zarr.json"], copy_all(target, keys))  # the root's attributes last: now it is whole
+        except BaseException:
+            target.remove_all()
+            raise
+        return FeatureStore(target.location)
+    path = target.root
+    if path.exists():
+        raise StoreError(f"{path} exists already")
+    remove_dead_partials(path)
+    partial = path.with_name(f"{path.name}{PARTIAL}{os.getpid()}")
     try:
-        list(files.pool.map(lambda key: files.write(key, (folder / key).read_bytes(), "a file of the store"), keys))
-        files.write("zarr.json", json.dumps(meta, indent=2), "the store's attributes (written last)")
+        with writing(partial, f"the copy of {store.where}, renamed to {path.name} once whole", "nothing of it is kept"):
+            copy_all(FolderFiles(partial), [*keys, "zarr.json"])
+        os.rename(partial, path)
     except BaseException:
-        files.remove_all()
+        shutil.rmtree(partial, ignore_errors=True)
         raise
-    return FeatureStore(files.location)
+    return FeatureStore(path)
 
 
 def store_exists(where: str | Path | Location) -> bool:

@@ -20,7 +20,7 @@ from conftest import KEEP_EVERY_3, LAST, ROOT, config, train_run
 from faults import XMEI, xmei
 from stores import OK, PENDING, FeatureStore, StoreError, verify_store
 from stores.files import store_files
-from stores.store import upload_store
+from stores.store import copy_store
 from test_extract import KILLED_CREATION, assert_same, contents
 from test_train import assert_same_weights, losses_by_step
 from xmei.runlock import run_lock, store_lock
@@ -33,7 +33,7 @@ def url(name: str) -> str:
 @pytest.fixture(scope="module")
 def s3_store(s3_endpoint, patch_store) -> str:
     """The patch store (24 clips, 3 shards of 8) uploaded to the S3 endpoint."""
-    return upload_store(patch_store, url("patch")).where
+    return copy_store(patch_store, url("patch")).where
 
 
 def extract_args(tiny_models: Path, annotations: Path, corpus: Path, out: str, endpoint: str) -> list[str]:
@@ -68,7 +68,7 @@ def test_clips_read_from_s3_equal_the_store_on_disk_in_few_requests(s3_store, pa
 
 def test_a_damaged_clip_is_named_and_a_rewritten_shard_read_anew(s3_endpoint, patch_store):
     where = url("damaged")
-    store = upload_store(patch_store, where)
+    store = copy_store(patch_store, where)
     key = "visual/c/1/0/0/0"
     data = bytearray(store.files.read(key))
     data[100] ^= 0xFF  # inside the shard's first clip, clip 8
@@ -175,6 +175,20 @@ def test_export_and_import_through_s3(s3_store, patch_store, tmp_path):
     assert_same(contents(url("imported")), contents(patch_store))
     again = xmei("stores", "import", h5, url("imported"))
     assert again.returncode == 1 and f"{url('imported')} exists already" in again.stderr
+
+
+def test_a_store_copied_into_s3_and_back_is_the_same(s3_store, patch_store, tmp_path):
+    """`xmei stores copy` both ways (s3_store itself is patch_store copied by copy_store)."""
+    there, back = url("copied"), tmp_path / "back"
+    for source, dest in ((patch_store, there), (there, back)):
+        result = xmei("stores", "copy", source, dest)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        assert f"copied {source} to {dest} (24 clips)" in " ".join(result.stdout.split())
+    assert_same(contents(back), contents(patch_store))
+    assert sorted(p.relative_to(back).as_posix() for p in back.rglob("*") if p.is_file()) == \
+        sorted(p.relative_to(patch_store).as_posix() for p in patch_store.rglob("*") if p.is_file())
+    again = xmei("stores", "copy", patch_store, there)
+    assert again.returncode == 1 and f"{there} exists already" in again.stderr
 
 
 # ----------------------------------------------------------------------------- training and evaluation
