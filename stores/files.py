@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 import obstore
 
 from stores.location import Location
-from xmei.errors import UserError, decode_text, json_lines, json_value, read_json, text_lines, write_whole
+from xmei.errors import UserError, decode_text, json_lines, json_value, parse_json_lines, read_json, write_whole
 
 __all__ = ["CONCURRENT", "FolderFiles", "ObjectChanged", "ObjectFiles", "ObjectStorageError", "store_files"]
 
@@ -179,7 +179,7 @@ class ObjectFiles:
 
     def lines(self, key: str, what: str, error: type[UserError], hint: str = ""):
         """(line number, value) of a JSON Lines object, as xmei.errors.json_lines gives a file's."""
-        return text_lines(self._text(key, what, error, hint), self.name(key), what, error, hint)
+        return parse_json_lines(self._text(key, what, error, hint), self.name(key), what, error, hint)
 
     def _text(self, key: str, what: str, error: type[UserError], hint: str) -> str:
         name, then = self.name(key), f"; {hint}" if hint else ""

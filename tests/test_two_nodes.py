@@ -60,9 +60,9 @@ def test_two_dask_workers_extract_into_s3_and_two_torchrun_nodes_train_from_it(
                           f"tcp://127.0.0.1:{port}", "--set", "extract.shard_size=8", "--set", "extract.batch_size=4",
                           "--set", f"stores.endpoint_url={endpoint}"], tmp_path / "driver", node_env)
         output = driver.communicate(timeout=300)[0]
-        assert driver.returncode == 0, output[-3000:] + stopped(farm)
     finally:
         said = stopped(farm)  # the scheduler's and workers' own logs, for a failure's message
+    assert driver.returncode == 0, output[-3000:] + said
     assert f"{store}: 24 ok, 0 failed of 24 clips in 3 shards" in " ".join(output.split()), output[-3000:] + said
     assert_same(contents(store), contents(patch_store))
     assert not [f for i in (1, 2) for f in (tmp_path / f"node{i}").rglob("zarr.json")]  # nothing of it on a node

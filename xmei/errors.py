@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["JSON_TYPES", "DiskFullError", "UserError", "byte_size", "check_space", "debugging", "decode_text",
-           "disk_full", "filesystem", "json_lines", "json_type", "json_value", "message_of", "parse_json", "read_json",
-           "read_text", "text_lines", "write_whole", "writing"]
+           "disk_full", "filesystem", "json_lines", "json_type", "json_value", "message_of", "parse_json",
+           "parse_json_lines", "read_json", "read_text", "write_whole", "writing"]
 
 DEBUG_VARIABLE = "XMEI_DEBUG"
 JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
@@ -160,12 +160,13 @@ def json_lines(path: str | Path, what: str, error: type[UserError] = UserError,
                hint: str = "") -> Iterator[tuple[int, Any]]:
     """(line number from 1, value) of each non-blank line of a JSON Lines file; ``error`` naming the
     file when it cannot be read (:func:`read_text`) and the line and column of one that is not JSON."""
-    return text_lines(read_text(path, what, error, hint), path, what, error, hint)
+    return parse_json_lines(read_text(path, what, error, hint), path, what, error, hint)
 
 
-def text_lines(text: str, path: str | Path, what: str, error: type[UserError] = UserError,
-               hint: str = "") -> Iterator[tuple[int, Any]]:
-    """The lines of ``text``, the whole of a JSON Lines file (or object) ``path``, as :func:`json_lines` gives them."""
+def parse_json_lines(text: str, path: str | Path, what: str, error: type[UserError] = UserError,
+                     hint: str = "") -> Iterator[tuple[int, Any]]:
+    """The values of the lines of ``text``, the whole of a JSON Lines file (or object) ``path``, as
+    :func:`json_lines` gives them."""
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit in a string
         if line.strip():
             yield number, parse_json(line, path, what, error, hint, line=number)
