@@ -33,7 +33,7 @@ def test_only_working_commands_are_registered():
     assert set(group.commands) == {"config", "synth", "validate", "annotate", "models", "extract", "stores", "train",
                                    "eval", "score", "report", "predict", "attention", "serve", "demo"}
     assert set(group.commands["models"].commands) == {"tiny"}
-    assert set(group.commands["stores"].commands) == {"info", "verify", "export", "import"}
+    assert set(group.commands["stores"].commands) == {"info", "verify", "export", "import", "copy"}
     result = run("models", "--help")
     assert result.exit_code == 0 and "tiny" in result.output
 
@@ -125,7 +125,7 @@ def test_stores_commands_read_no_config(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "load_config", lambda *args, **kwargs: pytest.fail("a stores command loaded a config"))
     assert run("stores", "info", tmp_path / "store").exit_code == 0
     assert run("stores", "export", tmp_path / "store", tmp_path / "out.h5").exit_code == 0
-    for command in ("info", "verify", "export", "import"):
+    for command in ("info", "verify", "export", "import", "copy"):
         assert "--config" not in run("stores", command, "--help").output
     refused = run("stores", "info", tmp_path / "store", "--config", tmp_path / "x.yaml")
     assert refused.exit_code == 2 and "No such option" in refused.output
