@@ -111,25 +111,31 @@ def create_store(path: str | Path | Location, n: int, shard_size: int, features:
     files = store_files(path)
     if isinstance(files, ObjectFiles):
         return _create_objects(files, n, shard_size, features, texts, ints, attrs, compression)
-    path = files.root
+    _made_whole(files.root, f"the store {files.root}, made whole here before it is renamed into place",
+                lambda partial: _write_store(partial, n, shard_size, features, texts, ints, attrs, compression))
+    return FeatureStore(files.root, mode="r+")
+
+
+PARTIAL = ".partial-"  # PATH.partial-<pid>: a store being created by process <pid>
+
+
+def _made_whole(path: Path, what: str, write: Callable[[FolderFiles], None]) -> None:
+    """A store ``write``-n into ``PATH.partial-<pid>`` (``what`` it is: a full disk's message names
+    it), then renamed to ``path`` (same parent: atomic). A kill leaves only the partial folder,
+    which the next one removes; an error removes it."""
     if path.exists():
         raise StoreError(f"{path} exists already")
     remove_dead_partials(path)
     partial = path.with_name(f"{path.name}{PARTIAL}{os.getpid()}")
     try:
-        with writing(partial, f"the store {path}, made whole here before it is renamed into place",
-                     "nothing of it is kept"):
-            _write_store(FolderFiles(partial), n, shard_size, features, texts, ints, attrs, compression)
+        with writing(partial, what, "nothing of it is kept"):
+            write(FolderFiles(partial))
         os.rename(partial, path)  # fails if another process created ``path`` meanwhile
     except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(err, OSError) and path.exists():
             raise StoreError(f"{path} was created by another process meanwhile") from err
         raise
-    return FeatureStore(path, mode="r+")
-
-
-PARTIAL = ".partial-"  # PATH.partial-<pid>: a store being created by process <pid>
 COPIES = 4  # files a store copy streams at once (a shard file may be 270 MB: a few in memory at most)
 
 
@@ -176,19 +182,9 @@ def copy_store(source: str | Path | Location, dest: str | Path | Location,
             target.remove_all()
             raise
         return FeatureStore(target.location)
-    path = target.root
-    if path.exists():
-        raise StoreError(f"{path} exists already")
-    remove_dead_partials(path)
-    partial = path.with_name(f"{path.name}{PARTIAL}{os.getpid()}")
-    try:
-        with writing(partial, f"the copy of {store.where}, renamed to {path.name} once whole", "nothing of it is kept"):
-            copy_all(FolderFiles(partial), [*keys, "zarr.json"])
-        os.rename(partial, path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return FeatureStore(path)
+    _made_whole(target.root, f"the copy of {store.where}, renamed to {target.root.name} once whole",
+                lambda partial: copy_all(partial, [*keys, "zarr.json"]))
+    return FeatureStore(target.root)
 
 
 def store_exists(where: str | Path | Location) -> bool:
