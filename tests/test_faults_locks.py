@@ -158,20 +158,24 @@ except RunLockError as err:
 
 @pytest.mark.parametrize("stale", [False, True], ids=["free", "stale"])
 def test_of_runs_started_at_the_same_instant_exactly_one_holds_the_lock(stale, tmp_path):
-    folder = tmp_path / "run"
+    folder, dead = tmp_path / "run", dead_pid()
     if stale:  # all of them see it dead and take it over together: one wins
-        write_lock(folder / LOCK_NAME, pid=dead_pid())
+        write_lock(folder / LOCK_NAME, pid=dead)
     start = time.time() + 1.0  # after every interpreter has started
     procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(folder), str(start)], stdout=subprocess.PIPE,
                               text=True, cwd=ROOT) for _ in range(6)]
     results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
     winners = [(p, r) for p, r in zip(procs, results) if r["held"]]
     assert len(winners) == 1, results
-    (winner, won), = winners
+    (winner, _), = winners
     for result in results:
         if not result["held"]:
             assert f"(pid {winner.pid} on {HOST}" in result["refused"]  # the one that won, never the dead one
-    assert sum(len(r["notes"]) for r in results) == (1 if stale else 0) and (won["notes"] or not stale)
+    # one run removes the stale lock and says so; the exclusive creation then decides again, and
+    # another run may win it (xmei.runlock's module docstring)
+    notes = [note for r in results for note in r["notes"]]
+    assert len(notes) == (1 if stale else 0), results
+    assert all(f"(pid {dead} on {HOST}" in note and "is no longer running" in note for note in notes), notes
     assert (list(folder.iterdir()) == []) if stale else not folder.exists()  # no lock, nor a file of one, left
 
 
