@@ -11,16 +11,9 @@ from stores.store import FAILED, OK, PENDING, STATUS_NAMES, FeatureStore, StoreE
 __all__ = ["store_info", "verify_store"]
 
 
-def _sizes(store: FeatureStore) -> dict[str, int]:
-    """Every file (object) of the store, by key: its size in bytes."""
-    if store.files.remote:
-        return store.files.sizes()
-    return {p.relative_to(store.path).as_posix(): p.stat().st_size for p in store.path.rglob("*") if p.is_file()}
-
-
 def store_info(store: FeatureStore) -> dict[str, Any]:
     status = Counter(STATUS_NAMES[int(s)] for s in store.status())
-    sizes, arrays = _sizes(store), {}
+    sizes, arrays = store.files.sizes(), {}  # every file (object) of the store: its bytes
     for name in [*store.features, "status", *store.texts, *store.ints]:
         array = store.array(name)
         arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype),

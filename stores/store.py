@@ -210,7 +210,11 @@ def _make_room(files: ObjectFiles) -> None:
 def _cut_off(files: FolderFiles | ObjectFiles) -> bool:
     """Whether the store's root zarr.json is that of a creation cut off before its attributes
     (a Zarr group without any: they are written last)."""
-    meta = files.json("zarr.json", "the store's attributes", StoreError)
+    return _lacks_attributes(files.json("zarr.json", "the store's attributes", StoreError))
+
+
+def _lacks_attributes(meta: dict) -> bool:
+    """Whether a root zarr.json is a Zarr group's without attributes (a creation cut off before them)."""
     return meta.get("node_type") == "group" and not meta.get("attributes")
 
 
@@ -291,7 +295,7 @@ def _store_attributes(files: FolderFiles | ObjectFiles) -> dict[str, Any]:
     """The attributes in the store's zarr.json, checked: schema version, and the keys this code reads."""
     meta_path = files.name("zarr.json")
     meta = files.json("zarr.json", "the store's attributes", StoreError)
-    if files.remote and meta.get("node_type") == "group" and not meta.get("attributes"):
+    if files.remote and _lacks_attributes(meta):
         raise StoreError(f"{files.where} was cut off while being created (its attributes, written last, are "
                          "missing): run the same xmei extract again to create it")
     if meta.get("zarr_format") != 3 or meta.get("node_type") != "group" or not isinstance(meta.get("attributes"), dict):
